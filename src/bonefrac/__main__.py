@@ -1,0 +1,3 @@
+from bonefrac.cli import main
+
+raise SystemExit(main())
