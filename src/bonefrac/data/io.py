@@ -1,0 +1,616 @@
+"""Read one radiograph from disk, whatever its format, as a grayscale array.
+
+The contract every later module relies on: `read_image` returns a 2-D ``numpy.float32`` array of shape
+(height, width) with values in [0, 1], where 1.0 is the brightest value as a radiologist views the image
+(bone bright, air dark). MONOCHROME1 DICOMs are inverted so that they read bone-bright too; colour images
+are reduced to luma; 8-bit data is divided by 255 and 16-bit data by 65535, so a pixel's value does not
+depend on what else is in the image (only float TIFFs and DICOMs without a window are min-max scaled).
+
+The format is decided by the file's content, never by its extension: real data sets hold GIFs named .jpg and
+PNGs named .jpeg. Every failure raises `ImageReadError` with a reason a person can act on; DICOM header
+values (patient name, IDs, dates) never appear in an error or a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import pydicom
+from PIL import (
+    BmpImagePlugin,
+    ExifTags,
+    GifImagePlugin,
+    Image,
+    ImageFile,
+    JpegImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    WebPImagePlugin,
+)
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_windowing, get_decoder, pixel_array
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from bonefrac.errors import ImageReadError
+
+# The largest plain radiographs are about 4,300 x 4,300 (43 cm detectors at 0.1 mm), i.e. under 20 million
+# pixels; 100 million leaves five times that headroom while capping the float32 result at 400 MB, so a
+# crafted header ("decompression bomb") cannot make one read take all the memory of a training job.
+MAX_PIXELS: int = 100_000_000
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom"}
+)
+
+_DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+_HEAD_BYTES = 1024  # enough for every magic number (DICOM's sits at byte 128) and for the text check
+
+# Magic numbers at the start of the file; DICOM is checked separately (after its 128-byte preamble).
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
+    (b"BM", "BMP"),
+)
+
+# Opening through the plugin class rather than Image.open skips Pillow's own decompression-bomb check, which
+# reads a process-wide global and fires before the size is known to us; our `max_pixels` is the one limit,
+# and the error can name the size.
+_PIL_OPENERS: dict[str, Callable[[IO[bytes], str], ImageFile.ImageFile]] = {
+    "PNG": PngImagePlugin.PngImageFile,
+    "JPEG": JpegImagePlugin.jpeg_factory,
+    "GIF": GifImagePlugin.GifImageFile,
+    "BMP": BmpImagePlugin.BmpImageFile,
+    "TIFF": TiffImagePlugin.TiffImageFile,
+    "WEBP": WebPImagePlugin.WebPImageFile,
+}
+
+# What Pillow's plugins raise on bad data; anything else is a bug in this module and should surface as one.
+_PIL_DATA_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+
+# EXIF orientation -> the transpose that shows the image upright (as PIL.ImageOps.exif_transpose does).
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+_PIL_BIT_DEPTH = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
+_DICOM_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the file holds, as stored; `read_image` may have converted and shrunk the pixels since."""
+
+    format: str  # by content: "PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF" or "DICOM"
+    mode: str  # PIL mode as stored ("L", "I;16", "RGB", "P", ...) or DICOM PhotometricInterpretation
+    bit_depth: int  # bits per sample as stored (8 for L/RGB, 16 for I;16, DICOM BitsStored such as 12)
+    width: int  # full-resolution size after EXIF orientation, also when `max_side` shrank the pixels
+    height: int
+    frames: int = 1
+    warnings: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def sniff_format(path: PathLike) -> str | None:
+    """Return the image format named by the file's magic bytes, or None when there is none we read.
+
+    Raises ImageReadError when the file cannot be read at all (missing, a directory, no permission, empty).
+    """
+    return _sniff(_read_head(Path(path)))
+
+
+def probe_image(path: PathLike) -> ImageInfo:
+    """Describe an image from its header alone, without decoding pixels; fails as `read_image` does."""
+    path = Path(path)
+    fmt = _identify(path)
+    if fmt == "DICOM":
+        return _dicom_info(path, _open_dicom(path, stop_before_pixels=True), MAX_PIXELS)
+    with path.open("rb") as fp:
+        img = _open_pil(fp, path, fmt)
+        return _pil_info(img, path, fmt, MAX_PIXELS)
+
+
+def read_image(
+    path: PathLike,
+    *,
+    allow_truncated: bool = False,
+    max_pixels: int = MAX_PIXELS,
+    max_side: int | None = None,
+) -> tuple[np.ndarray, ImageInfo]:
+    """Read an image as a 2-D float32 array in [0, 1] (1.0 = brightest as viewed) and describe it.
+
+    allow_truncated: load what there is of a truncated file (the decoder fills in the rest) instead of
+        raising; the result then carries a warning. A truncated DICOM always raises.
+    max_pixels: refuse images whose header claims more pixels than this, before decoding anything.
+    max_side: for callers that only need a thumbnail: decode at a reduced size where the codec allows it
+        (JPEG decodes at 1/2, 1/4 or 1/8 scale), then box-reduce by an integer factor, so the longer side
+        of the result is at least `max_side` but no exact resize is done (the caller resizes). DICOM pixels
+        are always decoded in full and then box-reduced the same way.
+
+    Multi-frame files (animated GIF, multi-page TIFF, multi-frame DICOM) give their first frame. Every
+    entry of `info.warnings` is also issued with `warnings.warn`.
+    """
+    path = Path(path)
+    fmt = _identify(path)
+    if fmt == "DICOM":
+        pixels, info = _read_dicom(path, max_pixels=max_pixels, max_side=max_side)
+    else:
+        pixels, info = _read_pil(
+            path, fmt, allow_truncated=allow_truncated, max_pixels=max_pixels, max_side=max_side
+        )
+    for message in info.warnings:
+        warnings.warn(message, stacklevel=2)
+    return pixels, info
+
+
+# --------------------------------------------------------------------------------------------------------
+# Identifying the file
+
+
+def _read_head(path: Path) -> bytes:
+    """The first bytes of `path`, turning every way a file can be unreadable into an ImageReadError."""
+    try:
+        status = path.stat()
+        if stat.S_ISDIR(status.st_mode):
+            raise ImageReadError(path, "is a directory")
+        if status.st_size == 0:
+            raise ImageReadError(path, "empty file (0 bytes)")
+        with path.open("rb") as fp:
+            return fp.read(_HEAD_BYTES)
+    except FileNotFoundError as err:
+        raise ImageReadError(path, "file not found") from err
+    except PermissionError as err:
+        raise ImageReadError(path, "permission denied") from err
+    except OSError as err:
+        raise ImageReadError(path, f"cannot read file ({err.strerror or type(err).__name__})") from err
+
+
+def _sniff(head: bytes) -> str | None:
+    """The format named by the magic bytes at the start of a file (or at byte 128, for DICOM)."""
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    return None
+
+
+def _identify(path: Path) -> str:
+    """The format of `path` by content, or ImageReadError saying why it is not an image."""
+    head = _read_head(path)
+    fmt = _sniff(head)
+    if fmt is not None:
+        return fmt
+    if _looks_like_text(head):
+        raise ImageReadError(path, "not an image (text file)")
+    # Some DICOM writers omit the 128-byte preamble and "DICM"; only the extension hints at those files.
+    if path.suffix.lower() in _DICOM_SUFFIXES and _is_headerless_dicom(path):
+        return "DICOM"
+    raise ImageReadError(path, "not an image (unrecognised content)")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """Whether the bytes decode as UTF-8 that is at least 95% printable (a CSV, an HTML error page, ...)."""
+    text = head.decode("utf-8", errors="replace")
+    printable = sum(ch != "\ufffd" and (ch.isprintable() or ch in "\t\n\r") for ch in text)
+    return printable >= 0.95 * len(text)
+
+
+def _is_headerless_dicom(path: Path) -> bool:
+    """Whether pydicom, forced, finds a dataset with elements every image DICOM has."""
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+    except Exception:  # pydicom raises many types on bytes that are not DICOM; all mean "no"
+        return False
+    return "SOPClassUID" in ds or "Rows" in ds
+
+
+def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
+    """Refuse an image whose header claims more than `max_pixels`, before anything is decoded."""
+    if width * height > max_pixels:
+        raise ImageReadError(path, f"{width}×{height} pixels is over the limit of {max_pixels:,} pixels")
+
+
+def _reduce_factor(width: int, height: int, max_side: int | None) -> int:
+    """The largest integer factor that keeps the longer side at least `max_side` (1: no reduction)."""
+    if max_side is None:
+        return 1
+    return max(1, max(width, height) // max_side)
+
+
+def _short_message(err: BaseException) -> str:
+    """A library exception as a short phrase: its first line, or its type when it has no message."""
+    lines = str(err).strip().splitlines()
+    return lines[0][:120] if lines else type(err).__name__
+
+
+# --------------------------------------------------------------------------------------------------------
+# PNG, JPEG, TIFF, BMP, WEBP, GIF (Pillow)
+
+
+class _TruncatedImage(Exception):
+    """Pillow stopped at the end of the file before the image was complete."""
+
+
+def _read_pil(
+    path: Path, fmt: str, *, allow_truncated: bool, max_pixels: int, max_side: int | None
+) -> tuple[np.ndarray, ImageInfo]:
+    """Read a Pillow-supported file, retrying with truncated loading when that is allowed."""
+    try:
+        return _decode_pil(path, fmt, max_pixels=max_pixels, max_side=max_side, load_truncated=False)
+    except _TruncatedImage as err:
+        if not allow_truncated:
+            raise ImageReadError(path, f"truncated {fmt} ({err}); allow_truncated=True loads it") from err
+    pixels, info = _decode_pil(path, fmt, max_pixels=max_pixels, max_side=max_side, load_truncated=True)
+    note = f"truncated {fmt}: loaded the part that is there, the decoder filled in the rest"
+    return pixels, replace(info, warnings=(*info.warnings, note))
+
+
+def _decode_pil(
+    path: Path, fmt: str, *, max_pixels: int, max_side: int | None, load_truncated: bool
+) -> tuple[np.ndarray, ImageInfo]:
+    """Decode the first frame to a float32 array in [0, 1], upright and as small as `max_side` allows."""
+    with path.open("rb") as fp:
+        img = _open_pil(fp, path, fmt)
+        info = _pil_info(img, path, fmt, max_pixels)
+        if max_side is not None and fmt == "JPEG":
+            # libjpeg can decode straight to luma at 1/2, 1/4 or 1/8 scale: most of the work is skipped.
+            width, height = img.size
+            long_side = max(width, height)  # integer maths keeps the longer side exactly at max_side
+            img.draft("L", (max(1, width * max_side // long_side), max(1, height * max_side // long_side)))
+        try:
+            with _pillow_truncated_loading(load_truncated):
+                img.load()
+        except _PIL_DATA_ERRORS as err:
+            message = _short_message(err)
+            if "truncated" in message.lower() and not load_truncated:
+                raise _TruncatedImage(message) from err
+            raise ImageReadError(path, _pil_failure(fmt, err)) from err
+        orientation = _exif_orientation(img)
+        gray = _to_gray(img, path)
+    factor = _reduce_factor(*gray.size, max_side)
+    if factor > 1:
+        gray = gray.reduce(factor)
+    if orientation in _EXIF_TRANSPOSE:
+        gray = gray.transpose(_EXIF_TRANSPOSE[orientation])
+    return _gray_to_unit(gray), info
+
+
+def _open_pil(fp: IO[bytes], path: Path, fmt: str) -> ImageFile.ImageFile:
+    """Parse the header of an already-identified file, without decoding pixels."""
+    try:
+        # No filename, so Pillow reads from `fp` instead of memory-mapping the file: Pillow 13 maps an
+        # uncompressed TIFF with EXIF orientation 5-8 into the turned size and scrambles its pixels.
+        return _PIL_OPENERS[fmt](fp, "")
+    except _PIL_DATA_ERRORS as err:
+        raise ImageReadError(path, _pil_failure(fmt, err)) from err
+
+
+def _pil_failure(fmt: str, err: BaseException) -> str:
+    """Why Pillow could not read the file, in words: truncated, over Pillow's own limit, or corrupt."""
+    message = _short_message(err)
+    if isinstance(err, Image.DecompressionBombError):
+        return f"over Pillow's decompression-bomb limit ({message})"
+    if isinstance(err, EOFError) or "truncated" in message.lower():
+        return f"truncated {fmt} ({message})"
+    return f"corrupt {fmt} ({message})"
+
+
+def _pil_info(img: ImageFile.ImageFile, path: Path, fmt: str, max_pixels: int) -> ImageInfo:
+    """Describe an opened (not yet loaded) image and enforce the pixel limit."""
+    width, height = img.size
+    _check_size(path, width, height, max_pixels)
+    if _exif_orientation(img) in (5, 6, 7, 8):  # these turn the image by 90 degrees
+        width, height = height, width
+    try:
+        # GIF and TIFF count frames by walking the file's frame headers; no pixels are decoded.
+        frames = getattr(img, "n_frames", 1)
+        img.seek(0)
+    except _PIL_DATA_ERRORS as err:
+        raise ImageReadError(path, _pil_failure(fmt, err)) from err
+    notes = (f"{fmt} has {frames} frames; read the first only",) if frames > 1 else ()
+    return ImageInfo(
+        format=fmt,
+        mode=img.mode,
+        bit_depth=_PIL_BIT_DEPTH.get(img.mode, 8),
+        width=width,
+        height=height,
+        frames=frames,
+        warnings=notes,
+    )
+
+
+def _exif_orientation(img: ImageFile.ImageFile) -> int:
+    """The EXIF orientation still to be applied to a JPEG, WEBP or PNG file (1: none)."""
+    if img.format == "TIFF":  # Pillow reports a TIFF's upright size and turns its pixels itself, on load
+        return 1
+    # PNG may keep EXIF in an eXIf chunk after the pixel data, and Pillow's getexif() would then decode the
+    # whole image to find it; before load() we only trust what the header already gave us.
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    try:
+        return int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    except _PIL_DATA_ERRORS:  # a broken EXIF block should not make a good image unreadable
+        return 1
+
+
+@contextmanager
+def _pillow_truncated_loading(enabled: bool) -> Iterator[None]:
+    """Set Pillow's LOAD_TRUNCATED_IMAGES for one load and restore the caller's value afterwards."""
+    # Pillow only offers this as a module global, not per image, so a caller's setting must neither leak in
+    # (the default is to reject truncated files) nor be changed by us. Not thread-safe: DataLoader workers are
+    # processes, each with its own copy of the global.
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = enabled
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _to_gray(img: Image.Image, path: Path) -> Image.Image:
+    """One band: "L" for 8-bit and colour sources, "I" for 16/32-bit integers, "F" for float."""
+    mode = img.mode
+    try:
+        if mode in ("L", "I", "F"):
+            return img
+        if mode == "1":
+            return img.convert("L")  # 0/255, so it reads back as 0/1
+        if mode.startswith("I;16"):
+            return img.convert("I")
+        if mode in ("P", "PA", "LA", "La", "RGBA", "RGBa"):
+            # Transparent pixels are composited over black: in a radiograph, nothing there means air, and
+            # air is dark. Palette images go through RGBA too, because their palette may carry transparency.
+            rgba = img.convert("RGBA")
+            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            return Image.alpha_composite(black, rgba).convert("L")
+        # RGB uses ITU-R 601 luma; CMYK, YCbCr and the rest go through RGB first.
+        return (img if mode == "RGB" else img.convert("RGB")).convert("L")
+    except ValueError as err:  # Pillow has no conversion for this mode
+        raise ImageReadError(path, f"unsupported colour mode {mode}") from err
+
+
+def _gray_to_unit(gray: Image.Image) -> np.ndarray:
+    """Scale a one-band image to float32 in [0, 1] by its bit depth (min-max only for float data)."""
+    values = np.asarray(gray)
+    if gray.mode == "L":
+        return values.astype(np.float32) / np.float32(255)
+    if gray.mode == "I":  # 16-bit sources; 32-bit integers are clipped to the same range
+        return np.clip(values, 0, 65535).astype(np.float32) / np.float32(65535)
+    return _min_max(values)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    """Stretch to [0, 1] as float32; a constant image becomes all zeros."""
+    values = values.astype(np.float64)
+    low, high = float(np.min(values)), float(np.max(values))
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float32)
+    return ((values - low) / (high - low)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# DICOM (pydicom)
+
+
+def _read_dicom(path: Path, *, max_pixels: int, max_side: int | None) -> tuple[np.ndarray, ImageInfo]:
+    """Decode the first frame and map it through the modality and VOI transforms to [0, 1]."""
+    ds = _open_dicom(path, stop_before_pixels=False)
+    if not any(tag in ds for tag in _DICOM_PIXEL_TAGS):
+        raise ImageReadError(path, "DICOM has no pixel data")
+    info = _dicom_info(path, ds, max_pixels)
+    _check_dicom_decodable(path, ds)
+    try:
+        frame = pixel_array(ds, index=0)
+    except Exception as err:  # pydicom's message may quote header values, so only its type is kept
+        raise ImageReadError(
+            path, f"corrupt DICOM ({type(err).__name__} while decoding {_transfer_syntax(ds).name})"
+        ) from err
+
+    notes: list[str] = []
+    if frame.ndim == 3:  # colour: RGB, or YBR which pydicom has already converted to RGB
+        luma = frame.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # ITU-R 601, as Pillow's "L"
+        pixels = np.clip(luma / (2 ** (info.bit_depth or 8) - 1), 0, 1).astype(np.float32)
+    elif info.mode in ("MONOCHROME1", "MONOCHROME2"):
+        pixels = _monochrome_to_unit(frame, ds, notes)
+    else:
+        raise ImageReadError(path, f"unsupported DICOM photometric interpretation {info.mode}")
+
+    factor = _reduce_factor(pixels.shape[1], pixels.shape[0], max_side)
+    if factor > 1:  # no reduced-size decoding for DICOM: box-reduce the full frame instead
+        pixels = np.asarray(Image.fromarray(pixels).reduce(factor))
+    return pixels, replace(info, warnings=(*info.warnings, *notes))
+
+
+def _open_dicom(path: Path, *, stop_before_pixels: bool) -> Dataset:
+    """Parse a DICOM file (with or without its preamble) and make sure it names a transfer syntax."""
+    try:
+        # force=True reads files without the preamble too; _identify has already checked that it is DICOM.
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
+    except Exception as err:  # pydicom's message may quote header values, so only its type is kept
+        raise ImageReadError(path, f"corrupt DICOM ({type(err).__name__} while reading the header)") from err
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # A file without File Meta Information names no transfer syntax; pydicom has worked out the
+        # encoding while parsing, and uncompressed pixel data is all such files can hold.
+        is_implicit_vr, is_little_endian = ds.original_encoding
+        if is_implicit_vr:
+            syntax = ImplicitVRLittleEndian
+        else:
+            syntax = ExplicitVRLittleEndian if is_little_endian else ExplicitVRBigEndian
+        ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    """The dataset's transfer syntax (always present after _open_dicom)."""
+    return UID(ds.file_meta.TransferSyntaxUID)
+
+
+def _dicom_info(path: Path, ds: Dataset, max_pixels: int) -> ImageInfo:
+    """Describe a DICOM image from header elements that carry no patient information."""
+    if not ds.get("Rows") or not ds.get("Columns"):
+        raise ImageReadError(path, "DICOM has no pixel data (no Rows/Columns)")
+    width, height = int(ds.Columns), int(ds.Rows)
+    _check_size(path, width, height, max_pixels)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    notes = [f"DICOM has {frames} frames; read the first only"] if frames > 1 else []
+    mode = str(ds.get("PhotometricInterpretation") or "").strip()
+    if not mode:
+        mode = "MONOCHROME2"
+        notes.append("DICOM has no PhotometricInterpretation; read it as MONOCHROME2")
+    return ImageInfo(
+        format="DICOM",
+        mode=mode,
+        bit_depth=int(ds.get("BitsStored") or ds.get("BitsAllocated") or 0),
+        width=width,
+        height=height,
+        frames=frames,
+        warnings=tuple(notes),
+    )
+
+
+def _check_dicom_decodable(path: Path, ds: Dataset) -> None:
+    """Fail with an actionable reason when the pixel data cannot be decoded, before trying to."""
+    syntax = _transfer_syntax(ds)
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as err:
+        raise ImageReadError(path, f"DICOM uses transfer syntax {syntax} that pydicom cannot decode") from err
+    if not decoder.is_available:
+        needs = "; or ".join(decoder.missing_dependencies) or "a pixel data plugin"
+        raise ImageReadError(
+            path,
+            f"DICOM uses compressed transfer syntax {syntax.name} and no decoder for it is installed "
+            f"(install one of: {needs})",
+        )
+    if not syntax.is_encapsulated and "PixelData" in ds:
+        expected = _native_pixel_bytes(ds)
+        if len(ds.PixelData) < expected:
+            raise ImageReadError(
+                path, f"truncated DICOM (pixel data has {len(ds.PixelData):,} of {expected:,} bytes)"
+            )
+
+
+def _native_pixel_bytes(ds: Dataset) -> int:
+    """How many bytes uncompressed pixel data needs for all its frames (bit-packed when 1 bit)."""
+    samples = (
+        int(ds.Rows)
+        * int(ds.Columns)
+        * int(ds.get("SamplesPerPixel") or 1)
+        * int(ds.get("NumberOfFrames") or 1)
+    )
+    bits_allocated = int(ds.get("BitsAllocated") or 8)
+    return (samples * bits_allocated + 7) // 8
+
+
+def _monochrome_to_unit(frame: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
+    """Modality transform, then VOI (LUT or window), then scale to [0, 1] and invert MONOCHROME1."""
+    values = apply_modality_lut(frame, ds)
+    voi = _voi_kind(ds)
+    low = high = 0.0
+    try:
+        if voi == "lut":
+            values, high = _apply_voi_lut(values, ds)
+        elif voi == "window":
+            values = apply_windowing(values, ds, index=0)
+            low, high = _window_output_range(ds)
+    except Exception as err:  # a malformed VOI module (empty values, unknown function, short LUT)
+        notes.append(f"DICOM VOI transform could not be applied ({type(err).__name__}); min-max scaled")
+        values, voi = apply_modality_lut(frame, ds), None
+    if voi is None:
+        pixels = _min_max(values)
+    else:
+        pixels = np.clip((values.astype(np.float64) - low) / (high - low), 0, 1).astype(np.float32)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":  # stored with bone dark
+        pixels = np.float32(1) - pixels
+    return pixels
+
+
+def _voi_kind(ds: Dataset) -> str | None:
+    """Which VOI transform the dataset defines, by pydicom's own rules: "lut" wins over "window"."""
+    if ds.get("VOILUTSequence"):
+        item = ds.VOILUTSequence[0]
+        if item.get("LUTDescriptor") is not None and item.get("LUTData") is not None:
+            return "lut"
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return "window"
+    return None
+
+
+def _apply_voi_lut(values: np.ndarray, ds: Dataset) -> tuple[np.ndarray, float]:
+    """Look values up in the first VOI LUT; return the result and the LUT's largest possible output.
+
+    Written out rather than calling pydicom's apply_voi, which (3.0.2) indexes an 8-bit LUT through a uint8
+    array, so inputs more than 255 past the first mapped value wrap around instead of taking the last entry.
+    """
+    item = ds.VOILUTSequence[0]
+    entries, first_mapped, bits = (int(value) for value in item.LUTDescriptor)
+    entries = entries or 2**16  # PS3.3 C.11.2.1.1: 0 entries means 65536
+    data = item.LUTData
+    if isinstance(data, bytes):  # OW: 16-bit words in the file's byte order
+        order = "<" if _transfer_syntax(ds).is_little_endian else ">"
+        lut = np.frombuffer(data, dtype=f"{order}u2")[:entries]
+    else:  # US: pydicom has already decoded the numbers (a bare int when there is one entry)
+        lut = np.atleast_1d(np.asarray(data, dtype=np.int64))[:entries]
+    # Values below the first mapped value take the first entry, values past the end the last (C.11.2.1.1).
+    index = np.clip(np.rint(values).astype(np.int64) - first_mapped, 0, len(lut) - 1)
+    # The output range is fixed by the entry size (third LUT Descriptor value), not by the data in it.
+    return lut[index], float(2**bits - 1)
+
+
+def _window_output_range(ds: Dataset) -> tuple[float, float]:
+    """The range pydicom's apply_windowing maps onto, copied from its source (pydicom 3.0).
+
+    It is the range the stored values could take (BitsStored, signed or not), or the Modality LUT's output
+    range, carried through the rescale when there is one. Its direction follows the rescale slope, so
+    (value - low) / (high - low) is always 0 below the window and 1 above it.
+    """
+    if ds.get("ModalityLUTSequence"):
+        low, high = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif int(ds.get("PixelRepresentation") or 0) == 0:
+        low, high = 0.0, float(2 ** int(ds.BitsStored) - 1)
+    else:
+        low, high = float(-(2 ** (int(ds.BitsStored) - 1))), float(2 ** (int(ds.BitsStored) - 1) - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope is not None and intercept is not None:
+        low, high = low * float(slope) + float(intercept), high * float(slope) + float(intercept)
+    return low, high
