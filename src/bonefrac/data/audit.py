@@ -1,0 +1,463 @@
+"""Data audit: what is in a folder of radiographs, and can a model trained on it be evaluated honestly?
+
+The audit answers, per data set: how many images per split and class; which files cannot be read and why; which
+files are exact (md5) or near duplicates (perceptual hash), within and across splits; how many evaluation files
+have a twin in train (the leakage line); which images carry two labels; and whether a trivial feature (image size,
+format, colour mode) alone predicts the label.
+
+Near duplicates are found by comparing hashes, never decoded images: each image is decoded once into a 64x64
+thumbnail and hashed with a 256-bit pHash (imagehash, hash_size=16) under the 8 flips/90-degree rotations. Two
+images are near duplicates when the smallest Hamming distance between one's hash and the other's 8 variants is at
+most NEAR_DUPLICATE_BITS. pHash keeps only low DCT frequencies and thresholds at their median, so resizing,
+brightness/contrast changes and JPEG recompression move few bits (p99 <= 14 of 256 on 150 real radiographs);
+mirrored copies match exactly. Duplicate groups are the connected components of the exact + near pairs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import imagehash
+import numpy as np
+from PIL import Image, ImageOps
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.metrics import roc_auc_score
+
+from bonefrac import DISCLAIMER
+from bonefrac.data.dataset import SPLITS, FileProblem, Manifest, scan_folder
+from bonefrac.data.io import read_image
+from bonefrac.errors import ImageReadError
+
+HASH_SIZE = 16  # 16x16 DCT coefficients -> 256 bits
+THUMBNAIL = 64
+# Chosen on ../shared/data/bone-xray-grouped (3,691 real radiographs): at <= 24 bits every planted resize, flip,
+# brightness and JPEG copy of 150 sampled images matched, while only one cross-split pair matched, and it is a
+# real mirrored copy (see docs/AUDIT.md). 64-bit hashes cannot do this: different hand X-rays of similar pose
+# collide at 6 bits.
+NEAR_DUPLICATE_BITS = 24
+CONFOUNDING_AUC = 0.7
+
+
+def _dihedral(image: Image.Image) -> list[Image.Image]:
+    """The 8 flips and quarter turns of an image."""
+    variants = []
+    for quarter in range(4):
+        turned = image.rotate(90 * quarter, expand=True) if quarter else image
+        variants += [turned, ImageOps.mirror(turned)]
+    return variants
+
+
+def thumbnail(path: str | Path) -> Image.Image:
+    """Decode once at reduced size (JPEG draft mode) and squash to a THUMBNAIL x THUMBNAIL grayscale image.
+
+    Squashing (not padding) keeps resized copies identical whatever their aspect rounding.
+    """
+    pixels, _ = read_image(path, max_side=2 * THUMBNAIL)
+    image = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")
+    return image.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR)
+
+
+def image_hashes(path: str | Path) -> np.ndarray:
+    """(8, HASH_SIZE**2 // 64) uint64: the pHash of the image under each of its 8 flips/quarter turns."""
+    bits = [imagehash.phash(v, hash_size=HASH_SIZE).hash.reshape(-1) for v in _dihedral(thumbnail(path))]
+    return np.packbits(np.array(bits), axis=1).view(np.uint64)
+
+
+def _hash_or_reason(path: str) -> np.ndarray | str:
+    try:
+        return image_hashes(path)
+    except ImageReadError as err:
+        return err.reason
+
+
+def hash_files(
+    paths: Sequence[str | Path],
+    *,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Hash every file in parallel. Returns (hashes (n, 8, words), {index: reason} for unreadable files)."""
+    words = HASH_SIZE * HASH_SIZE // 64
+    hashes = np.zeros((len(paths), 8, words), dtype=np.uint64)
+    failures: dict[int, str] = {}
+    workers = workers or min(os.cpu_count() or 1, 8)
+    jobs = [str(p) for p in paths]
+    if workers > 1 and len(jobs) >= 64:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(_hash_or_reason, jobs, chunksize=16)
+            _collect(results, hashes, failures, len(jobs), progress)
+    else:
+        _collect(map(_hash_or_reason, jobs), hashes, failures, len(jobs), progress)
+    return hashes, failures
+
+
+def _collect(results, hashes, failures, total, progress) -> None:
+    for index, result in enumerate(results):
+        if isinstance(result, str):
+            failures[index] = result
+        else:
+            hashes[index] = result
+        if progress:
+            progress(index + 1, total)
+
+
+def near_duplicate_pairs(
+    hashes: np.ndarray,
+    *,
+    max_bits: int = NEAR_DUPLICATE_BITS,
+    valid: np.ndarray | None = None,
+    chunk: int = 256,
+) -> np.ndarray:
+    """(m, 2) index pairs i < j whose dihedral-invariant Hamming distance is <= max_bits.
+
+    Compares hashes only (n^2 * 8 popcounts of 4 words, in chunks to bound memory): about a minute of numpy for
+    10,000 images, no decoded pixels involved.
+    """
+    n = len(hashes)
+    valid = np.ones(n, dtype=bool) if valid is None else valid
+    base = hashes[:, 0, :]
+    found = []
+    for start in range(0, n, chunk):
+        query = base[start : start + chunk]
+        best = None
+        for variant in range(hashes.shape[1]):
+            diff = np.bitwise_count(query[:, None, :] ^ hashes[None, :, variant, :]).sum(-1, dtype=np.int16)
+            best = diff if best is None else np.minimum(best, diff)
+        rows, cols = np.nonzero(best <= max_bits)
+        rows += start
+        keep = (rows != cols) & valid[rows] & valid[cols]
+        found.append(np.stack([np.minimum(rows, cols), np.maximum(rows, cols)], axis=1)[keep])
+    pairs = np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
+
+
+def exact_duplicate_pairs(md5s: Sequence[str]) -> np.ndarray:
+    """(m, 2) pairs linking every file to the first file with the same md5."""
+    first: dict[str, int] = {}
+    pairs = []
+    for index, digest in enumerate(md5s):
+        if digest in first:
+            pairs.append((first[digest], index))
+        else:
+            first[digest] = index
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def duplicate_groups(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Group id per file: connected components of the duplicate graph (a file alone is its own group)."""
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, group = connected_components(graph, directed=False)
+    return group
+
+
+def _auc_one_vs_rest(score: np.ndarray, labels: np.ndarray) -> float:
+    """Best |AUC - 0.5| + 0.5 over classes: how well the score alone separates any class from the rest."""
+    best = 0.5
+    for cls in np.unique(labels):
+        target = labels == cls
+        if target.all() or not target.any() or np.ptp(score) == 0:
+            continue
+        auc = roc_auc_score(target, score)
+        best = max(best, auc, 1 - auc)
+    return float(best)
+
+
+def confounding(manifest: Manifest) -> list[dict]:
+    """AUC of trivial file features (size, format, colour mode) alone at predicting the label.
+
+    A category's score is the label's rate within that category (in-sample, so an upper bound for rare ones).
+    """
+    rows = manifest.rows
+    labels = np.array([row.label for row in rows])
+    numeric = {
+        "width": [row.width for row in rows],
+        "height": [row.height for row in rows],
+        "aspect ratio": [row.width / max(row.height, 1) for row in rows],
+        "pixel count": [row.width * row.height for row in rows],
+        "file size": [row.size_bytes for row in rows],
+    }
+    # Exact dimensions as a category catch "all 224x224 files are negatives", which no monotone size score sees.
+    categorical = {
+        "dimensions (WxH)": [f"{row.width}x{row.height}" for row in rows],
+        "format": [row.format for row in rows],
+        "colour mode": [row.mode for row in rows],
+    }
+    results = []
+    for name, values in numeric.items():
+        results.append((name, _auc_one_vs_rest(np.asarray(values, dtype=float), labels)))
+    for name, values in categorical.items():
+        best = 0.5
+        for cls in np.unique(labels):
+            rate = defaultdict(list)
+            for value, label in zip(values, labels, strict=True):
+                rate[value].append(label == cls)
+            score = np.array([np.mean(rate[value]) for value in values])
+            best = max(best, _auc_one_vs_rest(score, labels == cls))
+        results.append((name, best))
+    return [{"feature": name, "auc": round(auc, 3), "warn": auc > CONFOUNDING_AUC} for name, auc in results]
+
+
+@dataclass
+class AuditReport:
+    """Everything the audit found; to_dict() is what audit.json holds."""
+
+    root: str
+    labels: list[str]
+    counts: dict[str, dict[str, int]]
+    n_images: int
+    problems: list[FileProblem]
+    groups: list[dict]  # duplicate groups with more than one file, largest first
+    exact_duplicate_files: int  # files that are a byte copy of an earlier file
+    leakage: list[dict]  # per evaluated split: files with a twin in another split
+    label_conflicts: list[dict]
+    confounders: list[dict]
+    group_of: dict[str, str] = field(default_factory=dict)  # path -> group id, for split
+
+    @property
+    def leaky(self) -> bool:
+        return any(entry["files"] for entry in self.leakage)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["disclaimer"] = DISCLAIMER
+        data["near_duplicate_bits"] = NEAR_DUPLICATE_BITS
+        data.pop("group_of")
+        return data
+
+    def leakage_lines(self) -> list[str]:
+        """The sentences a user needs: '491 of 506 test files have a duplicate in train'."""
+        return [
+            f"{e['files']} of {e['total']} {e['split']} files have a duplicate in {e['other']} "
+            f"({e['exact']} byte-identical, {e['files'] - e['exact']} near)"
+            for e in self.leakage
+        ]
+
+
+def _leakage(manifest: Manifest, group: np.ndarray) -> list[dict]:
+    splits = [s for s in SPLITS if any(row.split == s for row in manifest.rows)]
+    md5_by_split = defaultdict(set)
+    groups_by_split = defaultdict(set)
+    for row, g in zip(manifest.rows, group, strict=True):
+        md5_by_split[row.split].add(row.md5)
+        groups_by_split[row.split].add(g)
+    out = []
+    for i, split in enumerate(splits):
+        for other in splits[:i]:  # val vs train, test vs train, test vs val
+            members = [(row, g) for row, g in zip(manifest.rows, group, strict=True) if row.split == split]
+            twins = [row for row, g in members if g in groups_by_split[other]]
+            exact = sum(row.md5 in md5_by_split[other] for row in twins)
+            out.append(
+                {
+                    "split": split,
+                    "other": other,
+                    "files": len(twins),
+                    "exact": exact,
+                    "total": len(members),
+                    "paths": [row.path for row in twins],
+                }
+            )
+    return out
+
+
+def audit_manifest(
+    manifest: Manifest,
+    *,
+    workers: int | None = None,
+    max_bits: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> AuditReport:
+    """Decode and hash every image of the manifest, then group duplicates and measure leakage and confounding.
+
+    max_bits: near-duplicate threshold in pHash bits of 256 (None: NEAR_DUPLICATE_BITS).
+    """
+    max_bits = NEAR_DUPLICATE_BITS if max_bits is None else max_bits
+    paths = [manifest.root / row.path for row in manifest.rows]
+    hashes, failures = hash_files(paths, workers=workers, progress=progress)
+    problems = list(manifest.problems) + [
+        FileProblem(manifest.rows[i].path, r) for i, r in sorted(failures.items())
+    ]
+    readable = [i for i in range(len(paths)) if i not in failures]
+    kept = Manifest(manifest.root, manifest.labels, [manifest.rows[i] for i in readable], problems)
+    hashes = hashes[readable]
+
+    exact = exact_duplicate_pairs([row.md5 for row in kept.rows])
+    near = near_duplicate_pairs(hashes, max_bits=max_bits)
+    group = duplicate_groups(len(kept.rows), np.concatenate([exact, near]))
+
+    members = defaultdict(list)
+    for index, g in enumerate(group):
+        members[g].append(index)
+    groups, conflicts = [], []
+    for idx in sorted(members.values(), key=len, reverse=True):
+        if len(idx) < 2:
+            continue
+        rows = [kept.rows[i] for i in idx]
+        entry = {
+            "group": f"d{len(groups):05d}",
+            "size": len(idx),
+            "splits": dict(Counter(row.split or "-" for row in rows)),
+            "labels": dict(Counter(row.label for row in rows)),
+            "paths": [row.path for row in rows],
+        }
+        groups.append(entry)
+        if len(entry["labels"]) > 1:
+            conflicts.append(entry)
+    names = {g: f"g{g:05d}" for g in members}
+    return AuditReport(
+        root=str(manifest.root),
+        labels=manifest.labels,
+        counts=kept.counts(),
+        n_images=len(kept.rows),
+        problems=problems,
+        groups=groups,
+        exact_duplicate_files=len(exact),
+        leakage=_leakage(kept, group),
+        label_conflicts=conflicts,
+        confounders=confounding(kept) if kept.rows else [],
+        group_of={row.path: names[g] for row, g in zip(kept.rows, group, strict=True)},
+    )
+
+
+def audit_folder(root: str | Path, **kwargs) -> AuditReport:
+    """scan_folder + audit_manifest."""
+    return audit_manifest(scan_folder(root), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def write_json(report: AuditReport, out_dir: str | Path) -> Path:
+    out = Path(out_dir) / "audit.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.to_dict(), indent=2))
+    return out
+
+
+def _thumbnail_uri(path: Path, side: int = 112) -> str:
+    try:
+        pixels, _ = read_image(path, max_side=2 * side)
+    except ImageReadError:
+        return ""
+    image = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_html(report: AuditReport, out_dir: str | Path, *, max_groups: int = 12, per_group: int = 8) -> Path:
+    """A self-contained page (thumbnails embedded) with the tables and the largest duplicate groups."""
+    esc = html.escape
+    root = Path(report.root)
+
+    def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+        head = "".join(f"<th>{esc(str(h))}</th>" for h in headers)
+        body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    parts = [
+        f"<h1>Data audit: {esc(root.name)}</h1>",
+        f"<p class='disclaimer'>{esc(DISCLAIMER)}</p>",
+        f"<p>{report.n_images} readable images in <code>{esc(report.root)}</code>.</p>",
+        "<h2>Counts</h2>",
+        table(["split", *report.labels], [[s or "-", *c.values()] for s, c in report.counts.items()]),
+        "<h2>Leakage</h2>",
+        "".join(
+            f"<p class='{'bad' if e['files'] else 'ok'}'>{esc(line)}</p>"
+            for e, line in zip(report.leakage, report.leakage_lines(), strict=True)
+        )
+        or "<p>No splits: nothing to leak between.</p>",
+        "<h2>Confounding (trivial feature alone vs label)</h2>",
+        table(
+            ["feature", "AUC", "warning"],
+            [[c["feature"], c["auc"], "predicts the label" if c["warn"] else ""] for c in report.confounders],
+        ),
+        f"<h2>Same image under two labels ({len(report.label_conflicts)})</h2>",
+        table(
+            ["group", "labels", "files"],
+            [[g["group"], g["labels"], ", ".join(g["paths"][:6])] for g in report.label_conflicts],
+        ),
+        f"<h2>Unreadable or skipped files ({len(report.problems)})</h2>",
+        table(["file", "reason"], [[p.path, p.reason] for p in report.problems]),
+        f"<h2>Largest duplicate groups ({len(report.groups)} groups of 2 or more files)</h2>",
+    ]
+    for group in report.groups[:max_groups]:
+        cells = "".join(
+            f"<figure><img src='{_thumbnail_uri(root / p)}' alt='{esc(p)}'><figcaption>{esc(p)}</figcaption></figure>"
+            for p in group["paths"][:per_group]
+        )
+        parts.append(
+            f"<h3>{group['group']}: {group['size']} files, splits {esc(str(group['splits']))}, "
+            f"labels {esc(str(group['labels']))}</h3><div class='grid'>{cells}</div>"
+        )
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+        ".disclaimer{background:#fff3cd;padding:.5em}.bad{color:#b00020;font-weight:bold}.ok{color:#1b5e20}"
+        ".grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0;width:120px;font-size:10px;word-break:break-all}"
+    )
+    page = (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>bonefrac audit</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    )
+    out = Path(out_dir) / "audit.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out
+
+
+def console_tables(report: AuditReport) -> list:
+    """The audit as rich renderables, in reading order: counts, leakage, conflicts, confounding, problems."""
+    from rich.table import Table
+
+    counts = Table(title="Images per split and class")
+    for header in ("split", *report.labels, "total"):
+        counts.add_column(header, justify="left" if header == "split" else "right")
+    for split, per_label in report.counts.items():
+        counts.add_row(split or "-", *map(str, per_label.values()), str(sum(per_label.values())))
+
+    duplicates = Table(title="Duplicates")
+    duplicates.add_column("what")
+    duplicates.add_column("count", justify="right")
+    duplicates.add_row("byte-identical copies (md5)", str(report.exact_duplicate_files))
+    duplicates.add_row("duplicate groups (exact or near, >= 2 files)", str(len(report.groups)))
+    duplicates.add_row("files in those groups", str(sum(g["size"] for g in report.groups)))
+    duplicates.add_row("groups with two labels", str(len(report.label_conflicts)))
+
+    confounders = Table(
+        title=f"Does a trivial feature alone predict the label? (warn at AUC > {CONFOUNDING_AUC})"
+    )
+    confounders.add_column("feature")
+    confounders.add_column("AUC", justify="right")
+    confounders.add_column("")
+    for c in report.confounders:
+        confounders.add_row(
+            c["feature"], f"{c['auc']:.3f}", "[red]predicts the label[/red]" if c["warn"] else ""
+        )
+
+    out: list = [counts, duplicates]
+    for entry, line in zip(report.leakage, report.leakage_lines(), strict=True):
+        out.append(f"[bold red]LEAKAGE: {line}[/bold red]" if entry["files"] else f"[green]{line}[/green]")
+    for conflict in report.label_conflicts[:10]:
+        out.append(
+            f"[red]Same image under two labels:[/red] {conflict['labels']}: {', '.join(conflict['paths'][:4])}"
+        )
+    out.append(confounders)
+    if report.problems:
+        problems = Table(title=f"Unreadable or skipped files ({len(report.problems)})")
+        problems.add_column("file")
+        problems.add_column("reason")
+        for problem in report.problems[:50]:
+            problems.add_row(problem.path, problem.reason)
+        out.append(problems)
+    return out

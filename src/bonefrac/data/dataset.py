@@ -1,0 +1,214 @@
+"""Scan an image folder into a manifest: one row per image with its label, split, md5, format and size.
+
+Two layouts are understood, the ones public fracture data sets use:
+
+    root/{train,val,test}/<class>/...   (also valid/validation, training, testing)
+    root/<class>/...                    (no split yet; `bonefrac data split` makes one)
+
+Class folder names are matched case- and separator-insensitively, so "Not Fractured", "not-fractured" and
+"not_fractured" are one label. Files below a class folder are found recursively. Files that are not images are
+listed with a reason, never fatal: a stray .DS_Store or notes.txt must not stop anyone.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from bonefrac.data.io import probe_image
+from bonefrac.errors import DatasetError, ImageReadError
+
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+SPLITS = ("train", "val", "test")
+
+
+def canonical_label(folder_name: str) -> str:
+    """'Not Fractured', 'not-fractured' and 'NOT_FRACTURED' all become 'not_fractured'."""
+    return re.sub(r"[\s_\-.]+", "_", folder_name.strip().lower()).strip("_")
+
+
+@dataclass
+class ManifestRow:
+    """One image. `path` is relative to the manifest root, with forward slashes."""
+
+    path: str
+    label: str
+    split: str = ""
+    md5: str = ""
+    format: str = ""
+    mode: str = ""
+    width: int = 0
+    height: int = 0
+    size_bytes: int = 0
+    group: str = ""
+
+
+@dataclass
+class FileProblem:
+    """A file that was left out, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Manifest:
+    root: Path
+    labels: list[str]
+    rows: list[ManifestRow]
+    problems: list[FileProblem] = field(default_factory=list)
+
+    @property
+    def has_splits(self) -> bool:
+        return any(row.split for row in self.rows)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{split: {label: count}}; split is '' for a folder without splits."""
+        table: dict[str, dict[str, int]] = {}
+        for row in self.rows:
+            per_label = table.setdefault(row.split, dict.fromkeys(self.labels, 0))
+            per_label[row.label] += 1
+        return table
+
+
+def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _class_folders(parent: Path) -> dict[str, list[Path]]:
+    """Class label -> the folders below `parent` that hold it (two folders may normalise to one label)."""
+    found: dict[str, list[Path]] = {}
+    for child in sorted(parent.iterdir()):
+        if child.is_dir() and not child.name.startswith("."):
+            found.setdefault(canonical_label(child.name), []).append(child)
+    return found
+
+
+def _walk_files(folder: Path) -> Iterable[Path]:
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def find_layout(root: Path) -> list[tuple[str, str, Path]]:
+    """(split, label, folder) for every class folder under root; split is '' when root has no split folders."""
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
+    top = {
+        canonical_label(p.name): p
+        for p in sorted(root.iterdir())
+        if p.is_dir() and not p.name.startswith(".")
+    }
+    split_folders = {SPLIT_NAMES[name]: path for name, path in top.items() if name in SPLIT_NAMES}
+    layout: list[tuple[str, str, Path]] = []
+    if split_folders:
+        for split in SPLITS:
+            if split in split_folders:
+                for label, folders in _class_folders(split_folders[split]).items():
+                    layout.extend((split, label, folder) for folder in folders)
+    else:
+        for label, folders in _class_folders(root).items():
+            layout.extend(("", label, folder) for folder in folders)
+    labels = {label for _, label, _ in layout}
+    if len(labels) < 2:
+        found = ", ".join(sorted(labels)) or "none"
+        raise DatasetError(
+            f"{root}: expected class folders (root/<class>/ or root/<split>/<class>/) for at least two classes, "
+            f"found {found}"
+        )
+    return layout
+
+
+def scan_folder(
+    root: str | Path,
+    *,
+    compute_md5: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> Manifest:
+    """Scan `root` into a Manifest. Reads only image headers (and file bytes for md5), never decodes pixels."""
+    root = Path(root).resolve()
+    layout = find_layout(root)
+    labels = sorted({label for _, label, _ in layout})
+    files = [(split, label, path) for split, label, folder in layout for path in _walk_files(folder)]
+    rows: list[ManifestRow] = []
+    problems: list[FileProblem] = []
+    for done, (split, label, path) in enumerate(files, start=1):
+        rel = path.relative_to(root).as_posix()
+        try:
+            info = probe_image(path)
+        except ImageReadError as err:
+            problems.append(FileProblem(rel, err.reason))
+        else:
+            rows.append(
+                ManifestRow(
+                    path=rel,
+                    label=label,
+                    split=split,
+                    md5=file_md5(path) if compute_md5 else "",
+                    format=info.format,
+                    mode=info.mode,
+                    width=info.width,
+                    height=info.height,
+                    size_bytes=path.stat().st_size,
+                )
+            )
+        if progress:
+            progress(done, len(files))
+    return Manifest(root=root, labels=labels, rows=rows, problems=problems)
+
+
+_INT_FIELDS = {f.name for f in fields(ManifestRow) if f.type in ("int", int)}
+
+
+def write_manifest(manifest: Manifest, out_dir: str | Path) -> Path:
+    """Write manifest.csv, labels.json (the ordered label list) and problems.csv into out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [f.name for f in fields(ManifestRow)]
+    with open(out_dir / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(asdict(row) for row in manifest.rows)
+    with open(out_dir / "problems.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "reason"])
+        writer.writeheader()
+        writer.writerows(asdict(problem) for problem in manifest.problems)
+    (out_dir / "labels.json").write_text(
+        json.dumps({"root": str(manifest.root), "labels": manifest.labels}, indent=2)
+    )
+    return out_dir / "manifest.csv"
+
+
+def read_manifest(out_dir: str | Path) -> Manifest:
+    """Read what write_manifest wrote."""
+    out_dir = Path(out_dir)
+    meta = json.loads((out_dir / "labels.json").read_text())
+    with open(out_dir / "manifest.csv", newline="") as handle:
+        rows = [
+            ManifestRow(**{k: int(v) if k in _INT_FIELDS else v for k, v in record.items()})
+            for record in csv.DictReader(handle)
+        ]
+    problems: list[FileProblem] = []
+    if (out_dir / "problems.csv").exists():
+        with open(out_dir / "problems.csv", newline="") as handle:
+            problems = [FileProblem(**record) for record in csv.DictReader(handle)]
+    return Manifest(root=Path(meta["root"]), labels=list(meta["labels"]), rows=rows, problems=problems)

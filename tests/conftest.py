@@ -1,0 +1,52 @@
+"""Shared fixtures: small generated image folders (never real data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REAL_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "bone-xray-grouped"
+
+
+def smooth_image(seed: int, size: int = 96) -> Image.Image:
+    """A distinct grayscale image with texture at several scales: upsampled 16x16 noise.
+
+    Enough structure that a resized or brightened copy keeps its perceptual hash (planted copies move <= 14 of
+    256 bits), while two seeds give unrelated hashes (>= 100 bits apart); featureless images have unstable pHash
+    bits, as real radiographs do not.
+    """
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), mode="L")
+    return coarse.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def write_set(root: Path, layout: dict[str, dict[str, list[int]]], size: int = 96) -> Path:
+    """root/<split>/<label>/img_<seed>.png for each seed ({split: {label: [seeds]}}; split '' = no split folder)."""
+    for split, labels in layout.items():
+        for label, seeds in labels.items():
+            folder = root / split / label if split else root / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for seed in seeds:
+                smooth_image(seed, size).save(folder / f"img_{seed}.png")
+    return root
+
+
+@pytest.fixture
+def clean_set(tmp_path: Path) -> Path:
+    """40 distinct images in train/val/test x fractured/not_fractured, no duplicates anywhere."""
+    seeds = iter(range(1000, 1040))
+    layout = {
+        split: {label: [next(seeds) for _ in range(n)] for label in ("fractured", "not_fractured")}
+        for split, n in (("train", 12), ("val", 4), ("test", 4))
+    }
+    return write_set(tmp_path / "clean", layout)
+
+
+@pytest.fixture
+def real_data() -> Path:
+    if not (REAL_DATA / "manifest.csv").exists():
+        pytest.skip(f"real data not found at {REAL_DATA.resolve()} (only on machines with ../shared/data)")
+    return REAL_DATA.resolve()

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from bonefrac import DISCLAIMER
+from bonefrac.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bonefrac", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_lists_commands_with_purposes():
+    top = run("--help")
+    assert top.returncode == 0 and "data" in top.stdout and "research tool" in top.stdout
+    data = run("data", "--help")
+    for command in ("scan", "audit", "split", "synth"):
+        assert command in data.stdout
+    assert "duplicates, cross-split leakage" in data.stdout
+    console_script = Path(sys.executable).parent / "bonefrac"
+    assert console_script.exists(), "pip install must put the bonefrac command next to the interpreter"
+
+
+def test_audit_prints_leakage_line_writes_reports_and_can_fail(clean_set, tmp_path):
+    shutil.copy(
+        clean_set / "train" / "fractured" / "img_1000.png", clean_set / "test" / "fractured" / "copy.png"
+    )
+    out = tmp_path / "audit"
+    result = run("data", "audit", str(clean_set), "--out", str(out), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "LEAKAGE: 1 of 9 test files have a duplicate in train" in " ".join(result.stdout.split())
+    assert DISCLAIMER in " ".join(result.stderr.split())
+    assert json.loads((out / "audit.json").read_text())["n_images"] == 41
+    assert (out / "audit.html").exists() and (out / "manifest.csv").exists()
+    assert (
+        main(["data", "audit", str(clean_set), "--out", str(out), "--workers", "1", "--fail-on-leakage"]) == 3
+    )
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path):
+    result = run("data", "audit", str(tmp_path / "nowhere"))
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "not a folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_synth_then_split_from_the_command_line(tmp_path):
+    synth = run("data", "synth", str(tmp_path / "ph"), "--n", "24", "--size", "64", "--workers", "1")
+    assert synth.returncode == 0, synth.stderr
+    assert "SYNTHETIC" in synth.stdout
+    assert (tmp_path / "ph" / "SYNTHETIC_DATA.txt").exists()
+    split = run("data", "split", str(tmp_path / "ph"), str(tmp_path / "sp"), "--seed", "1", "--workers", "1")
+    assert split.returncode == 0, split.stderr
+    assert (tmp_path / "sp" / "split.csv").exists() and "Group-aware split" in split.stdout
