@@ -9,8 +9,8 @@ Near duplicates are found by comparing hashes, never decoded images: each image 
 thumbnail and hashed with a 256-bit pHash (imagehash, hash_size=16) under the 8 flips/90-degree rotations. Two
 images are near duplicates when the smallest Hamming distance between one's hash and the other's 8 variants is at
 most NEAR_DUPLICATE_BITS. pHash keeps only low DCT frequencies and thresholds at their median, so resizing,
-brightness/contrast changes and JPEG recompression move few bits (p99 <= 14 of 256 on 150 real radiographs);
-mirrored copies match exactly. Duplicate groups are the connected components of the exact + near pairs.
+brightness/contrast changes and JPEG recompression move few bits (median <= 2, p99 <= 21 of 256 on 150 real
+radiographs; docs/AUDIT.md). Duplicate groups are the connected components of the exact + near pairs.
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ from bonefrac.errors import ImageReadError
 
 HASH_SIZE = 16  # 16x16 DCT coefficients -> 256 bits
 THUMBNAIL = 64
-# Chosen on ../shared/data/bone-xray-grouped (3,691 real radiographs): at <= 24 bits every planted resize, flip,
-# brightness and JPEG copy of 150 sampled images matched, while only one cross-split pair matched, and it is a
-# real mirrored copy (see docs/AUDIT.md). 64-bit hashes cannot do this: different hand X-rays of similar pose
-# collide at 6 bits.
+# Chosen on ../shared/data/bone-xray-grouped (3,691 real radiographs): at <= 24 bits 99-100 % of planted resized,
+# mirrored, brightened and JPEG copies of 150 sampled images matched, while only one cross-split pair matched, and it
+# is a real mirrored copy (docs/AUDIT.md, benchmarks/audit_threshold.py).
 NEAR_DUPLICATE_BITS = 24
 CONFOUNDING_AUC = 0.7
 
@@ -389,17 +388,22 @@ def write_html(report: AuditReport, out_dir: str | Path, *, max_groups: int = 12
         ),
         f"<h2>Unreadable or skipped files ({len(report.problems)})</h2>",
         table(["file", "reason"], [[p.path, p.reason] for p in report.problems]),
-        f"<h2>Largest duplicate groups ({len(report.groups)} groups of 2 or more files)</h2>",
     ]
-    for group in report.groups[:max_groups]:
+
+    def gallery(group: dict) -> str:
         cells = "".join(
             f"<figure><img src='{_thumbnail_uri(root / p)}' alt='{esc(p)}'><figcaption>{esc(p)}</figcaption></figure>"
             for p in group["paths"][:per_group]
         )
-        parts.append(
-            f"<h3>{group['group']}: {group['size']} files, splits {esc(str(group['splits']))}, "
-            f"labels {esc(str(group['labels']))}</h3><div class='grid'>{cells}</div>"
-        )
+        counts = ", ".join(f"{k} {v}" for k, v in {**group["splits"], **group["labels"]}.items())
+        return f"<h3>{group['group']}: {group['size']} files ({esc(counts)})</h3><div class='grid'>{cells}</div>"
+
+    # Groups that cross splits or labels are what a user must see first; the largest ones follow.
+    urgent = [g for g in report.groups if len(g["splits"]) > 1 or len(g["labels"]) > 1]
+    parts.append(f"<h2>Duplicate groups that cross splits or labels ({len(urgent)})</h2>")
+    parts += [gallery(g) for g in urgent[:max_groups]]
+    parts.append(f"<h2>Largest duplicate groups ({len(report.groups)} groups of 2 or more files)</h2>")
+    parts += [gallery(g) for g in report.groups[:max_groups] if g not in urgent]
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
