@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from bonefrac.data.audit import hash_files, image_hashes, near_duplicate_pairs
+from bonefrac.data.audit import (
+    CONFIRM_DHASH_BITS,
+    NEAR_DUPLICATE_BITS,
+    close_pairs,
+    hash_files,
+    image_hashes,
+    near_duplicate_pairs,
+    pair_distances,
+)
 from bonefrac.data.dataset import scan_folder
 
 REAL = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "bone-xray-grouped").resolve()
@@ -33,36 +41,49 @@ ALTERATIONS = {
 }
 
 
-def distance(a: np.ndarray, b: np.ndarray) -> int:
-    return int(min(np.bitwise_count(a[0] ^ b[k]).sum() for k in range(len(b))))
+def distances(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """(pHash, dHash) dihedral-invariant distances between two image_hashes results."""
+    both = np.stack([a, b])
+    pair = np.array([[0, 1]])
+    return int(pair_distances(pair, both[:, 0])[0]), int(pair_distances(pair, both[:, 1])[0])
 
 
 def main() -> None:
     manifest = scan_folder(REAL)
     paths = [manifest.root / row.path for row in manifest.rows]
     sample = random.Random(0).sample(paths, 150)
-    print("| alteration | median bits | p99 | max | caught at <= 24 |")
-    print("|---|---|---|---|---|")
+    rule = f"pHash <= {NEAR_DUPLICATE_BITS} and dHash <= {CONFIRM_DHASH_BITS}"
+    print(f"| alteration | pHash median | pHash p99 | pHash max | dHash p99 | dHash max | caught ({rule}) |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         for name, alter in ALTERATIONS.items():
-            distances = []
+            found = []
             for path in sample:
                 with Image.open(path) as im:
                     copy = alter(im.convert("L"))
                 target = Path(scratch) / ("copy.jpg" if "JPEG" in name else "copy.png")
                 copy.save(target, quality=50) if "JPEG" in name else copy.save(target)
-                distances.append(distance(image_hashes(path), image_hashes(target)))
-            d = np.array(distances)
-            print(f"| {name} | {np.median(d):.0f} | {np.percentile(d, 99):.0f} | {d.max()} | {np.mean(d <= 24):.0%} |")
+                found.append(distances(image_hashes(path), image_hashes(target)))
+            p, d = np.array(found).T
+            caught = np.mean((p <= NEAR_DUPLICATE_BITS) & (d <= CONFIRM_DHASH_BITS))
+            print(
+                f"| {name} | {np.median(p):.0f} | {np.percentile(p, 99):.0f} | {p.max()} | "
+                f"{np.percentile(d, 99):.0f} | {d.max()} | {caught:.0%} |"
+            )
 
     hashes, _ = hash_files(paths)
     split = np.array([row.split for row in manifest.rows])
-    print("\n| threshold (bits of 256) | cross-split pairs | within-split pairs |")
-    print("|---|---|---|")
+    print(
+        f"\n| pHash threshold (bits of 256) | cross-split pairs, pHash alone | cross-split pairs, dHash-confirmed "
+        f"(<= {CONFIRM_DHASH_BITS}) | within-split pairs, confirmed |"
+    )
+    print("|---|---|---|---|")
     for bits in (8, 16, 24, 32, 40):
+        alone = close_pairs(hashes[:, 0], max_bits=bits)
         pairs = near_duplicate_pairs(hashes, max_bits=bits)
+        cross_alone = int(np.sum(split[alone[:, 0]] != split[alone[:, 1]]))
         cross = int(np.sum(split[pairs[:, 0]] != split[pairs[:, 1]]))
-        print(f"| {bits} | {cross} | {len(pairs) - cross} |")
+        print(f"| {bits} | {cross_alone} | {cross} | {len(pairs) - cross} |")
 
 
 if __name__ == "__main__":

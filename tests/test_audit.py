@@ -10,6 +10,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from bonefrac import DISCLAIMER
 from bonefrac.data.audit import (
     audit_folder,
+    close_pairs,
     duplicate_groups,
     near_duplicate_pairs,
     write_html,
@@ -102,7 +103,7 @@ def test_confounding_image_size_predicts_label(tmp_path):
     assert "colour mode" not in warned and "format" not in warned
 
 
-def test_near_duplicate_pairs_equal_brute_force():
+def test_close_pairs_equal_brute_force():
     rng = np.random.default_rng(0)
     hashes = rng.integers(0, 2**63, size=(300, 8, 4), dtype=np.uint64)
     hashes[7] = hashes[3]  # identical
@@ -115,9 +116,18 @@ def test_near_duplicate_pairs_equal_brute_force():
         for j in range(300)
         if i != j and (bits[i, 0] != bits[j]).sum(-1).min() <= 100
     }
-    found = {tuple(p) for p in near_duplicate_pairs(hashes, max_bits=100, chunk=64).tolist()}
+    found = {tuple(p) for p in close_pairs(hashes, max_bits=100, chunk=64).tolist()}
     assert found == expected and (3, 7) in found and (2, 11) in found
-    assert {tuple(p) for p in near_duplicate_pairs(hashes, max_bits=3).tolist()} == {(3, 7), (2, 11)}
+    assert {tuple(p) for p in close_pairs(hashes, max_bits=3).tolist()} == {(3, 7), (2, 11)}
+
+
+def test_a_phash_match_needs_dhash_confirmation():
+    """Two look-alikes with equal pHash but unrelated dHash are not duplicates; a true copy matches both."""
+    rng = np.random.default_rng(1)
+    hashes = rng.integers(0, 2**63, size=(3, 2, 8, 4), dtype=np.uint64)
+    hashes[1, 0] = hashes[0, 0]  # pHash identical, dHash random: a look-alike
+    hashes[2] = hashes[0]  # both identical: a copy
+    assert near_duplicate_pairs(hashes).tolist() == [[0, 2]]
 
 
 def test_duplicate_groups_are_connected_components():

@@ -44,6 +44,10 @@ THUMBNAIL = 64
 # mirrored, brightened and JPEG copies of 150 sampled images matched, while only one cross-split pair matched, and it
 # is a real mirrored copy (docs/AUDIT.md, benchmarks/audit_threshold.py).
 NEAR_DUPLICATE_BITS = 24
+# A pHash match is confirmed by a 256-bit dHash (gradient signs): planted copies stay within 21 bits, while
+# low-content look-alikes that pHash confuses (a bone and a collimation edge on black) are 60+ bits apart.
+CONFIRM_DHASH_BITS = 32
+HASHERS = (imagehash.phash, imagehash.dhash)
 CONFOUNDING_AUC = 0.7
 
 
@@ -67,9 +71,10 @@ def thumbnail(path: str | Path) -> Image.Image:
 
 
 def image_hashes(path: str | Path) -> np.ndarray:
-    """(8, HASH_SIZE**2 // 64) uint64: the pHash of the image under each of its 8 flips/quarter turns."""
-    bits = [imagehash.phash(v, hash_size=HASH_SIZE).hash.reshape(-1) for v in _dihedral(thumbnail(path))]
-    return np.packbits(np.array(bits), axis=1).view(np.uint64)
+    """(2, 8, HASH_SIZE**2 // 64) uint64: pHash and dHash of the image under each of its 8 flips/quarter turns."""
+    variants = _dihedral(thumbnail(path))
+    bits = [[hasher(v, hash_size=HASH_SIZE).hash.reshape(-1) for v in variants] for hasher in HASHERS]
+    return np.packbits(np.array(bits), axis=-1).view(np.uint64)
 
 
 def _hash_or_reason(path: str) -> np.ndarray | str:
@@ -85,9 +90,8 @@ def hash_files(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Hash every file in parallel. Returns (hashes (n, 8, words), {index: reason} for unreadable files)."""
-    words = HASH_SIZE * HASH_SIZE // 64
-    hashes = np.zeros((len(paths), 8, words), dtype=np.uint64)
+    """Hash every file in parallel. Returns (hashes (n, 2, 8, words), {index: reason} for unreadable files)."""
+    hashes = np.zeros((len(paths), len(HASHERS), 8, HASH_SIZE * HASH_SIZE // 64), dtype=np.uint64)
     failures: dict[int, str] = {}
     workers = workers or min(os.cpu_count() or 1, 8)
     jobs = [str(p) for p in paths]
@@ -110,23 +114,12 @@ def _collect(results, hashes, failures, total, progress) -> None:
             progress(index + 1, total)
 
 
-def near_duplicate_pairs(
-    hashes: np.ndarray,
-    *,
-    max_bits: int = NEAR_DUPLICATE_BITS,
-    valid: np.ndarray | None = None,
-    chunk: int = 256,
-) -> np.ndarray:
-    """(m, 2) index pairs i < j whose dihedral-invariant Hamming distance is <= max_bits.
-
-    Compares hashes only (n^2 * 8 popcounts of 4 words, in chunks to bound memory): about a minute of numpy for
-    10,000 images, no decoded pixels involved.
-    """
-    n = len(hashes)
-    valid = np.ones(n, dtype=bool) if valid is None else valid
+def close_pairs(hashes: np.ndarray, *, max_bits: int, chunk: int = 256) -> np.ndarray:
+    """(m, 2) index pairs i < j with min over variants k of Hamming(hashes[i, 0], hashes[j, k]) <= max_bits, in
+    either direction. hashes: (n, 8, words). n^2 * 8 popcounts of 4 words, in chunks to bound memory."""
     base = hashes[:, 0, :]
     found = []
-    for start in range(0, n, chunk):
+    for start in range(0, len(hashes), chunk):
         query = base[start : start + chunk]
         best = None
         for variant in range(hashes.shape[1]):
@@ -134,10 +127,30 @@ def near_duplicate_pairs(
             best = diff if best is None else np.minimum(best, diff)
         rows, cols = np.nonzero(best <= max_bits)
         rows += start
-        keep = (rows != cols) & valid[rows] & valid[cols]
+        keep = rows != cols
         found.append(np.stack([np.minimum(rows, cols), np.maximum(rows, cols)], axis=1)[keep])
     pairs = np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
     return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
+
+
+def pair_distances(pairs: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """Dihedral-invariant Hamming distance of each given pair (min over variants, both directions)."""
+    i, j = pairs[:, 0], pairs[:, 1]
+    forward = np.bitwise_count(hashes[i, None, 0, :] ^ hashes[j]).sum(-1).min(-1)
+    backward = np.bitwise_count(hashes[j, None, 0, :] ^ hashes[i]).sum(-1).min(-1)
+    return np.minimum(forward, backward)
+
+
+def near_duplicate_pairs(
+    hashes: np.ndarray, *, max_bits: int = NEAR_DUPLICATE_BITS, max_dhash_bits: int = CONFIRM_DHASH_BITS
+) -> np.ndarray:
+    """(m, 2) pairs within max_bits by pHash, confirmed by dHash. hashes: (n, 2, 8, words) from image_hashes.
+
+    The pHash pass is the only n^2 step (about a minute of numpy for 10,000 images); dHash only checks its
+    candidates. No decoded pixels are compared.
+    """
+    candidates = close_pairs(hashes[:, 0], max_bits=max_bits)
+    return candidates[pair_distances(candidates, hashes[:, 1]) <= max_dhash_bits]
 
 
 def exact_duplicate_pairs(md5s: Sequence[str]) -> np.ndarray:
