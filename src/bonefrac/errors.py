@@ -24,3 +24,7 @@ class DatasetError(BonefracError):
 
 class DataLeakageError(BonefracError):
     """Evaluation or training data share duplicate groups across splits."""
+
+
+class WeightsNotFoundError(BonefracError):
+    """Pretrained weights could not be found, read safely, or fitted to the model; the message names the fix."""
