@@ -456,7 +456,7 @@ def console_tables(report: AuditReport) -> list:
     )
     confounders.add_column("feature")
     confounders.add_column("AUC", justify="right")
-    confounders.add_column("")
+    confounders.add_column("verdict")
     for c in report.confounders:
         confounders.add_row(
             c["feature"], f"{c['auc']:.3f}", "[red]predicts the label[/red]" if c["warn"] else ""
