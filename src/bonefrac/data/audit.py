@@ -373,6 +373,8 @@ def write_html(report: AuditReport, out_dir: str | Path, *, max_groups: int = 12
     root = Path(report.root)
 
     def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+        if not rows:
+            return "<p>None.</p>"
         head = "".join(f"<th>{esc(str(h))}</th>" for h in headers)
         body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in rows)
         return f"<table><tr>{head}</tr>{body}</table>"
