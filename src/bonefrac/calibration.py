@@ -1,0 +1,133 @@
+"""Calibration and operating point: temperature scaling, calibration error, and decision thresholds.
+
+Temperature and thresholds are fitted on the VALIDATION split and then frozen: choosing either on test data would
+let the test set tune the model it is meant to judge, and the reported test numbers would be optimistic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+# --- temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks") -----------------------------
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities softmax(logits / T) of (n, C) logits; T > 1 softens over-confident outputs. Argmax unchanged."""
+    return softmax(np.asarray(logits, dtype=float) / temperature, axis=1)
+
+
+def negative_log_likelihood(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true classes under softmax(logits / T)."""
+    log_proba = log_softmax(np.asarray(logits, dtype=float) / temperature, axis=1)
+    return float(-log_proba[np.arange(len(log_proba)), np.asarray(y_true, dtype=int)].mean())
+
+
+def fit_temperature(
+    logits: np.ndarray, y_true: np.ndarray, *, bounds: tuple[float, float] = TEMPERATURE_BOUNDS
+) -> float:
+    """The temperature T minimising the NLL of softmax(logits / T) on validation logits, within `bounds`.
+
+    One parameter, so a bounded scalar search over log T suffices. The NLL is convex in 1/T, hence has one minimum
+    along log T and Brent's method finds it. Perfectly separated validation data drive T towards the lower bound.
+    """
+    logits, y_true = np.asarray(logits, dtype=float), np.asarray(y_true, dtype=int)
+    if logits.ndim != 2 or logits.shape[0] != y_true.size:
+        raise ValueError(f"logits must be (n, C) with n = {y_true.size} labels, got shape {logits.shape}")
+    result = minimize_scalar(
+        lambda log_t: negative_log_likelihood(logits, y_true, np.exp(log_t)),
+        bounds=(np.log(bounds[0]), np.log(bounds[1])),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    return float(np.exp(result.x))
+
+
+# --- calibration error --------------------------------------------------------------------------------------------
+
+
+def _confidence_bins(confidence: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin index of each confidence in n_bins equal-width bins (lo, hi] of [0, 1] (0 goes to the first bin)."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+
+
+def reliability_curve(
+    y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per confidence bin: mean top-label confidence, accuracy, and case count (NaN confidence/accuracy if empty)."""
+    proba = np.asarray(proba, dtype=float)
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == np.asarray(y_true, dtype=int)
+    bins = _confidence_bins(confidence, n_bins)
+    count = np.bincount(bins, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(bins, weights=confidence, minlength=n_bins) / count
+        accuracy = np.bincount(bins, weights=correct, minlength=n_bins) / count
+    return mean_confidence, accuracy, count
+
+
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE: sum over equal-width confidence bins of (cases in bin / n) x |accuracy - mean confidence|."""
+    proba = np.asarray(proba, dtype=float)
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == np.asarray(y_true, dtype=int)
+    bins = _confidence_bins(confidence, n_bins)
+    # count/n * |correct/count - confidence/count| = |sum correct - sum confidence| / n, per bin.
+    gap = np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(bins, weights=confidence, minlength=n_bins)
+    return float(np.abs(gap).sum() / len(confidence))
+
+
+# --- thresholds ---------------------------------------------------------------------------------------------------
+
+
+def choose_thresholds(
+    y_true: np.ndarray, p_positive: np.ndarray, *, min_sensitivity: float = 0.95
+) -> dict[str, dict[str, float]]:
+    """Candidate operating points for the positive class, each {"threshold", "sensitivity", "specificity"}.
+
+    Call it on validation data (probabilities after temperature scaling, as used at prediction time), never on
+    test data. A case is called positive when p_positive >= threshold; thresholds are observed scores.
+
+    - "default": 0.5.
+    - "youden": the threshold maximising Youden's J = sensitivity + specificity - 1 (the highest one on ties).
+    - f"sensitivity>={min_sensitivity:g}": the highest threshold whose sensitivity is at least min_sensitivity,
+      i.e. the best specificity under that constraint. A screening aid must miss few fractures, so this is the
+      operating point that matters; its sensitivity on new data is an estimate, and the CI of the test
+      sensitivity says how far it may fall.
+
+    The sensitivity and specificity given are those on the data passed in.
+    """
+    positive = np.asarray(y_true)
+    if not np.isin(positive, (0, 1)).all():
+        raise ValueError("y_true must be 0/1 (1 = the positive class); pass y == positive for class indices")
+    positive = positive.astype(bool)
+    p_positive = np.asarray(p_positive, dtype=float)
+    if positive.all() or not positive.any():
+        raise ValueError("choosing a threshold needs both positive and negative cases")
+    if not 0 <= min_sensitivity <= 1:
+        raise ValueError(f"min_sensitivity must be in [0, 1], got {min_sensitivity}")
+    # Candidate thresholds: every distinct score, highest first. Counts from sorted scores give the exact fractions
+    # (the same floats as counting flagged cases), which 1 - false-positive rate would not.
+    thresholds = np.unique(p_positive)[::-1]
+    scores_pos, scores_neg = np.sort(p_positive[positive]), np.sort(p_positive[~positive])
+    sensitivity = (scores_pos.size - np.searchsorted(scores_pos, thresholds)) / scores_pos.size  # share >= t
+    specificity = np.searchsorted(scores_neg, thresholds) / scores_neg.size  # share < t
+
+    def operating_point(i: int) -> dict[str, float]:
+        return {"threshold": float(thresholds[i]), "sensitivity": float(sensitivity[i]),
+                "specificity": float(specificity[i])}
+
+    flagged = p_positive >= 0.5
+    best_j = int(np.argmax(sensitivity + specificity))  # the first is the highest threshold among ties
+    reaching = int(np.flatnonzero(sensitivity >= min_sensitivity)[0])  # sensitivity rises as the threshold falls
+    return {
+        "default": {"threshold": 0.5, "sensitivity": float(flagged[positive].mean()),
+                    "specificity": float((~flagged[~positive]).mean())},
+        "youden": operating_point(best_j),
+        f"sensitivity>={min_sensitivity:g}": operating_point(reaching),
+    }
