@@ -1,0 +1,647 @@
+"""Evaluation of a run directory: predictions on a split, calibration on val, metrics with CIs, plots, strata.
+
+    load_run(run_dir)                      the trained network, its config, labels and positive class
+    predict_split(run_dir, data, split)    logits per readable file of one split (unreadable files are skipped)
+    calibrate_run(run_dir, data)           temperature and thresholds fitted on VAL -> run_dir/calibration.json
+    evaluate_run(run_dir, data, split)     run_dir/eval/<split>/: predictions.csv, metrics.json, plots
+
+Honesty rules (docs/ARCHITECTURE.md): the temperature and the threshold come from the val split only, so the test
+set never tunes what it judges; every metric has n files, n groups and a 95 % bootstrap CI that resamples groups
+(near-copies of one radiograph) where groups are known; a split that shares duplicate groups with the training
+split is evaluated all the same but every metric is marked leaky, because its numbers measure memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bonefrac import DISCLAIMER
+from bonefrac.calibration import (
+    apply_temperature,
+    choose_thresholds,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+)
+from bonefrac.config import RunConfig, from_yaml
+from bonefrac.data.audit import AuditReport, audit_manifest
+from bonefrac.data.cache import CachedImageDataset, ImageCache
+from bonefrac.data.dataset import Manifest, ManifestRow, canonical_label, scan_folder
+from bonefrac.data.transforms import EvalPreset
+from bonefrac.errors import BonefracError, DatasetError
+from bonefrac.metrics import Interval, bootstrap_ci, classification_metrics, classification_report_text
+from bonefrac.models import create_model, model_spec
+
+N_RESAMPLES = 1000
+OPERATING_POINTS = ("default", "youden", "sensitivity")  # how --operating-point names calibration.json's thresholds
+STRATUM_AUC_SPREAD = 0.1  # stratum AUCs further apart than this suggest the model learned the stratum
+SIZE_BUCKETS = ((256, "<=256"), (512, "257-512"), (1024, "513-1024"), (2048, "1025-2048"))  # longer side, px
+CALIBRATION_FILE = "calibration.json"
+
+
+# --- a run and its predictions ---------------------------------------------------------------------------------
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, RunConfig, list[str], int]:
+    """(model in eval mode on the CPU, config, labels, index of the positive class) from a run directory.
+
+    The network is rebuilt from config.yaml with random weights (no download), then model.safetensors is loaded
+    strictly: a missing or unexpected tensor means the file is not this run's, and is an error.
+    """
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "labels.json", "model.safetensors"):
+        if not (run_dir / name).is_file():
+            raise BonefracError(f"{run_dir}: not a finished run directory (no {name}); train one with bonefrac train")
+    config = from_yaml((run_dir / "config.yaml").read_text(), source=str(run_dir / "config.yaml"))
+    meta = json.loads((run_dir / "labels.json").read_text())
+    labels = list(meta["labels"])
+    positive = labels.index(meta["positive_label"]) if meta.get("positive_label") in labels else 1
+    model = create_model(
+        config.model.name,
+        num_classes=len(labels),
+        pretrained=False,
+        in_chans=config.data.channels,
+        drop_rate=config.model.drop_rate,
+    )
+    state = safetensors.torch.load_file(str(run_dir / "model.safetensors"), device="cpu")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise BonefracError(f"{run_dir / 'model.safetensors'} does not fit model {config.model.name}: {err}") from None
+    return model.eval(), config, labels, positive
+
+
+@dataclass
+class SplitPredictions:
+    """One split's readable files with their labels, groups and logits (row i of every field is file i)."""
+
+    split: str
+    labels: list[str]  # the run's class names, in target order
+    positive: int
+    files: list[str]  # paths relative to the data root
+    y_true: np.ndarray  # class indices
+    groups: list[str]  # group id per file ('' when unknown)
+    logits: np.ndarray  # (n, C)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} of unreadable files
+    rows: list[ManifestRow] = field(default_factory=list, repr=False)
+
+    def probabilities(self, temperature: float = 1.0) -> np.ndarray:
+        """softmax(logits / temperature)."""
+        return apply_temperature(self.logits, temperature)
+
+    def records(self, temperature: float = 1.0) -> list[dict]:
+        """One dict per file: file, label, group, logits and probabilities per class (the rows of a table)."""
+        proba = self.probabilities(temperature)
+        return [
+            {
+                "file": path,
+                "label": self.labels[y],
+                "group": group,
+                **{f"logit_{label}": float(v) for label, v in zip(self.labels, logit, strict=True)},
+                **{f"p_{label}": float(v) for label, v in zip(self.labels, p, strict=True)},
+            }
+            for path, y, group, logit, p in zip(self.files, self.y_true, self.groups, self.logits, proba, strict=True)
+        ]
+
+
+def predict_split(
+    run_dir: str | Path,
+    data_root: str | Path,
+    split: str,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    tta: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SplitPredictions:
+    """Logits of the run's model on every readable file of data_root/<split>/, preprocessed as in training.
+
+    tta: also predict the horizontally mirrored image and average the logits. Unreadable files are listed in
+    `skipped`, never raised.
+    """
+    model, config, labels, positive = load_run(run_dir)
+    manifest = scan_folder(data_root)
+    return _predict(
+        model, config, labels, positive, manifest, split,
+        batch_size=batch_size, workers=workers, tta=tta, cache_dir=cache_dir, progress=progress,
+    )
+
+
+def _predict(
+    model: nn.Module,
+    config: RunConfig,
+    labels: list[str],
+    positive: int,
+    manifest: Manifest,
+    split: str,
+    *,
+    batch_size: int,
+    workers: int,
+    tta: bool,
+    cache_dir: str | Path | None,
+    progress: Callable[[int, int], None] | None,
+) -> SplitPredictions:
+    rows = [row for row in manifest.rows if row.split == split]
+    skipped = [{"path": p.path, "reason": p.reason} for p in manifest.problems if _split_of(p.path) == split]
+    if not rows:
+        found = ", ".join(sorted({row.split for row in manifest.rows if row.split})) or "none"
+        raise DatasetError(f"{manifest.root}: no readable images in split {split!r} (splits found: {found})")
+    unknown = sorted({row.label for row in rows} - set(labels))
+    if unknown:
+        raise DatasetError(f"{manifest.root}/{split}: classes {unknown} are not among the run's labels {labels}")
+    cache = ImageCache.build(
+        [manifest.root / row.path for row in rows],
+        [row.md5 for row in rows],
+        image_size=config.data.image_size,
+        cache_dir=Path(cache_dir or config.data.cache_dir).expanduser(),
+        workers=max(1, workers),
+        progress=progress,
+        paths_for_errors=[row.path for row in rows],
+    )
+    skipped += [{"path": row.path, "reason": cache.failures[row.md5]} for row in rows if row.md5 in cache.failures]
+    rows = [row for row in rows if row.md5 not in cache.failures]
+    index = {label: i for i, label in enumerate(labels)}
+    spec = model_spec(config.model.name)
+    dataset = CachedImageDataset(
+        cache,
+        [row.md5 for row in rows],
+        [index[row.label] for row in rows],
+        EvalPreset(mean=spec.mean, std=spec.std, channels=config.data.channels),
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    outputs = []
+    with torch.inference_mode():
+        for images, _ in loader:
+            images = images.to(device)
+            logits = model(images)
+            if tta:
+                logits = (logits + model(torch.flip(images, dims=[-1]))) / 2
+            outputs.append(logits.float().cpu().numpy())
+    data_groups = manifest_groups(manifest.root, rows)
+    return SplitPredictions(
+        split=split,
+        labels=labels,
+        positive=positive,
+        files=[row.path for row in rows],
+        y_true=np.array(dataset.targets, dtype=int),
+        groups=[data_groups.get(row.path, "") for row in rows] if data_groups else [""] * len(rows),
+        logits=np.concatenate(outputs).astype(float),
+        skipped=skipped,
+        rows=rows,
+    )
+
+
+def _split_of(path: str) -> str:
+    return path.split("/", 1)[0] if "/" in path else ""
+
+
+# --- what the data folder says about its files -------------------------------------------------------------------
+
+
+def _manifest_key(path: str) -> tuple[str, str, str]:
+    """(split, label, file) of a path root/<split>/<class>/<file...>, the key of a data folder's manifest.csv."""
+    parts = path.split("/", 2)
+    return (parts[0], canonical_label(parts[1]), parts[2]) if len(parts) == 3 else ("", "", path)
+
+
+def read_data_manifest(root: str | Path) -> dict[tuple[str, str, str], dict[str, str]]:
+    """A data folder's own manifest.csv (columns split, label, file, ...), keyed by (split, label, file); or {}."""
+    path = Path(root) / "manifest.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as handle:
+        records = list(csv.DictReader(handle))
+    if not records or not {"split", "label", "file"} <= set(records[0]):
+        return {}
+    return {(r["split"], canonical_label(r["label"]), r["file"]): r for r in records}
+
+
+def manifest_groups(root: str | Path, rows: Sequence[ManifestRow]) -> dict[str, str]:
+    """path -> the `group` column of the data folder's manifest.csv, for the rows it lists; {} without one."""
+    table = read_data_manifest(root)
+    out = {}
+    for row in rows:
+        record = table.get(_manifest_key(row.path))
+        if record and record.get("group"):
+            out[row.path] = record["group"]
+    return out
+
+
+def size_bucket(width: int, height: int) -> str:
+    """The built-in `size` stratum: a bucket of the longer image side in pixels."""
+    side = max(width, height)
+    return next((name for limit, name in SIZE_BUCKETS if side <= limit), f">{SIZE_BUCKETS[-1][0]}")
+
+
+def stratum_values(root: str | Path, rows: Sequence[ManifestRow], column: str) -> list[str]:
+    """Each row's value of `column`: 'size' (bucket), a manifest field (format, mode), or a manifest.csv column."""
+    if column == "size":
+        return [size_bucket(row.width, row.height) for row in rows]
+    table = read_data_manifest(root)
+    columns = set(next(iter(table.values()), {}))
+    if column in columns:
+        return [table.get(_manifest_key(row.path), {}).get(column) or "unknown" for row in rows]
+    if column in ("format", "mode"):
+        return [getattr(row, column) or "unknown" for row in rows]
+    choices = ", ".join(sorted({"size", "format", "mode"} | (columns - {"split", "label", "file", "md5"})))
+    raise BonefracError(f"no stratum column {column!r} for {root}; choose from: {choices}")
+
+
+# --- calibration on val --------------------------------------------------------------------------------------------
+
+
+def _threshold_key(operating_point: str, min_sensitivity: float) -> str:
+    if operating_point not in OPERATING_POINTS:
+        raise BonefracError(f"operating point {operating_point!r}: choose from {', '.join(OPERATING_POINTS)}")
+    return f"sensitivity>={min_sensitivity:g}" if operating_point == "sensitivity" else operating_point
+
+
+def calibrate_run(
+    run_dir: str | Path,
+    data_root: str | Path | None = None,
+    *,
+    min_sensitivity: float = 0.95,
+    operating_point: str = "sensitivity",
+    batch_size: int = 64,
+    workers: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Fit the temperature and choose thresholds on the VAL split; write run_dir/calibration.json and return it.
+
+    data_root: default the run's own data folder. Only val is read, so nothing about the test split can move
+    the result. The thresholds are chosen on temperature-scaled probabilities, the ones every later prediction
+    uses. operating_point: which threshold is used from now on ("sensitivity": the highest threshold whose val
+    sensitivity is at least min_sensitivity, since a screening aid must miss few fractures).
+    Train.fit can call this at its end: `calibrate_run(run_dir, config.data.root, workers=config.data.workers)`.
+    """
+    run_dir = Path(run_dir)
+    model, config, labels, positive = load_run(run_dir)
+    root = Path(data_root or config.data.root).expanduser().resolve()
+    chosen = _threshold_key(operating_point, min_sensitivity)
+    manifest = scan_folder(root)
+    val = _predict(
+        model, config, labels, positive, manifest, "val",
+        batch_size=batch_size, workers=workers, tta=False, cache_dir=cache_dir, progress=progress,
+    )
+    if len(set(val.y_true.tolist())) < 2:
+        raise DatasetError(f"{root}/val: calibration needs val images of at least two classes")
+    temperature = fit_temperature(val.logits, val.y_true)
+    proba = val.probabilities(temperature)
+    groups = _groups_or_files(val)
+    result: dict = {
+        "temperature": temperature,
+        "fitted_on": "val",
+        "data_root": str(root),
+        "n_files": len(val.files),
+        "n_groups": len(set(groups)),
+        "groups_from": "manifest.csv" if all(val.groups) else "files (no group column)",
+        "labels": labels,
+        "positive_label": labels[positive],
+        "nll": {"before": negative_log_likelihood(val.logits, val.y_true),
+                "after": negative_log_likelihood(val.logits, val.y_true, temperature)},
+        "ece": {"before": expected_calibration_error(val.y_true, val.probabilities()),
+                "after": expected_calibration_error(val.y_true, proba)},
+        "skipped_files": val.skipped,
+        "synthetic_data": (root / "SYNTHETIC_DATA.txt").exists(),
+        "disclaimer": DISCLAIMER,
+    }
+    if len(labels) == 2:
+        thresholds = choose_thresholds(val.y_true == positive, proba[:, positive], min_sensitivity=min_sensitivity)
+        result |= {
+            "min_sensitivity": min_sensitivity,
+            "thresholds": thresholds,
+            "operating_point": chosen,
+            "threshold": thresholds[chosen]["threshold"],
+        }
+    else:  # multi-class predictions are the argmax of the calibrated probabilities
+        result |= {"thresholds": {}, "operating_point": "argmax", "threshold": None}
+    (run_dir / CALIBRATION_FILE).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def read_calibration(run_dir: str | Path) -> dict | None:
+    """run_dir/calibration.json, or None when the run was not calibrated."""
+    path = Path(run_dir) / CALIBRATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _groups_or_files(predictions: SplitPredictions) -> list[str]:
+    """Group per file, the file itself where its group is unknown (a group of one)."""
+    return [group or f"file:{path}" for group, path in zip(predictions.groups, predictions.files, strict=True)]
+
+
+# --- leakage -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Leakage:
+    """Does the evaluated split share duplicate groups with the training split? And the audit's groups."""
+
+    lines: list[str]
+    group_of: dict[str, str]  # path -> duplicate group id (only files with a duplicate somewhere)
+    source: str  # where this came from: the run's audit.json, or a fresh audit
+
+    @property
+    def leaky(self) -> bool:
+        return bool(self.lines)
+
+
+def _leak_line(entry: dict) -> str:
+    return (
+        f"{entry['files']} of {entry['total']} {entry['split']} files have a duplicate in {entry['other']} "
+        f"({entry['exact']} byte-identical, {entry['files'] - entry['exact']} near)"
+    )
+
+
+def check_leakage(run_dir: Path, config: RunConfig, manifest: Manifest, split: str, *, workers: int = 1) -> Leakage:
+    """Duplicate groups shared by `split` and the training split.
+
+    The run's audit.json answers when it audited this same folder with the same file counts; otherwise the train
+    split and `split` are audited now (hashing every image once).
+    """
+    if split == "train":
+        return Leakage([f"evaluating the training split itself ({len(manifest.rows)} files seen in training)"], {},
+                       "the split")
+    stored = run_dir / "audit.json"
+    counts = Manifest(manifest.root, manifest.labels, manifest.rows).counts()
+    if stored.is_file():
+        audit = json.loads(stored.read_text())
+        same_root = Path(audit.get("root", "")).resolve() == Path(manifest.root).resolve()
+        audited = audit.get("counts", {})
+        if same_root and all(audited.get(s) == counts.get(s) for s in ("train", split)):
+            entries = [e for e in audit.get("leakage", []) if e["split"] == split and e["other"] == "train"]
+            group_of = {path: g["group"] for g in audit.get("groups", []) for path in g["paths"]}
+            return Leakage([_leak_line(e) for e in entries if e["files"]], group_of, str(stored))
+    subset = Manifest(manifest.root, manifest.labels, [r for r in manifest.rows if r.split in ("train", split)])
+    report: AuditReport = audit_manifest(subset, workers=workers)
+    entries = [e for e in report.leakage if e["split"] == split and e["other"] == "train"]
+    sizes = Counter(report.group_of.values())
+    group_of = {path: g for path, g in report.group_of.items() if sizes[g] > 1}
+    return Leakage([_leak_line(e) for e in entries if e["files"]], group_of, "a fresh audit of train and " + split)
+
+
+def _manifest_group_leakage(manifest: Manifest, split: str) -> list[str]:
+    """The data folder's own groups (manifest.csv) shared by `split` and train, as a leakage line."""
+    if split == "train":
+        return []
+    groups = manifest_groups(manifest.root, manifest.rows)
+    train = {groups[r.path] for r in manifest.rows if r.split == "train" and r.path in groups}
+    mine = [r for r in manifest.rows if r.split == split and r.path in groups]
+    shared = [r for r in mine if groups[r.path] in train]
+    if not shared:
+        return []
+    return [f"{len(shared)} of {len(mine)} {split} files share a manifest.csv group with train"]
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """What evaluate_run found and wrote."""
+
+    out_dir: Path
+    metrics: dict  # the content of metrics.json
+    report: str  # the classification-report table with CIs, and the lines to print around it
+
+
+def _interval_dict(value: Interval, n_files: int, n_groups: int, leaky: bool) -> dict:
+    def number(x: float) -> float | None:
+        return None if math.isnan(x) else float(x)
+
+    return {"point": number(value.point), "low": number(value.low), "high": number(value.high),
+            "n_valid_resamples": value.n_valid, "n_files": n_files, "n_groups": n_groups, "leaky": leaky}
+
+
+def _strata_table(
+    predictions: SplitPredictions, proba: np.ndarray, groups: list[str], values: list[str], metric_fn, *, seed: int
+) -> dict:
+    """Per stratum value: n files, n groups, and AUC, sensitivity, specificity with CIs."""
+    table = {}
+    for value in sorted(set(values)):
+        idx = np.array([i for i, v in enumerate(values) if v == value])
+        sub_groups = np.array(groups)[idx]
+        intervals = bootstrap_ci(predictions.y_true[idx], proba[idx], metric_fn, groups=sub_groups,
+                                 n_resamples=N_RESAMPLES, seed=seed)
+        entry = {"n_files": int(idx.size), "n_groups": len(set(sub_groups.tolist()))}
+        for key in ("roc_auc", "sensitivity", "specificity"):
+            if key in intervals:
+                entry[key] = _interval_dict(intervals[key], entry["n_files"], entry["n_groups"], False)
+        table[value] = entry
+    return table
+
+
+def _fmt_interval(entry: dict | None) -> str:
+    if not entry or entry["point"] is None:
+        return "n/a"
+    if entry["low"] is None:
+        return f"{entry['point']:.3f} [CI n/a]"
+    return f"{entry['point']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data_root: str | Path | None = None,
+    split: str = "test",
+    *,
+    strata: Sequence[str] = (),
+    batch_size: int = 64,
+    workers: int = 0,
+    tta: bool = False,
+    cache_dir: str | Path | None = None,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Evaluation:
+    """Predict `split`, compute every metric with its 95 % CI, and write run_dir/eval/<split>/.
+
+    Probabilities are temperature-scaled and predictions use the chosen threshold when calibration.json exists
+    (else T = 1 and 0.5, said in metrics.json). CIs resample groups: the data folder's manifest.csv `group` column
+    when it has one, else the audit's duplicate groups (a file without duplicates is its own group).
+    """
+    from bonefrac import plots  # matplotlib only when plotting
+
+    run_dir = Path(run_dir)
+    model, config, labels, positive = load_run(run_dir)
+    root = Path(data_root or config.data.root).expanduser().resolve()
+    manifest = scan_folder(root)
+    predictions = _predict(
+        model, config, labels, positive, manifest, split,
+        batch_size=batch_size, workers=workers, tta=tta, cache_dir=cache_dir, progress=progress,
+    )
+    leakage = check_leakage(run_dir, config, manifest, split, workers=max(1, workers))
+    leak_lines = leakage.lines + _manifest_group_leakage(manifest, split)
+    leaky = bool(leak_lines)
+    if all(predictions.groups):
+        groups, groups_from = predictions.groups, "manifest.csv group column"
+    else:
+        groups = [leakage.group_of.get(path, f"file:{path}") for path in predictions.files]
+        groups_from = f"duplicate groups of the audit ({leakage.source})"
+
+    calibration = read_calibration(run_dir)
+    temperature = calibration["temperature"] if calibration else 1.0
+    binary = len(labels) == 2
+    threshold = (calibration or {}).get("threshold") if binary else None
+    threshold = 0.5 if binary and threshold is None else threshold
+    operating_point = (calibration or {}).get("operating_point", "default" if binary else "argmax")
+    proba = predictions.probabilities(temperature)
+    metric_fn = partial(classification_metrics, labels=labels, positive=positive, threshold=threshold)
+    group_array = np.array(groups)
+    intervals = bootstrap_ci(predictions.y_true, proba, metric_fn, groups=group_array, n_resamples=n_resamples,
+                             seed=seed)
+    n_files, n_groups = len(predictions.files), len(set(groups))
+    synthetic = (root / "SYNTHETIC_DATA.txt").exists()
+
+    strata_tables, warnings = {}, []
+    for column in strata:
+        values = stratum_values(root, predictions.rows, column)
+        table = _strata_table(predictions, proba, groups, values, metric_fn, seed=seed)
+        strata_tables[column] = table
+        aucs = {v: e["roc_auc"]["point"] for v, e in table.items() if e.get("roc_auc", {}).get("point") is not None}
+        if len(aucs) > 1 and max(aucs.values()) - min(aucs.values()) > STRATUM_AUC_SPREAD:
+            warnings.append(
+                f"{column}: stratum AUCs differ by {max(aucs.values()) - min(aucs.values()):.3f} (> "
+                f"{STRATUM_AUC_SPREAD}): {', '.join(f'{v} {a:.3f}' for v, a in aucs.items())} -- the model may "
+                f"have learned the {column}, not the fracture (small strata are noisy: see their CIs)"
+            )
+
+    y_pred = (
+        np.where(proba[:, positive] >= threshold, positive, 1 - positive) if binary else proba.argmax(axis=1)
+    )
+    out_dir = run_dir / "eval" / split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_predictions(out_dir / "predictions.csv", predictions, proba, y_pred, groups)
+    metrics = {
+        "split": split,
+        "data_root": str(root),
+        "n_files": n_files,
+        "n_groups": n_groups,
+        "support": {label: int(np.sum(predictions.y_true == k)) for k, label in enumerate(labels)},
+        "ci": f"95 % percentile bootstrap, {n_resamples} resamples of "
+              + ("groups" if n_groups < n_files else "files") + f" (seed {seed})",
+        "groups_from": groups_from,
+        "calibrated": calibration is not None,
+        "temperature": temperature,
+        "operating_point": operating_point,
+        "threshold": threshold,
+        "positive_label": labels[positive],
+        "tta": tta,
+        "leaky": leaky,
+        "leakage": leak_lines,
+        "synthetic_data": synthetic,
+        "skipped_files": predictions.skipped,
+        "metrics": {key: _interval_dict(value, n_files, n_groups, leaky) for key, value in intervals.items()},
+        "strata": strata_tables,
+        "warnings": warnings,
+        "disclaimer": DISCLAIMER,
+    }
+    if leaky:
+        for entry in metrics["metrics"].values():
+            entry["leakage"] = "; ".join(leak_lines)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    title = f"{split}" + (" - SYNTHETIC data" if synthetic else "") + (" - LEAKY" if leaky else "")
+    y = predictions.y_true
+    plot_intervals = {key: tuple(value) for key, value in intervals.items()}
+    plots.plot_confusion_matrix(
+        y, y_pred, labels, title=f"Confusion matrix, {title}", path=out_dir / "confusion_matrix.png"
+    )
+    plots.plot_roc(y, proba, labels, positive=positive, intervals=plot_intervals, threshold=threshold,
+                   title=f"ROC, {title}", path=out_dir / "roc.png")
+    plots.plot_precision_recall(y, proba, labels, positive=positive, intervals=plot_intervals,
+                                title=f"Precision-recall, {title}", path=out_dir / "pr.png")
+    plots.plot_reliability(y, proba, uncalibrated=predictions.probabilities() if calibration else None,
+                           title=f"Reliability, {title}", path=out_dir / "reliability.png")
+    plots.plot_score_histograms(y, proba, labels, positive=positive, threshold=threshold,
+                                title=f"Scores, {title}", path=out_dir / "score_histograms.png")
+    return Evaluation(out_dir, metrics, _report_text(metrics, intervals, labels))
+
+
+def _write_predictions(path: Path, predictions: SplitPredictions, proba: np.ndarray, y_pred: np.ndarray,
+                       groups: Sequence[str]) -> None:
+    labels = predictions.labels
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "label", "group", *(f"p_{label}" for label in labels), "prediction"])
+        for file, y, group, p, pred in zip(predictions.files, predictions.y_true, groups, proba, y_pred, strict=True):
+            writer.writerow([file, labels[y], group, *(f"{v:.6f}" for v in p), labels[pred]])
+
+
+def _report_text(metrics: dict, intervals: dict[str, Interval], labels: list[str]) -> str:
+    """The lines `bonefrac evaluate` prints: leakage first and loud, the table, the operating point, strata."""
+    lines = []
+    for line in metrics["leakage"]:
+        lines.append(f"LEAKY: {line}. Every metric below is marked leaky: it measures memory, not diagnosis.")
+    if metrics["synthetic_data"]:
+        lines.append("SYNTHETIC phantom data: these numbers say nothing about real radiographs.")
+    lines.append(
+        f"{metrics['split']}: {metrics['n_files']} files in {metrics['n_groups']} groups ({metrics['groups_from']}); "
+        f"CIs: {metrics['ci']}"
+    )
+    if metrics["skipped_files"]:
+        lines.append(f"{len(metrics['skipped_files'])} unreadable files skipped: "
+                     + "; ".join(f"{s['path']} ({s['reason']})" for s in metrics["skipped_files"][:5]))
+    lines.append("")
+    lines.append(classification_report_text(intervals, labels, list(metrics["support"].values())).rstrip())
+    lines.append("")
+    m = metrics["metrics"]
+    if metrics["threshold"] is not None:
+        where = "chosen on val" if metrics["calibrated"] else "default, not calibrated: run bonefrac calibrate"
+        lines.append(
+            f"at threshold {metrics['threshold']:.4f} ({metrics['operating_point']}, {where}; T = "
+            f"{metrics['temperature']:.3f}): sensitivity {_fmt_interval(m.get('sensitivity'))}, "
+            f"specificity {_fmt_interval(m.get('specificity'))} for {metrics['positive_label']}"
+        )
+    for column, table in metrics["strata"].items():
+        lines.append("")
+        lines.append(f"by {column}:")
+        width = max(len(column), *(len(v) for v in table))
+        lines.append(f"{column:<{width}}  {'n':>5}  {'groups':>6}  {'AUC [95% CI]':<22}  {'sensitivity':<22}  "
+                     "specificity")
+        for value, entry in table.items():
+            lines.append(
+                f"{value:<{width}}  {entry['n_files']:>5}  {entry['n_groups']:>6}  "
+                f"{_fmt_interval(entry.get('roc_auc')):<22}  {_fmt_interval(entry.get('sensitivity')):<22}  "
+                f"{_fmt_interval(entry.get('specificity'))}"
+            )
+    for warning in metrics["warnings"]:
+        lines.append(f"WARNING {warning}")
+    return "\n".join(lines)
+
+
+def format_calibration(result: dict) -> str:
+    """What `bonefrac calibrate` prints."""
+    lines = [
+        f"temperature {result['temperature']:.4f} fitted on val ({result['n_files']} files, {result['n_groups']} "
+        f"groups): NLL {result['nll']['before']:.4f} -> {result['nll']['after']:.4f}, ECE "
+        f"{result['ece']['before']:.4f} -> {result['ece']['after']:.4f}"
+    ]
+    for name, point in result["thresholds"].items():
+        mark = "  <- operating point" if name == result["operating_point"] else ""
+        lines.append(
+            f"  {name:<20} threshold {point['threshold']:.4f}: val sensitivity {point['sensitivity']:.3f}, "
+            f"specificity {point['specificity']:.3f}{mark}"
+        )
+    if result["skipped_files"]:
+        lines.append(f"{len(result['skipped_files'])} unreadable val files skipped")
+    if result["synthetic_data"]:
+        lines.append("SYNTHETIC phantom data")
+    return "\n".join(lines)
+
