@@ -35,6 +35,7 @@ RUN_FILES = (
     "summary.json",
     "audit.json",
     "run.log",
+    "calibration.json",  # fitted on val at the end of training
 )
 
 
@@ -288,11 +289,6 @@ def test_mixed_precision_is_refused_on_cpu_before_any_work(phantom_set, cache_di
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         fit(tiny_config(phantom_set, cache_dir, **{"train.precision": "16-mixed"}), tmp_path / "run")
     assert not (tmp_path / "run").exists()
-
-
-def test_linear_probe_is_not_built_yet(phantom_set, cache_dir, tmp_path):
-    with pytest.raises(NotImplementedError, match="linear-probe"):
-        fit(tiny_config(phantom_set, cache_dir, **{"train.strategy": "linear-probe"}), tmp_path / "run")
 
 
 @pytest.mark.parametrize(

@@ -182,6 +182,47 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from bonefrac.evaluate import calibrate_run, format_calibration
+
+    with progress_bar("decoding val images") as progress:
+        result = calibrate_run(
+            args.run,
+            args.data,
+            min_sensitivity=args.min_sensitivity,
+            operating_point=args.operating_point,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            cache_dir=args.cache_dir,
+            progress=progress,
+        )
+    console.print(format_calibration(result), highlight=False, soft_wrap=True)
+    console.print(f"written: {Path(args.run) / 'calibration.json'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from bonefrac.evaluate import evaluate_run
+
+    with progress_bar(f"decoding {args.split} images") as progress:
+        evaluation = evaluate_run(
+            args.run,
+            args.data,
+            args.split,
+            strata=args.strata,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            tta=args.tta,
+            cache_dir=args.cache_dir,
+            progress=progress,
+        )
+    for line in evaluation.report.splitlines():
+        loud = line.startswith(("LEAKY", "WARNING"))
+        console.print(f"[bold red]{line}[/bold red]" if loud else line, highlight=False, markup=loud, soft_wrap=True)
+    console.print(f"written: {evaluation.out_dir}/ (predictions.csv, metrics.json, plots)", soft_wrap=True)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 # `bonefrac train` options that override one config key each: (flag, config key, argparse keywords).
@@ -212,6 +253,11 @@ TRAIN_OVERRIDES: tuple[tuple[str, str, dict], ...] = (
     ("--drop-rate", "model.drop_rate", {"type": float}),
     ("--max-time", "train.max_time", {"metavar": "DD:HH:MM:SS", "help": "stop training after this long"}),
     ("--cache-dir", "data.cache_dir", {"help": "decoded image cache (default ~/.cache/bonefrac)"}),
+    (
+        "--strategy",
+        "train.strategy",
+        {"help": "full (default), or linear-probe: backbone features cached once, only the head trained (fast)"},
+    ),
 )
 TRAIN_OVERRIDE_KEYS = (*(key for _, key, _ in TRAIN_OVERRIDES), "model.pretrained", "train.allow_leakage")
 
@@ -247,6 +293,55 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     models = commands.add_parser("models", help="list the models with parameter count and weight sources")
     models.set_defaults(func=cmd_models)
 
+
+
+def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
+    """`bonefrac calibrate` and `bonefrac evaluate`: both take a run directory and a data folder."""
+
+    def common(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("run", help="run directory (bonefrac train --out)")
+        parser.add_argument("--data", help="root/{train,val,test}/<class>/ (default: the run's own data folder)")
+        parser.add_argument("--batch-size", type=int, default=64)
+        parser.add_argument("--workers", type=int, default=0, help="DataLoader and decoding processes (default 0)")
+        parser.add_argument("--cache-dir", help="decoded image cache (default: the run's)")
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="fit temperature scaling and choose thresholds on the VAL split -> RUN/calibration.json",
+        description="Temperature and thresholds are chosen on val only; test data never influences them.",
+    )
+    common(calibrate)
+    calibrate.add_argument(
+        "--min-sensitivity", type=float, default=0.95, help="target of the sensitivity threshold (default 0.95)"
+    )
+    calibrate.add_argument(
+        "--operating-point",
+        choices=("sensitivity", "youden", "default"),
+        default="sensitivity",
+        help="threshold used from now on: sensitivity>=X (default), Youden's J, or 0.5",
+    )
+    calibrate.set_defaults(func=cmd_calibrate)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="metrics with 95%% CIs, predictions.csv and plots for one split -> RUN/eval/<split>/",
+        description=(
+            "Evaluate a run on one split: every metric with n and a group bootstrap CI, calibrated probabilities "
+            "and the chosen threshold when calibration.json exists; splits sharing duplicates with train are "
+            "marked leaky."
+        ),
+    )
+    common(evaluate)
+    evaluate.add_argument("--split", default="test", help="train, val or test (default test)")
+    evaluate.add_argument(
+        "--strata",
+        action="append",
+        default=[],
+        metavar="COL",
+        help="per-stratum table of a manifest.csv column (e.g. source), or size/format/mode; repeatable",
+    )
+    evaluate.add_argument("--tta", action="store_true", help="average with the mirrored image's logits")
+    evaluate.set_defaults(func=cmd_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_data_synth)
 
     add_train_parser(commands)
+    add_eval_parsers(commands)
     return parser
 
 

@@ -31,6 +31,7 @@ import csv
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -44,6 +45,8 @@ import lightning.pytorch as pl
 import numpy as np
 import safetensors.torch
 import torch
+from lightning.fabric.plugins.environments import TorchElasticEnvironment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import (
     Callback,
     EarlyStopping,
@@ -118,21 +121,43 @@ def fit(
     started = time.perf_counter()
     config = _resolved(config)
     check_device(config, cuda=torch.cuda.is_available())
-    if config.train.strategy != "full":
-        raise NotImplementedError(
-            f"train.strategy {config.train.strategy!r} (backbone features cached once, only the head trained) is "
-            "not built yet; use strategy 'full'"
+    probe = config.train.strategy == "linear-probe"
+    if probe and resume:
+        raise ConfigError(
+            "--resume: a linear probe keeps no checkpoints; run it again (its backbone features come from the cache)"
         )
+    if probe and TorchElasticEnvironment.detect() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("train.strategy linear-probe runs in one process: start it without torchrun")
+    # Under torchrun every process runs this function; only the first (global rank 0) writes the run directory's
+    # files, the others read the same data and train their share of each batch. The rank comes from torchrun's
+    # environment (Lightning reads it when imported), as the process group starts only inside trainer.fit.
+    main = rank_zero_only.rank == 0
     run_dir = Path(out_dir).expanduser().resolve()
-    _check_run_dir(run_dir, config, resume=resume)
+    if main:
+        _check_run_dir(run_dir, config, resume=resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _run_log(run_dir / "run.log", echo=progress):
+    with _run_log(run_dir / "run.log" if main else None, echo=progress and main):
         log.info("bonefrac %s: %s in %s", __version__, "resuming the run" if resume else "new run", run_dir)
-        manifest, report = _scan_and_audit(config, run_dir, progress=progress)
-        (run_dir / "config.yaml").write_text(to_yaml(config))
-        data = _load_data(manifest, config, progress=progress)
+        manifest, report = _scan_and_audit(config, run_dir if main else None, progress=progress and main)
+        data = _load_data(manifest, config, progress=progress and main)
         labels = {"labels": data.labels, "positive_label": data.labels[data.positive], "num_classes": len(data.labels)}
-        (run_dir / "labels.json").write_text(json.dumps(labels, indent=2))
+        if main:
+            (run_dir / "config.yaml").write_text(to_yaml(config))
+            (run_dir / "labels.json").write_text(json.dumps(labels, indent=2))
+        if probe:
+            from bonefrac.probe import train_probe  # probe imports this module
+
+            summary = train_probe(config, data, report, run_dir, progress=progress)
+            summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            calibrate_after_training(run_dir, config)
+            log.info(
+                "linear probe: val AUROC %s (L2 %g chosen on val loss); weights in %s",
+                _fmt(summary["best_val_auroc"]),
+                summary["probe"]["penalty"],
+                run_dir / "model.safetensors",
+            )
+            return run_dir
 
         pl.seed_everything(config.train.seed, workers=True, verbose=False)
         model = create_model(
@@ -169,29 +194,58 @@ def fit(
             # The sanity check's two val batches often hold one class (val is in label order); a val set that
             # lacks a class altogether was already warned about when the data was loaded.
             warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
+            # Under DDP: the logged values are torchmetrics results, which already gather every process's share.
+            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
             try:
                 trainer.fit(module, train_loader, val_loader, ckpt_path=last if resume else None, weights_only=True)
             except SystemExit:  # Lightning's answer to Ctrl+C, after a graceful shutdown
                 log.warning("interrupted after %d epochs; --resume continues from %s", len(module.history), last)
                 raise KeyboardInterrupt from None
 
-        best = Path(best_checkpoint.best_model_path or last)
-        best = best if best.exists() else last
-        best_epoch = export_weights(best, run_dir / "model.safetensors", name=config.model.name, labels=data.labels)
-        write_metrics_csv(module.history, run_dir / "metrics.csv")
-        notes = ["SYNTHETIC phantom data"] * data.synthetic + ["LEAKY splits: val overstates"] * report.leaky
-        plot_learning_curves(module.history, run_dir / "learning_curves.png", notes=notes)
-        summary = _summary(config, data, report, module, trainer, best_epoch=best_epoch, resumed=resume)
-        summary["wall_seconds"] = round(time.perf_counter() - started, 2)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info(
-            "best epoch %s of %d: val AUROC %s; weights in %s",
-            best_epoch,
-            len(module.history),
-            _fmt(summary["best_val_auroc"]),
-            run_dir / "model.safetensors",
-        )
+        if trainer.is_global_zero:
+            best = Path(best_checkpoint.best_model_path or last)
+            best = best if best.exists() else last
+            best_epoch = export_weights(best, run_dir / "model.safetensors", name=config.model.name, labels=data.labels)
+            write_metrics_csv(module.history, run_dir / "metrics.csv")
+            notes = ["SYNTHETIC phantom data"] * data.synthetic + ["LEAKY splits: val overstates"] * report.leaky
+            plot_learning_curves(module.history, run_dir / "learning_curves.png", notes=notes)
+            summary = _summary(config, data, report, module, trainer, best_epoch=best_epoch, resumed=resume)
+            summary["wall_seconds"] = round(time.perf_counter() - started, 2)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            calibrate_after_training(run_dir, config)
+            log.info(
+                "best epoch %s of %d: val AUROC %s; weights in %s",
+                best_epoch,
+                len(module.history),
+                _fmt(summary["best_val_auroc"]),
+                run_dir / "model.safetensors",
+            )
+        # The other processes return when the run directory is complete, so that their caller may read it.
+        trainer.strategy.barrier("run directory written")
     return run_dir
+
+
+def calibrate_after_training(run_dir: Path, config: RunConfig) -> None:
+    """Fit the temperature and choose the thresholds on val (calibration.json), as `bonefrac calibrate` does.
+
+    A val split that cannot be calibrated (one class only) leaves the run uncalibrated with a warning: the model
+    itself is fine, and `bonefrac calibrate` can be run later on better data.
+    """
+    from bonefrac.evaluate import calibrate_run  # evaluate loads runs; importing it at the top would be circular
+
+    try:
+        result = calibrate_run(
+            run_dir, config.data.root, batch_size=config.data.batch_size, cache_dir=config.data.cache_dir
+        )
+    except (DatasetError, ValueError) as err:
+        log.warning("not calibrated (%s); run `bonefrac calibrate %s` on data with both classes in val", err, run_dir)
+        return
+    log.info(
+        "calibrated on val: temperature %.3f, operating point %s at threshold %s",
+        result["temperature"],
+        result["operating_point"],
+        result.get("threshold"),
+    )
 
 
 def _trainer(
@@ -221,7 +275,7 @@ def _trainer(
         own.append(ProgressBar())
     trainer = pl.Trainer(
         accelerator="auto",
-        devices="auto",
+        **_distribution(),
         max_epochs=t.epochs,
         max_time=t.max_time,
         precision=t.precision,
@@ -235,6 +289,18 @@ def _trainer(
         log_every_n_steps=max(1, min(50, len(train_loader))),
     )
     return trainer, best
+
+
+def _distribution() -> dict:
+    """The Trainer's devices, nodes and strategy: DDP over the processes torchrun started, else Lightning's choice.
+
+    Lightning finds torchrun's environment by itself, but with devices="auto" it counts one CPU "device" and
+    then refuses a world of 2; so each torchrun process is one device (a CPU process with gloo, or one GPU).
+    """
+    if not TorchElasticEnvironment.detect():
+        return {"devices": "auto", "strategy": "auto"}
+    local = int(os.environ["LOCAL_WORLD_SIZE"])  # set by torchrun for every process it starts
+    return {"devices": local, "num_nodes": int(os.environ["WORLD_SIZE"]) // local, "strategy": "ddp"}
 
 
 def _summary(
@@ -253,6 +319,7 @@ def _summary(
     return {
         "bonefrac_version": __version__,
         "disclaimer": DISCLAIMER,
+        "strategy": config.train.strategy,
         "synthetic_data": data.synthetic,
         "model": config.model.name,
         "parameters": num_parameters(module.model),
@@ -271,6 +338,7 @@ def _summary(
         "skipped_files": data.skipped,
         "data": data.counts,
         "device": str(trainer.strategy.root_device),
+        "processes": trainer.world_size,
         "precision": config.train.precision,
     }
 
@@ -613,8 +681,9 @@ def positive_label(labels: Sequence[str]) -> int:
     return 1
 
 
-def _scan_and_audit(config: RunConfig, run_dir: Path, *, progress: bool) -> tuple[Manifest, AuditReport]:
-    """Scan the data folder, audit it into run_dir/audit.json, and refuse leaky splits unless allowed."""
+def _scan_and_audit(config: RunConfig, run_dir: Path | None, *, progress: bool) -> tuple[Manifest, AuditReport]:
+    """Scan the data folder, audit it into run_dir/audit.json (None: write nothing, as in a torchrun process
+    other than the first), and refuse leaky splits unless allowed."""
     root = Path(config.data.root)
     with _progress("scanning", progress) as update:
         manifest = scan_folder(root, progress=update)
@@ -627,7 +696,8 @@ def _scan_and_audit(config: RunConfig, run_dir: Path, *, progress: bool) -> tupl
         )
     with _progress("auditing", progress) as update:
         report = audit_manifest(manifest, workers=max(1, config.data.workers), progress=update)
-    write_json(report, run_dir)
+    if run_dir is not None:
+        write_json(report, run_dir)
     for problem in report.problems:
         log.warning("unreadable: %s: %s", problem.path, problem.reason)
     lines = _leak_lines(report)
@@ -635,7 +705,8 @@ def _scan_and_audit(config: RunConfig, run_dir: Path, *, progress: bool) -> tupl
         raise DataLeakageError(
             f"{root}: the splits share duplicate images, so validation would measure memory, not diagnosis: "
             f"{'; '.join(lines)}. Fix: re-split group-aware with `bonefrac data split {root} NEW_FOLDER`, or "
-            f"train anyway with --allow-leakage (the run is then marked leaky). Details: {run_dir / 'audit.json'}"
+            "train anyway with --allow-leakage (the run is then marked leaky)."
+            + (f" Details: {run_dir / 'audit.json'}" if run_dir is not None else "")
         )
     for line in lines:
         log.warning("LEAKY RUN (allow_leakage): %s", line)
@@ -860,10 +931,10 @@ def _loggers(run_dir: Path) -> list[Logger]:
 
 
 @contextmanager
-def _run_log(path: Path, *, echo: bool) -> Iterator[None]:
-    """bonefrac's and Lightning's log records into run.log (appended: a resume adds to it); bonefrac's warnings
-    (and, with echo, its info lines) on the terminal."""
-    to_file = logging.FileHandler(path, encoding="utf-8")
+def _run_log(path: Path | None, *, echo: bool) -> Iterator[None]:
+    """bonefrac's and Lightning's log records into run.log (appended: a resume adds to it; None: no file);
+    bonefrac's warnings (and, with echo, its info lines) on the terminal."""
+    to_file: logging.Handler = logging.FileHandler(path, encoding="utf-8") if path else logging.NullHandler()
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     to_terminal = logging.StreamHandler(sys.stderr)
     to_terminal.setLevel(logging.INFO if echo else logging.WARNING)

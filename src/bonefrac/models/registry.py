@@ -95,8 +95,30 @@ def create_model(
     spec = model_spec(name)
     factory = _REGISTRY[name][1] if name in _REGISTRY else _timm_factory(name)
     model = factory(num_classes, in_chans, drop_rate)
-    load_pretrained(model, spec, pretrained=pretrained, weights=weights)
+    report = load_pretrained(model, spec, pretrained=pretrained, weights=weights)
+    if report is not None and report.left_out:
+        reset_head(model, report.left_out)
     return model
+
+
+# Std of a new head's weights on a pretrained backbone (bias 0): logits start near 0, the loss near log(classes).
+HEAD_INIT_STD = 0.01
+
+
+def reset_head(model: nn.Module, left_out: list[str]) -> None:
+    """Re-initialise the layers whose tensors `load_pretrained` left out (the new head): normal(0, 0.01), bias 0.
+
+    timm initialises a classifier for training from scratch; EfficientNet's is uniform(+-1/sqrt(classes)), +-0.71
+    for 2 classes. On a pretrained backbone's 1280 pooled features that gives logits of about +-11 and a
+    first-epoch loss near 35, which the first updates then spend undoing. Small weights start every class near
+    equal probability (loss near log(classes)), so the first epochs learn from the features instead.
+    """
+    for name in sorted({key.rpartition(".")[0] for key in left_out}):
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.Linear | nn.Conv2d):
+            nn.init.normal_(layer.weight, std=HEAD_INIT_STD)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 def feature_layer(model: nn.Module, name: str) -> nn.Module:
