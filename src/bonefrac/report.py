@@ -1,0 +1,425 @@
+"""One self-contained HTML page describing a run: data, training, evaluation, calibration and a model card.
+
+    write_report(run_dir, data_root=None)   -> run_dir/report.html
+
+Everything the page shows is read from the run directory (summary.json, audit.json, metrics.csv,
+learning_curves.png, calibration.json, eval/<split>/) plus a few thumbnails from the data folder. Every image is
+embedded as a base64 PNG and there is no external CSS, script or font, so the file can be mailed or archived and
+still open as it was written. The research-only disclaimer comes first, and the leakage, synthetic-data and strata
+warnings come before the numbers they qualify.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bonefrac import DISCLAIMER, __version__
+from bonefrac.data.dataset import find_layout
+from bonefrac.data.io import read_image
+from bonefrac.errors import BonefracError, ImageReadError
+
+SAMPLES_PER_CLASS = 4
+THUMBNAIL_SIDE = 112
+EVAL_PLOTS = (
+    ("roc.png", "ROC curve with AUC and its 95% CI; the marker is the chosen threshold"),
+    ("pr.png", "Precision-recall curve"),
+    ("confusion_matrix.png", "Confusion matrix: counts, and shares of each true class"),
+    ("reliability.png", "Reliability diagram: predicted probability against observed frequency"),
+    ("score_histograms.png", "Score histograms per true class, with the threshold"),
+)
+# The metrics shown in the report's tables, in order, with their names in words.
+METRIC_NAMES = (
+    ("roc_auc", "ROC AUC"),
+    ("pr_auc", "PR AUC (average precision)"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("f1/macro", "F1, macro average"),
+    ("cohen_kappa", "Cohen's kappa"),
+    ("brier", "Brier score (lower is better)"),
+    ("ece", "expected calibration error (lower is better)"),
+)
+SMALL_TEST_SET = 200  # fewer evaluated files than this: say the CIs are wide for a reason
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#1a1a1a;"
+    "line-height:1.45}table{border-collapse:collapse;margin:.5em 0 1em}caption{text-align:left;font-weight:600;"
+    "padding:.3em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:left;vertical-align:top}"
+    "th{background:#f0f0f0}.disclaimer{background:#fff3cd;border:2px solid #8a6d00;padding:.6em;font-weight:600}"
+    ".bad{color:#a00018;font-weight:600}.ok{color:#1b5e20}.synthetic{background:#e3f2fd;border:2px solid #0d47a1;"
+    "padding:.5em;font-weight:600}.grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0 0 1em}"
+    ".grid figure{width:120px;font-size:11px;word-break:break-all}img{max-width:100%;height:auto}"
+    "pre{background:#f6f6f6;padding:.6em;overflow-x:auto}nav ul{columns:2}"
+)
+
+esc = html.escape
+
+
+# --- small builders ---------------------------------------------------------------------------------------------
+
+
+def png_data_uri(data: bytes) -> str:
+    """bytes of a PNG -> 'data:image/png;base64,...' for an <img src>."""
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _image(path: Path, alt: str, caption: str | None = None) -> str:
+    if not path.is_file():
+        return f"<p>{esc(path.name)} not found in the run directory.</p>"
+    figcaption = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
+    return f"<figure><img src='{png_data_uri(path.read_bytes())}' alt='{esc(alt)}'>{figcaption}</figure>"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], caption: str | None = None) -> str:
+    if not rows:
+        return "<p>None.</p>"
+    head = "".join(f"<th scope='col'>{esc(str(h))}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(
+            (f"<th scope='row'>{esc(str(c))}</th>" if i == 0 else f"<td>{esc(str(c))}</td>") for i, c in enumerate(row)
+        ) + "</tr>"
+        for row in rows
+    )
+    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _interval(entry: dict | None) -> tuple[str, str]:
+    """(point, '[low, high]') of a metrics.json entry, 'n/a' where undefined."""
+    if not entry or entry.get("point") is None:
+        return "n/a", "n/a"
+    ci = "n/a" if entry.get("low") is None else f"[{entry['low']:.3f}, {entry['high']:.3f}]"
+    return f"{entry['point']:.3f}", ci
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def thumbnail_uri(path: Path, side: int = THUMBNAIL_SIDE) -> str | None:
+    """A grayscale PNG thumbnail of any readable image as a data URI; None when the file cannot be read."""
+    try:
+        pixels, _ = read_image(path, max_side=2 * side)
+    except ImageReadError:
+        return None
+    image = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return png_data_uri(buffer.getvalue())
+
+
+def sample_files(root: Path, per_class: int = SAMPLES_PER_CLASS) -> dict[str, list[Path]]:
+    """A few files per class, spread evenly over the sorted files of the train split (else of any split)."""
+    layout = find_layout(root)
+    splits = [s for s, _, _ in layout]
+    chosen_split = "train" if "train" in splits else splits[0]
+    out: dict[str, list[Path]] = {}
+    for split, label, folder in layout:
+        if split != chosen_split:
+            continue
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        picks = np.linspace(0, len(files) - 1, num=min(3 * per_class, len(files))).round().astype(int)
+        out.setdefault(label, []).extend(files[i] for i in dict.fromkeys(picks.tolist()))
+    return out
+
+
+# --- sections -------------------------------------------------------------------------------------------------------
+
+
+def _audit_section(audit: dict | None) -> str:
+    parts = ["<h2 id='audit'>Data audit</h2>"]
+    if audit is None:
+        return parts[0] + "<p>No audit.json in the run directory: the data were not audited with this run.</p>"
+    labels = audit["labels"]
+    parts.append(f"<p>{audit['n_images']} readable images in <code>{esc(audit['root'])}</code>; "
+                 f"{len(audit.get('problems', []))} unreadable or skipped; {len(audit.get('groups', []))} duplicate "
+                 f"groups of two or more files; {len(audit.get('label_conflicts', []))} images under two labels.</p>")
+    rows = [[split or "(no split)", *(c.get(label, 0) for label in labels), sum(c.values())]
+            for split, c in audit["counts"].items()]
+    parts.append("<h3 id='balance'>Counts and class balance</h3>")
+    parts.append(_table(["split", *labels, "total"], rows, "Images per split and class"))
+    for split, counts in audit["counts"].items():
+        total = sum(counts.values()) or 1
+        shares = ", ".join(f"{label} {counts.get(label, 0) / total:.0%}" for label in labels)
+        parts.append(f"<p>{esc(split or 'all')}: {esc(shares)}</p>")
+    parts.append("<h3>Leakage between splits</h3>")
+    for entry in audit.get("leakage", []):
+        line = (f"{entry['files']} of {entry['total']} {entry['split']} files have a duplicate in {entry['other']} "
+                f"({entry['exact']} byte-identical, {entry['files'] - entry['exact']} near)")
+        parts.append(f"<p class='{'bad' if entry['files'] else 'ok'}'>{esc(line)}</p>")
+    if not audit.get("leakage"):
+        parts.append("<p>No splits: nothing to leak between.</p>")
+    parts.append("<h3>Confounders (a trivial image property alone against the label)</h3>")
+    parts.append(_table(
+        ["feature", "AUC", "warning"],
+        [[c["feature"], c["auc"], "predicts the label: the model may learn it" if c["warn"] else ""]
+         for c in audit.get("confounders", [])],
+        "An AUC far from 0.5 means the property alone separates the classes",
+    ))
+    return "".join(parts)
+
+
+def _samples_section(root: Path | None, synthetic: bool) -> str:
+    parts = ["<h2 id='samples'>Sample images per class</h2>"]
+    if synthetic:
+        parts.append("<p class='synthetic'>SYNTHETIC phantom images, not radiographs of people.</p>")
+    if root is None or not root.is_dir():
+        return "".join(parts) + f"<p>The data folder {esc(str(root))} is not here: no samples shown.</p>"
+    try:
+        samples = sample_files(root)
+    except BonefracError as err:
+        return "".join(parts) + f"<p>No samples: {esc(str(err))}</p>"
+    for label, files in samples.items():
+        cells = []
+        for path in files:
+            uri = thumbnail_uri(path)
+            if uri is None:
+                continue
+            name = path.relative_to(root).as_posix()
+            tag = "SYNTHETIC " if synthetic else ""
+            cells.append(f"<figure><img src='{uri}' alt='{esc(f'{tag}{label} example: {name}')}'>"
+                         f"<figcaption>{esc(name)}</figcaption></figure>")
+            if len(cells) == SAMPLES_PER_CLASS:
+                break
+        parts.append(f"<h3>{esc(label)}</h3><div class='grid'>{''.join(cells) or '<p>no readable file</p>'}</div>")
+    return "".join(parts)
+
+
+def _training_section(run_dir: Path, summary: dict | None) -> str:
+    parts = ["<h2 id='training'>Training</h2>"]
+    if summary:
+        auroc = summary.get("best_val_auroc")
+        parts.append(
+            f"<p>{esc(str(summary.get('model')))}, {summary.get('parameters', 0):,} parameters; "
+            f"{summary.get('epochs_completed')} epochs ({'stopped early' if summary.get('stopped_early') else 'all'})"
+            f"; best epoch {summary.get('best_epoch')} with val AUROC "
+            f"{'n/a' if auroc is None else f'{auroc:.3f}'}; {summary.get('training_seconds', 0):.0f} s of training "
+            f"on {esc(str(summary.get('device')))}.</p>"
+        )
+    history = []
+    if (run_dir / "metrics.csv").is_file():
+        with open(run_dir / "metrics.csv", newline="") as handle:
+            history = list(csv.DictReader(handle))
+    parts.append(_image(run_dir / "learning_curves.png", "Learning curves: loss, accuracy and val AUROC per epoch",
+                        "Train and val loss, accuracy and val AUROC per epoch"))
+    if history:
+        columns = [c for c in ("epoch", "train_loss", "val_loss", "train_acc", "val_acc", "val_auroc",
+                               "epoch_seconds") if c in history[0]]
+        parts.append(_table(columns, [[row[c] for c in columns] for row in history], "Per-epoch metrics.csv"))
+    return "".join(parts)
+
+
+def _metrics_table(metrics: dict) -> str:
+    rows = []
+    for key, name in METRIC_NAMES:
+        entry = metrics["metrics"].get(key)
+        if entry is None:
+            continue
+        point, ci = _interval(entry)
+        rows.append([name, point, ci, entry["n_files"], entry["n_groups"], "LEAKY" if entry["leaky"] else "no"])
+    caption = (f"{metrics['split']}: metrics with 95% bootstrap CIs ({metrics['ci']}; groups from "
+               f"{metrics['groups_from']})")
+    return _table(["metric", "value", "95% CI", "n files", "n groups", "leaky"], rows, caption)
+
+
+def _strata_table(column: str, table: dict) -> str:
+    rows = []
+    for value, entry in table.items():
+        cells = [value, entry["n_files"], entry["n_groups"]]
+        for key in ("roc_auc", "sensitivity", "specificity"):
+            point, ci = _interval(entry.get(key))
+            cells.append(f"{point} {ci}" if point != "n/a" else "n/a")
+        rows.append(cells)
+    return _table([column, "n files", "n groups", "AUC [95% CI]", "sensitivity [95% CI]", "specificity [95% CI]"],
+                  rows, f"Per {column}")
+
+
+def _evaluation_section(evals: dict[str, dict], run_dir: Path) -> str:
+    parts = ["<h2 id='evaluation'>Evaluation</h2>"]
+    if not evals:
+        return parts[0] + "<p>Not evaluated yet: run <code>bonefrac evaluate RUN --split test</code>.</p>"
+    for split, metrics in evals.items():
+        parts.append(f"<h3 id='eval-{esc(split)}'>{esc(split)} split: {metrics['n_files']} files in "
+                     f"{metrics['n_groups']} groups</h3>")
+        for line in metrics.get("leakage", []):
+            parts.append(f"<p class='bad'>LEAKY: {esc(line)}. Every metric of this split measures memory, "
+                         "not diagnosis.</p>")
+        if metrics.get("synthetic_data"):
+            parts.append("<p class='synthetic'>SYNTHETIC phantom data: these numbers say nothing about real "
+                         "radiographs.</p>")
+        if metrics.get("threshold") is not None:
+            where = "chosen on val" if metrics.get("calibrated") else "default 0.5, not calibrated"
+            parts.append(f"<p>Labels at threshold {metrics['threshold']:.4f} ({esc(metrics['operating_point'])}, "
+                         f"{where}) on p({esc(metrics['positive_label'])}), temperature "
+                         f"{metrics['temperature']:.3f}.</p>")
+        parts.append(_metrics_table(metrics))
+        if metrics.get("skipped_files"):
+            parts.append(f"<p>{len(metrics['skipped_files'])} unreadable files were skipped.</p>")
+        for column, table in metrics.get("strata", {}).items():
+            parts.append(f"<h4>Strata: {esc(column)}</h4>" + _strata_table(column, table))
+        for warning in metrics.get("warnings", []):
+            parts.append(f"<p class='bad'>WARNING {esc(warning)}</p>")
+        for name, alt in EVAL_PLOTS:
+            if (run_dir / "eval" / split / name).is_file():
+                parts.append(_image(run_dir / "eval" / split / name, f"{alt} ({split} split)"))
+    return "".join(parts)
+
+
+def _calibration_section(calibration: dict | None) -> str:
+    parts = ["<h2 id='calibration'>Calibration and operating point</h2>"]
+    if calibration is None:
+        return parts[0] + ("<p>Not calibrated: probabilities are raw softmax outputs and the threshold is 0.5. "
+                           "Run <code>bonefrac calibrate RUN</code>.</p>")
+    parts.append(
+        f"<p>Temperature T = {calibration['temperature']:.4f}, fitted on the <strong>val</strong> split "
+        f"({calibration['n_files']} files, {calibration['n_groups']} groups); test data never influenced it. "
+        f"NLL {calibration['nll']['before']:.4f} → {calibration['nll']['after']:.4f}; ECE "
+        f"{calibration['ece']['before']:.4f} → {calibration['ece']['after']:.4f}.</p>"
+    )
+    thresholds = calibration.get("thresholds") or {}
+    rows = [[name, f"{p['threshold']:.4f}", f"{p['sensitivity']:.3f}", f"{p['specificity']:.3f}",
+             "operating point" if name == calibration["operating_point"] else ""] for name, p in thresholds.items()]
+    if rows:
+        parts.append(_table(["threshold rule", "threshold", "val sensitivity", "val specificity", "used"], rows,
+                            f"Thresholds chosen on val for {calibration['positive_label']}"))
+    else:
+        parts.append("<p>More than two classes: the prediction is the class of highest calibrated probability.</p>")
+    return "".join(parts)
+
+
+def _model_card(run_dir: Path, summary: dict | None, audit: dict | None, evals: dict[str, dict],
+                calibration: dict | None, root: Path | None, synthetic: bool) -> str:
+    summary = summary or {}
+    test = evals.get("test") or (next(iter(evals.values())) if evals else None)
+    parts = ["<h2 id='model-card'>Model card</h2>", "<h3>Intended use</h3>",
+             "<p>A research tool and, at most, a second-opinion aid for a clinician who reads the radiograph "
+             "themselves, under supervision. <strong>Not a diagnosis</strong> and not a medical device: do not use "
+             "it to decide the care of a patient.</p>", "<h3>Data</h3>"]
+    counts = (audit or {}).get("counts") or summary.get("data") or {}
+    count_text = "; ".join(f"{split or 'all'}: " + ", ".join(f"{k} {v}" for k, v in c.items())
+                           for split, c in counts.items())
+    groups = test.get("groups_from") if test else "unknown"
+    parts.append(
+        f"<ul><li>source folder: <code>{esc(str(root))}</code></li><li>counts: {esc(count_text or 'unknown')}</li>"
+        f"<li>groups for CIs: {esc(str(groups))}</li><li>{'SYNTHETIC phantom images' if synthetic else 'real images'}"
+        f"</li><li>classes: {esc(', '.join(summary.get('labels', [])))} (positive: "
+        f"{esc(str(summary.get('positive_label')))})</li></ul>"
+    )
+    parts.append("<h3>Metrics</h3>")
+    if test:
+        m = test["metrics"]
+        items = []
+        for key, name in METRIC_NAMES[:4]:
+            if key in m:
+                point, ci = _interval(m[key])
+                items.append(f"<li>{esc(name)}: {point}, 95% CI {ci} (n = {m[key]['n_files']} files, "
+                             f"{m[key]['n_groups']} groups)</li>")
+        parts.append(f"<p>On the {esc(test['split'])} split:</p><ul>{''.join(items)}</ul>")
+    else:
+        parts.append("<p>No evaluation yet.</p>")
+    limits = []
+    leaky_lines = [f"{s}: {line}" for s, e in evals.items() for line in e.get("leakage", [])]
+    if summary.get("leaky") or leaky_lines:
+        limits.append("LEAKY: splits share duplicate images, so numbers on them overstate: "
+                      + "; ".join(leaky_lines + summary.get("leakage", [])))
+    else:
+        limits.append("No duplicate shared between the evaluated split and train was found by the audit.")
+    for split, e in evals.items():
+        limits += [f"{split} strata: {w}" for w in e.get("warnings", [])]
+    if calibration is None:
+        limits.append("Not calibrated: probabilities are raw softmax outputs and the threshold is 0.5.")
+    else:
+        limits.append(f"Calibration (T = {calibration['temperature']:.3f}) and the threshold were fitted on "
+                      f"{calibration['n_files']} val files; on data from another scanner or hospital both may be off, "
+                      "and the val sensitivity target is not guaranteed on new data.")
+    if test and test["n_files"] < SMALL_TEST_SET:
+        limits.append(f"Small evaluation set ({test['n_files']} files, {test['n_groups']} groups): wide CIs.")
+    if synthetic:
+        limits.append("Trained and evaluated on SYNTHETIC phantoms: says nothing about real radiographs.")
+    limits.append("Confounders in the audit (image size, file size, source) can be learned instead of the fracture.")
+    parts.append("<h3>Limitations</h3><ul>" + "".join(f"<li>{esc(x)}</li>" for x in limits) + "</ul>")
+    config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    parts.append(
+        "<h3>How to reproduce</h3><p><code>bonefrac train DATA --config RUN/config.yaml --out NEW_RUN</code>, then "
+        "<code>bonefrac evaluate NEW_RUN --split test</code>. The config of this run "
+        f"(bonefrac {esc(str(summary.get('bonefrac_version', __version__)))}):</p><pre>{esc(config)}</pre>"
+    )
+    return "".join(parts)
+
+
+# --- the page -------------------------------------------------------------------------------------------------------
+
+
+def _eval_splits(run_dir: Path) -> dict[str, dict]:
+    """metrics.json of every eval/<split>/, val and test first."""
+    folder = run_dir / "eval"
+    found = {p.parent.name: p for p in folder.glob("*/metrics.json")} if folder.is_dir() else {}
+    order = sorted(found, key=lambda s: ({"train": 0, "val": 1, "test": 2}.get(s, 3), s))
+    return {split: json.loads(found[split].read_text()) for split in order}
+
+
+def write_report(run_dir: str | Path, data_root: str | Path | None = None) -> Path:
+    """Write run_dir/report.html (one self-contained file) and return its path.
+
+    data_root: where the sample thumbnails come from; default the run's own data folder (config.yaml).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise BonefracError(f"{run_dir}: not a run directory (no config.yaml); train one with bonefrac train")
+    from bonefrac.config import from_yaml
+
+    config = from_yaml((run_dir / "config.yaml").read_text(), source=str(run_dir / "config.yaml"))
+    root = Path(data_root or config.data.root).expanduser()
+    root = root.resolve() if root.exists() else root
+    summary = _read_json(run_dir / "summary.json")
+    audit = _read_json(run_dir / "audit.json")
+    calibration = _read_json(run_dir / "calibration.json")
+    evals = _eval_splits(run_dir)
+    synthetic = bool((root / "SYNTHETIC_DATA.txt").exists() or (summary or {}).get("synthetic_data"))
+    name = run_dir.resolve().name
+    nav = [("audit", "Data audit"), ("samples", "Sample images"), ("training", "Training"),
+           ("evaluation", "Evaluation"), ("calibration", "Calibration"), ("gradcam", "Grad-CAM"),
+           ("model-card", "Model card")]
+    parts = [
+        f"<header><h1>bonefrac report: {esc(name)}</h1>",
+        f"<p class='disclaimer' role='note'>{esc(DISCLAIMER)} Research use only.</p>",
+    ]
+    if synthetic:
+        parts.append("<p class='synthetic'>SYNTHETIC data: this run was trained on phantom images.</p>")
+    leaks = [f"training data: {line}" for line in (summary or {}).get("leakage", [])]
+    leaks += [f"eval/{split}: {line}" for split, e in evals.items() for line in e.get("leakage", [])]
+    if leaks:
+        parts.append("<p class='bad'>LEAKY: " + "; ".join(esc(line) for line in leaks)
+                     + ". Numbers on an affected split overstate; see Data audit and Limitations.</p>")
+    parts.append("<nav aria-label='Contents'><ul>" + "".join(f"<li><a href='#{a}'>{esc(t)}</a></li>" for a, t in nav)
+                 + "</ul></nav></header><main>")
+    parts += [
+        _audit_section(audit),
+        _samples_section(root, synthetic),
+        _training_section(run_dir, summary),
+        _evaluation_section(evals, run_dir),
+        _calibration_section(calibration),
+        "<h2 id='gradcam'>Grad-CAM gallery</h2><p>The Grad-CAM gallery (where the model looks) appears once "
+        "<code>bonefrac explain</code> exists.</p>",
+        _model_card(run_dir, summary, audit, evals, calibration, root, synthetic),
+        f"</main><footer><p>Written by bonefrac {esc(__version__)} from <code>{esc(str(run_dir))}</code>. "
+        f"{esc(DISCLAIMER)}</p></footer>",
+    ]
+    page = (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>bonefrac report: {esc(name)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
+    )
+    out = run_dir / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out

@@ -1,0 +1,74 @@
+"""bonefrac report: one tiny cnn-small run (32 px), evaluated on test, rendered as one self-contained page."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bonefrac import DISCLAIMER
+from bonefrac.cli import main
+from bonefrac.evaluate import evaluate_run
+from bonefrac.report import write_report
+from tests.test_compare import bars  # noqa: F401 -- the module's data fixture
+from tests.test_evaluate import tiny_fit
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def run(bars, tmp_path_factory) -> Path:  # noqa: F811
+    (bars / "SYNTHETIC_DATA.txt").write_text("phantoms\n")
+    run_dir = tiny_fit(bars, tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs") / "small",
+                       **{"train.epochs": 1})
+    evaluate_run(run_dir, bars, "test", strata=["size"], n_resamples=100)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def page(run, bars) -> str:  # noqa: F811
+    return write_report(run, bars).read_text()
+
+
+def test_report_is_one_self_contained_file(page):
+    assert not re.search(r"""(src|href)=["']?https?:""", page)
+    assert "<script" not in page and "<link" not in page and "@import" not in page and "url(" not in page
+    images = re.findall(r"<img src='(data:image/png;base64,[^']+)' alt='([^']+)'", page)
+    assert len(images) >= 5 and len(images) == page.count("<img")  # every image embedded, every one with alt text
+    assert "<html lang='en'>" in page and "<th scope='col'>" in page
+
+
+def test_report_says_what_it_is_and_how_well_it_does(page):
+    assert page.index(DISCLAIMER) < page.index("<h2")  # the disclaimer comes first
+    sections = ("Data audit", "Sample images per class", "Training", "Evaluation", "Calibration and operating point",
+                "Grad-CAM gallery", "Model card", "Intended use", "Limitations", "How to reproduce")
+    for section in sections:
+        assert f">{section}</h" in page, section
+    assert "appears once <code>bonefrac explain</code> exists" in page
+    assert "SYNTHETIC" in page and "Not a diagnosis" in page.replace("<strong>", "").replace("</strong>", "")
+    assert re.search(r"<th scope='row'>ROC AUC</th><td>\d\.\d{3}</td><td>\[\d\.\d{3}, \d\.\d{3}\]</td><td>16</td>",
+                     page)
+    assert "Per size" in page and "Temperature T = " in page and "model:\n  name: cnn-small" in page
+
+
+def test_cli_report(run, bars, capsys):  # noqa: F811
+    (run / "report.html").unlink()
+    assert main(["report", str(run), "--data", str(bars)]) == 0
+    assert (run / "report.html").is_file() and "report.html" in capsys.readouterr().out
+    assert main(["report", str(run / "missing")]) == 2
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian package chromium)")
+def test_report_loads_in_chromium_without_console_errors(run, tmp_path):
+    result = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path}", "--enable-logging=stderr",
+         "--v=0", "--dump-dom", (run / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert "Model card" in result.stdout
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console
