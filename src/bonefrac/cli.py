@@ -223,6 +223,88 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from bonefrac.compare import compare_runs, pair_sentences, table_rows
+
+    result = compare_runs(args.runs, args.data, args.split, args.out, workers=args.workers,
+                          progress=lambda line: errors.print(line, highlight=False))
+    headers, rows = table_rows(result)
+    table = Table(title=f"runs on the {result['split']} split (95% CIs)")
+    for header in headers:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for line in pair_sentences(result):
+        console.print(line, highlight=False, soft_wrap=True)
+    for run in result["runs"]:
+        for line in run["leakage"]:
+            console.print(f"[bold red]LEAKY {run['name']}: {line}[/bold red]", highlight=False, soft_wrap=True)
+    console.print(f"written: {args.out}/ (compare.json, compare.md, auc.png, operating_point.png)", soft_wrap=True)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bonefrac.report import write_report
+
+    console.print(f"written: {write_report(args.run, args.data)}", soft_wrap=True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from bonefrac.export import export_onnx
+    from bonefrac.predict import PREPROCESSING_FILE
+
+    path = export_onnx(args.run, opset=args.opset)
+    parity = json.loads((Path(args.run) / PREPROCESSING_FILE).read_text())["parity"]
+    console.print(
+        f"parity: max |p_torch - p_onnxruntime| = {parity['max_abs_diff_probability']:.2e} on {parity['n_inputs']} "
+        f"inputs ({parity['n_random']} random, {parity['n_val_images']} val images; tolerance {parity['tolerance']:g})",
+        highlight=False,
+    )
+    console.print(f"written: {path}, {Path(args.run) / PREPROCESSING_FILE}", soft_wrap=True)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from bonefrac.predict import Predictor, write_predictions
+
+    predictor = Predictor(args.run, backend=args.backend, batch_size=args.batch_size)
+    with progress_bar("predicting") as progress:
+        result = predictor.predict_paths(args.paths, progress=progress)
+    if args.out:
+        console.print(f"written: {write_predictions(result, args.out)}", soft_wrap=True)
+    else:
+        import os
+
+        # Paths relative to the folder they share, so that the table has room for them in a narrow terminal.
+        base = os.path.commonpath([str(Path(row.file).parent) for row in result.rows]) if result.rows else ""
+        table = Table(
+            title=f"files under {base or '.'} ({result.backend} backend, operating point {predictor.operating_point})",
+            expand=True,
+        )
+        table.add_column("file", overflow="fold", ratio=3)
+        for header in ("status", *(f"p_{label}" for label in result.labels)):
+            table.add_column(header, overflow="fold", ratio=2)
+        table.add_column("prediction", min_width=max(map(len, result.labels)), ratio=2)
+        table.add_column("error", overflow="fold", ratio=4)
+        for row in result.rows:
+            probabilities = [f"{row.probabilities[label]:.4f}" if row.probabilities else "" for label in result.labels]
+            name = os.path.relpath(row.file, base) if base else row.file
+            table.add_row(name, row.status, *probabilities, row.prediction, row.error)
+        console.print(table, highlight=False)
+    if not predictor.calibrated:
+        console.print("not calibrated: T = 1 and threshold 0.5 (run bonefrac calibrate)", highlight=False)
+    console.print(result.summary(), highlight=False)
+    return 0 if result.rows and not result.n_errors else 1
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 # `bonefrac train` options that override one config key each: (flag, config key, argparse keywords).
@@ -344,6 +426,57 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=cmd_evaluate)
 
 
+def add_report_parsers(commands: argparse._SubParsersAction) -> None:
+    """`bonefrac compare` (runs side by side, paired AUC tests) and `bonefrac report` (one HTML page of a run)."""
+    compare = commands.add_parser(
+        "compare",
+        help="runs side by side (AUC, sensitivity, specificity with CIs, time, latency) with paired AUC tests",
+        description=(
+            "Compare runs on the same files: a table, bar charts, and for every pair a DeLong test and (when groups "
+            "are known) a paired group bootstrap of the AUC difference. Runs are evaluated first where needed."
+        ),
+    )
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    compare.add_argument("--data", help="evaluate every run on this folder (default: each run's own data folder)")
+    compare.add_argument("--split", default="test", help="split to compare on (default test)")
+    compare.add_argument("--out", default="out/compare", help="folder for compare.json, compare.md, PNGs")
+    compare.add_argument("--workers", type=int, default=0, help="decoding processes when evaluating (default 0)")
+    compare.set_defaults(func=cmd_compare)
+
+    report = commands.add_parser(
+        "report", help="one self-contained RUN/report.html: data, training, evaluation, calibration, model card"
+    )
+    report.add_argument("run", help="run directory (bonefrac train --out)")
+    report.add_argument("--data", help="data folder for the sample images (default: the run's own)")
+    report.set_defaults(func=cmd_report)
+
+
+def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
+    """`bonefrac export` and `bonefrac predict`: both take a run directory."""
+    export = commands.add_parser(
+        "export", help="write RUN/model.onnx and RUN/preprocessing.json, checked against PyTorch"
+    )
+    export.add_argument("run", help="run directory (bonefrac train --out)")
+    export.add_argument("--format", choices=("onnx",), default="onnx")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    export.set_defaults(func=cmd_export)
+
+    predict = commands.add_parser(
+        "predict",
+        help="calibrated probabilities and the decision at the run's threshold for files, folders and globs",
+        description="One row per image-like file; unreadable files get an error row. Exit code 1 if any failed.",
+    )
+    predict.add_argument("run", help="run directory (bonefrac train --out)")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
+    predict.add_argument("--out", help="preds.csv or preds.json (default: a table on the terminal)")
+    predict.add_argument(
+        "--backend", choices=("auto", "torch", "onnx"), default="auto",
+        help="auto: onnxruntime when RUN/model.onnx exists, else PyTorch",
+    )
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.set_defaults(func=cmd_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bonefrac",
@@ -416,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(commands)
     add_eval_parsers(commands)
+    add_report_parsers(commands)
+    add_inference_parsers(commands)
     return parser
 
 

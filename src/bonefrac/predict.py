@@ -1,0 +1,296 @@
+"""Predictions for image files a user points at: calibrated probabilities and a decision at the run's threshold.
+
+    Predictor(run_dir, backend="auto")   the run's model (onnxruntime when RUN/model.onnx exists, else PyTorch)
+    Predictor.predict_paths(paths)       files, folders (recursive) and globs -> one PredictionRow per image-like file
+    expand_paths(paths)                  what predict_paths reads, and how many non-image files it passed over
+    write_predictions(rows, path)        CSV or JSON by the file's suffix
+
+Every file goes the way of training and evaluation: `read_image` -> `letterbox` to the run's image size ->
+`EvalPreset` with the model's mean/std (`preprocess`, the one copy used here and by `export`). A file that cannot be
+read becomes a row with its `ImageReadError` reason, never an exception: a folder with one broken file still gets
+predictions for the others. Probabilities are softmax(logits / T) with T from calibration.json; the binary decision
+is p(positive) >= the threshold chosen on val (0.5 when the run is not calibrated), multi-class the argmax.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bonefrac.calibration import apply_temperature
+from bonefrac.data.io import IMAGE_SUFFIXES, read_image, sniff_format
+from bonefrac.data.transforms import EvalPreset, letterbox
+from bonefrac.errors import BonefracError, ImageReadError
+from bonefrac.evaluate import load_run, read_calibration
+from bonefrac.models import model_spec
+
+BACKENDS = ("auto", "torch", "onnx")
+ONNX_FILE = "model.onnx"
+PREPROCESSING_FILE = "preprocessing.json"
+_GLOB_CHARS = frozenset("*?[")
+
+
+# --- preprocessing, shared with export ---------------------------------------------------------------------------
+
+
+def eval_preset(config) -> EvalPreset:
+    """The run's evaluation transform: uint8 (S, S) -> normalised float32 (C, S, S), as in training and evaluate."""
+    spec = model_spec(config.model.name)
+    return EvalPreset(mean=spec.mean, std=spec.std, channels=config.data.channels)
+
+
+def preprocess(pixels: np.ndarray, image_size: int, preset: EvalPreset) -> torch.Tensor:
+    """`read_image`'s float32 (H, W) in [0, 1] -> the network's input (C, S, S): letterbox, then the eval preset."""
+    return preset(letterbox(pixels, image_size))
+
+
+def weights_digest(run_dir: str | Path) -> str:
+    """sha256 of RUN/model.safetensors: preprocessing.json stores it, so a model.onnx older than the weights shows."""
+    digest = hashlib.sha256()
+    with open(Path(run_dir) / "model.safetensors", "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- which files ---------------------------------------------------------------------------------------------------
+
+
+def _image_like(path: Path) -> bool:
+    """A file inside a folder (or a glob) counts when its suffix or its magic bytes say image."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        return sniff_format(path) is not None
+    except ImageReadError:
+        return False
+
+
+def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], int]:
+    """(files to predict, number of non-image files passed over) for files, folders and globs, in a stable order.
+
+    A file named explicitly is always read (and reported if it is not an image); folders are searched recursively
+    and globs expanded here when the shell did not, keeping only image-like files (IMAGE_SUFFIXES or magic bytes).
+    A path that is neither a file, a folder nor a matching glob stays in the list, so that it gets its own error row.
+    """
+    files: list[Path] = []
+    skipped = 0
+
+    def add_candidates(candidates: Iterable[Path]) -> None:
+        nonlocal skipped
+        for candidate in sorted(candidates):
+            if candidate.is_dir():
+                add_candidates(candidate.rglob("*"))
+            elif _image_like(candidate):
+                files.append(candidate)
+            else:
+                skipped += 1
+
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            add_candidates(p for p in path.rglob("*") if not p.is_dir())
+        elif path.exists() or not _GLOB_CHARS & set(str(raw)):
+            files.append(path)
+        else:
+            matches = [Path(m) for m in glob.glob(str(raw), recursive=True)]
+            if matches:
+                add_candidates(matches)
+            else:
+                files.append(path)  # read_image will say "file not found"
+    unique = list(dict.fromkeys(files))  # a file reached twice (a folder and a glob) is predicted once
+    return unique, skipped
+
+
+# --- prediction ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictionRow:
+    """One file's outcome; `probabilities` maps class -> calibrated probability (empty when status is 'error')."""
+
+    file: str
+    status: str  # "ok" or "error"
+    probabilities: dict[str, float]
+    prediction: str
+    threshold: float | None
+    operating_point: str
+    error: str = ""
+
+    def record(self, labels: Sequence[str]) -> dict:
+        """The flat row of the CSV/JSON: file, status, p_<class>..., prediction, threshold, operating_point, error."""
+        return {
+            "file": self.file,
+            "status": self.status,
+            **{f"p_{label}": self.probabilities.get(label) for label in labels},
+            "prediction": self.prediction,
+            "threshold": self.threshold,
+            "operating_point": self.operating_point,
+            "error": self.error,
+        }
+
+
+@dataclass
+class PredictionResult:
+    """All rows of one predict_paths call, and what was passed over."""
+
+    labels: list[str]
+    rows: list[PredictionRow]
+    skipped_non_images: int
+    backend: str
+
+    @property
+    def n_errors(self) -> int:
+        return sum(row.status == "error" for row in self.rows)
+
+    def summary(self) -> str:
+        n = len(self.rows)
+        line = f"{n} files: {n - self.n_errors} predicted, {self.n_errors} errors"
+        if self.skipped_non_images:
+            line += f" ({self.skipped_non_images} non-image files in folders skipped)"
+        return line
+
+
+class Predictor:
+    """A run's model with its preprocessing, temperature and operating point, ready for image files.
+
+    backend: "onnx" (onnxruntime on RUN/model.onnx, made by `bonefrac export`), "torch", or "auto" (onnx when
+    model.onnx exists and was exported from the current weights, else torch).
+    """
+
+    def __init__(self, run_dir: str | Path, backend: str = "auto", *, batch_size: int = 32):
+        if backend not in BACKENDS:
+            raise BonefracError(f"backend {backend!r}: choose from {', '.join(BACKENDS)}")
+        self.run_dir = Path(run_dir)
+        self.model, self.config, self.labels, self.positive = load_run(self.run_dir)
+        self.image_size = self.config.data.image_size
+        self.preset = eval_preset(self.config)
+        self.batch_size = max(1, batch_size)
+        calibration = read_calibration(self.run_dir) or {}
+        self.temperature = float(calibration.get("temperature", 1.0))
+        binary = len(self.labels) == 2
+        threshold = calibration.get("threshold") if binary else None
+        self.threshold = 0.5 if binary and threshold is None else threshold
+        self.operating_point = calibration.get("operating_point", "default" if binary else "argmax")
+        self.calibrated = bool(calibration)
+        self.backend = self._choose_backend(backend)
+        self._session = None
+        if self.backend == "onnx":
+            import onnxruntime
+
+            self._session = onnxruntime.InferenceSession(
+                str(self.run_dir / ONNX_FILE), providers=["CPUExecutionProvider"]
+            )
+            self._input_name = self._session.get_inputs()[0].name
+
+    def _choose_backend(self, backend: str) -> str:
+        onnx_path, meta_path = self.run_dir / ONNX_FILE, self.run_dir / PREPROCESSING_FILE
+        if backend == "torch":
+            return "torch"
+        problem = None
+        if not onnx_path.is_file():
+            problem = f"{onnx_path} not found; make it with bonefrac export {self.run_dir} --format onnx"
+        elif not meta_path.is_file():
+            problem = f"{meta_path} not found; export again with bonefrac export {self.run_dir} --format onnx"
+        elif json.loads(meta_path.read_text()).get("weights_sha256") != weights_digest(self.run_dir):
+            problem = f"{onnx_path} was exported from other weights than model.safetensors; export again"
+        if problem is None:
+            return "onnx"
+        if backend == "onnx":
+            raise BonefracError(problem)
+        return "torch"
+
+    def logits(self, batch: torch.Tensor) -> np.ndarray:
+        """Raw logits (n, C) of a preprocessed batch (n, C, S, S) from the chosen backend."""
+        if self._session is not None:
+            return self._session.run(None, {self._input_name: batch.numpy().astype(np.float32)})[0]
+        with torch.inference_mode():
+            return self.model(batch).float().numpy()
+
+    def decide(self, probabilities: np.ndarray) -> str:
+        """The class named for one file's calibrated probabilities: the threshold on the positive class, or argmax."""
+        if self.threshold is not None:
+            chosen = self.positive if probabilities[self.positive] >= self.threshold else 1 - self.positive
+        else:
+            chosen = int(np.argmax(probabilities))
+        return self.labels[chosen]
+
+    def predict_paths(
+        self, paths: Iterable[str | os.PathLike[str]], *, progress: Callable[[int, int], None] | None = None
+    ) -> PredictionResult:
+        """Predict every image-like file under `paths` (files, folders, globs); unreadable files become error rows."""
+        files, skipped = expand_paths(paths)
+        rows: list[PredictionRow | None] = [None] * len(files)
+        pending: list[tuple[int, torch.Tensor]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            batch = torch.stack([tensor for _, tensor in pending])
+            proba = apply_temperature(self.logits(batch), self.temperature)
+            for (index, _), p in zip(pending, proba, strict=True):
+                rows[index] = PredictionRow(
+                    file=str(files[index]),
+                    status="ok",
+                    probabilities={label: float(v) for label, v in zip(self.labels, p, strict=True)},
+                    prediction=self.decide(p),
+                    threshold=self.threshold,
+                    operating_point=self.operating_point,
+                )
+            pending.clear()
+
+        for index, path in enumerate(files):
+            try:
+                # read_image's warnings (MONOCHROME1 inverted, EXIF rotation) are not printed per file here;
+                # they never quote DICOM header values, but a folder of them would bury the table.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    pixels, _ = read_image(path)
+                pending.append((index, preprocess(pixels, self.image_size, self.preset)))
+            except ImageReadError as err:
+                rows[index] = PredictionRow(str(path), "error", {}, "", self.threshold, self.operating_point,
+                                            err.reason)
+            if len(pending) >= self.batch_size:
+                flush()
+            if progress:
+                progress(index + 1, len(files))
+        flush()
+        return PredictionResult(self.labels, [row for row in rows if row is not None], skipped, self.backend)
+
+
+# --- output ----------------------------------------------------------------------------------------------------------
+
+
+def write_predictions(result: PredictionResult, path: str | Path) -> Path:
+    """Write the rows as CSV (.csv) or JSON (.json: {"labels", "backend", "summary", "rows"})."""
+    path = Path(path)
+    records = [row.record(result.labels) for row in result.rows]
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise BonefracError(f"{path}: --out must end in .csv or .json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".json":
+        path.write_text(json.dumps(
+            {"labels": result.labels, "backend": result.backend, "summary": result.summary(), "rows": records},
+            indent=2,
+        ))
+        return path
+    fields = ["file", "status", *(f"p_{label}" for label in result.labels), "prediction", "threshold",
+              "operating_point", "error"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for record in records:
+            writer.writerow({key: "" if value is None else value for key, value in record.items()})
+    return path
+

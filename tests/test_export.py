@@ -1,0 +1,89 @@
+"""bonefrac export: one tiny cnn-small run (32 px, 2 epochs), calibrated, exported once for the module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from bonefrac.cli import main
+from bonefrac.evaluate import calibrate_run, load_run
+from bonefrac.export import PARITY_TOLERANCE, ExportError, export_onnx
+from tests.test_evaluate import bar_image, tiny_fit
+
+COUNTS = {"train": 16, "val": 10}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bars") / "set"
+    rng = np.random.default_rng(1)
+    for split, n in COUNTS.items():
+        for label in ("fractured", "not_fractured"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                bar_image(rng, label == "fractured").save(root / split / label / f"{i}.png")
+    run_dir = tiny_fit(root, tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs") / "small",
+                       **{"train.epochs": 1})
+    calibrate_run(run_dir, root)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(run) -> Path:
+    return export_onnx(run)
+
+
+def test_export_writes_model_and_preprocessing(run, exported):
+    assert exported == run / "model.onnx"
+    model = onnx.load(str(exported))
+    onnx.checker.check_model(model)
+    assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 17
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # dynamic batch
+    meta = json.loads((run / "preprocessing.json").read_text())
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert meta["image_size"] == 32 and meta["channels"] == 3 and len(meta["mean"]) == len(meta["std"]) == 3
+    assert meta["labels"] == ["fractured", "not_fractured"] and meta["positive_label"] == "fractured"
+    assert meta["temperature"] == calibration["temperature"] and meta["threshold"] == calibration["threshold"]
+    assert meta["operating_point"] == calibration["operating_point"] and meta["letterbox"]["size"] == 32
+    parity = meta["parity"]
+    assert parity["max_abs_diff_probability"] <= PARITY_TOLERANCE and parity["passed"]
+    assert parity["n_random"] == 32 and parity["n_val_images"] == 20 and parity["n_inputs"] == 52
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_onnx_matches_torch_at_any_batch_size(run, exported, batch):
+    model, *_ = load_run(run)
+    inputs = torch.randn(batch, 3, 32, 32)
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {"image": inputs.numpy()})[0]
+    with torch.inference_mode():
+        assert np.abs(model(inputs).numpy() - onnx_logits).max() <= 1e-4
+
+
+def test_failed_parity_removes_the_model(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "model.onnx").unlink(missing_ok=True)
+    with pytest.raises(ExportError, match="differ by up to"):
+        export_onnx(copy, tolerance=-1.0)
+    assert not (copy / "model.onnx").exists()
+    assert json.loads((copy / "preprocessing.json").read_text())["parity"]["passed"] is False
+
+
+def test_cli_export(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["export", str(copy), "--format", "onnx"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "parity: max |p_torch - p_onnxruntime|" in out and "52 inputs" in out
+    assert (copy / "model.onnx").is_file()
+    assert main(["export", str(tmp_path / "nothing")]) == 2
+    assert "not a finished run directory" in " ".join(capsys.readouterr().err.split())

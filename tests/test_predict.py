@@ -1,0 +1,225 @@
+"""bonefrac predict: one tiny cnn-small run (32 px, 2 epochs), calibrated and exported once for the module."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from bonefrac import DISCLAIMER
+from bonefrac.calibration import apply_temperature
+from bonefrac.cli import main
+from bonefrac.data.io import read_image
+from bonefrac.errors import BonefracError
+from bonefrac.evaluate import calibrate_run
+from bonefrac.export import export_onnx
+from bonefrac.predict import Predictor, eval_preset, expand_paths, preprocess
+from tests.test_evaluate import bar_image, tiny_fit
+
+SECRET = "SECRET^NAME"
+COUNTS = {"train": 16, "val": 10}  # images per class; no test split needed
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A trained and calibrated run, without model.onnx."""
+    root = tmp_path_factory.mktemp("bars") / "set"
+    rng = np.random.default_rng(0)
+    for split, n in COUNTS.items():
+        for label in ("fractured", "not_fractured"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                bar_image(rng, label == "fractured").save(root / split / label / f"{i}.png")
+    run_dir = tiny_fit(root, tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs") / "small")
+    calibrate_run(run_dir, root)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory) -> Path:
+    """A copy of the run with model.onnx and preprocessing.json."""
+    copy = tmp_path_factory.mktemp("exported") / "run"
+    shutil.copytree(run, copy)
+    export_onnx(copy)
+    return copy
+
+
+def write_dicom(path: Path, gray: np.ndarray) -> Path:
+    """An uncompressed 16-bit MONOCHROME2 DICOM of a uint8 image (value x 257), with a patient name to keep secret."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = SECRET
+    ds.PatientID = "SECRET-ID-123"
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = gray.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = (gray.astype(np.uint16) * 257).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Valid PNGs (one in a subfolder), a JPEG, a truncated JPEG, text named .png, a DICOM, and a non-image file."""
+    root = tmp_path_factory.mktemp("inbox")
+    rng = np.random.default_rng(7)
+    images = [np.asarray(bar_image(rng, i % 2 == 0)).copy() for i in range(4)]
+    for gray in images:
+        gray[0, 0], gray[0, 1] = 0, 255  # the full range: a DICOM without a window is min-max scaled
+    Image.fromarray(images[0]).save(root / "a.png")
+    Image.fromarray(images[1]).save(root / "b.png")
+    (root / "sub").mkdir()
+    Image.fromarray(images[2]).save(root / "sub" / "c.png")
+    Image.fromarray(images[3]).save(root / "d.jpg", quality=95)
+    jpeg = (root / "d.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "text.png").write_text("this is not a picture\n")
+    write_dicom(root / "sub" / "scan.dcm", images[0])  # the same pixels as a.png
+    (root / "notes.txt").write_text("not an image, skipped\n")
+    return root
+
+
+def by_name(result) -> dict:
+    return {Path(row.file).name: row for row in result.rows}
+
+
+def test_expand_paths_folders_globs_and_missing(folder):
+    files, skipped = expand_paths([folder])
+    assert sorted(p.name for p in files) == ["a.png", "b.png", "c.png", "d.jpg", "scan.dcm", "text.png",
+                                             "truncated.jpg"]
+    assert skipped == 1  # notes.txt
+    files, _ = expand_paths([str(folder / "*.png"), str(folder / "**" / "*.dcm")])
+    assert sorted(p.name for p in files) == ["a.png", "b.png", "scan.dcm", "text.png"]
+    files, skipped = expand_paths([folder / "notes.txt", folder / "missing.png", folder / "a.png", folder])
+    assert files[:3] == [folder / "notes.txt", folder / "missing.png", folder / "a.png"]  # named files are kept
+    assert len(files) == 9  # the three named, then the folder's other six: a.png only once
+
+
+def test_folder_gives_one_row_per_image_like_file(run, folder):
+    predictor = Predictor(run)
+    assert predictor.backend == "torch"  # no model.onnx in this run
+    result = predictor.predict_paths([folder])
+    rows = by_name(result)
+    assert len(result.rows) == 7 and result.skipped_non_images == 1
+    assert {name for name, row in rows.items() if row.status == "error"} == {"truncated.jpg", "text.png"}
+    assert "truncated" in rows["truncated.jpg"].error
+    assert rows["text.png"].error and not rows["text.png"].probabilities and rows["text.png"].prediction == ""
+    for name in ("a.png", "b.png", "c.png", "d.jpg", "scan.dcm"):
+        row = rows[name]
+        assert row.status == "ok" and sum(row.probabilities.values()) == pytest.approx(1)
+        assert row.prediction in predictor.labels and row.operating_point == "sensitivity>=0.95"
+    dicom, png = rows["scan.dcm"], rows["a.png"]
+    assert dicom.prediction == png.prediction
+    assert dicom.probabilities["fractured"] == pytest.approx(png.probabilities["fractured"], abs=1e-3)
+    assert result.summary() == "7 files: 5 predicted, 2 errors (1 non-image files in folders skipped)"
+
+
+def test_calibrated_probability_and_threshold(run, folder):
+    predictor = Predictor(run, backend="torch")
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert predictor.temperature == calibration["temperature"] and predictor.threshold == calibration["threshold"]
+    pixels, _ = read_image(folder / "b.png")
+    batch = preprocess(pixels, predictor.image_size, eval_preset(predictor.config))[None]
+    with torch.inference_mode():
+        raw = predictor.model(batch).numpy()
+    expected = apply_temperature(raw, calibration["temperature"])[0]
+    row = predictor.predict_paths([folder / "b.png"]).rows[0]
+    assert [row.probabilities[label] for label in predictor.labels] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert row.threshold == calibration["threshold"]
+    flagged = row.probabilities["fractured"] >= calibration["threshold"]
+    assert row.prediction == ("fractured" if flagged else "not_fractured")
+
+
+@pytest.mark.parametrize("threshold, decision", [(0.0, "fractured"), (1.01, "not_fractured")])
+def test_decision_follows_the_threshold_in_calibration_json(run, folder, tmp_path, threshold, decision):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    calibration = json.loads((copy / "calibration.json").read_text())
+    (copy / "calibration.json").write_text(json.dumps(calibration | {"threshold": threshold}))
+    result = Predictor(copy).predict_paths([folder])
+    assert {row.prediction for row in result.rows if row.status == "ok"} == {decision}
+    assert all(row.threshold == threshold for row in result.rows)
+
+
+def test_onnx_and_torch_backends_agree(exported, folder):
+    onnx, torch_ = Predictor(exported), Predictor(exported, backend="torch")
+    assert onnx.backend == "onnx" and torch_.backend == "torch"
+    a, b = by_name(onnx.predict_paths([folder])), by_name(torch_.predict_paths([folder]))
+    assert a.keys() == b.keys()
+    for name, row in a.items():
+        assert row.status == b[name].status and row.prediction == b[name].prediction
+        for label, p in row.probabilities.items():
+            assert abs(p - b[name].probabilities[label]) <= 1e-4
+
+
+def test_onnx_backend_needs_a_current_export(run, exported, tmp_path):
+    with pytest.raises(BonefracError, match="model.onnx not found"):
+        Predictor(run, backend="onnx")
+    stale = tmp_path / "stale"
+    shutil.copytree(exported, stale)
+    shutil.copy(run / "config.yaml", stale / "config.yaml")
+    meta = json.loads((stale / "preprocessing.json").read_text())
+    (stale / "preprocessing.json").write_text(json.dumps(meta | {"weights_sha256": "0" * 64}))
+    assert Predictor(stale).backend == "torch"  # auto falls back rather than use another model's graph
+    with pytest.raises(BonefracError, match="other weights"):
+        Predictor(stale, backend="onnx")
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cli_predict_writes_csv_and_json_and_exit_codes(exported, folder, tmp_path, capsys):
+    out_csv, out_json = tmp_path / "preds.csv", tmp_path / "preds.json"
+    assert main(["predict", str(exported), str(folder), "--out", str(out_csv)]) == 1
+    out, err = (" ".join(text.split()) for text in capsys.readouterr())
+    assert "7 files: 5 predicted, 2 errors" in out and DISCLAIMER in err
+    rows = read_csv(out_csv)
+    assert list(rows[0]) == ["file", "status", "p_fractured", "p_not_fractured", "prediction", "threshold",
+                             "operating_point", "error"]
+    assert len(rows) == 7 and sum(row["status"] == "error" for row in rows) == 2
+    assert main(["predict", str(exported), str(folder / "a.png"), str(folder / "sub"), "--out", str(out_json),
+                 "--backend", "torch", "--batch-size", "1"]) == 0
+    data = json.loads(out_json.read_text())
+    assert data["backend"] == "torch" and len(data["rows"]) == 3
+    assert all(row["status"] == "ok" and row["error"] == "" for row in data["rows"])
+    assert main(["predict", str(exported), str(folder / "*.jpg")]) == 1  # the glob, expanded here; a table
+    out = "".join(capsys.readouterr().out.split())  # the table may fold long paths
+    assert "d.jpg" in out and "truncated.jpg" in out and "2files:1predicted,1errors" in out
+    assert main(["predict", str(exported), str(folder / "a.png"), "--out", str(tmp_path / "x.txt")]) == 2
+
+
+def test_no_dicom_header_value_is_ever_shown(exported, folder, tmp_path, capsys):
+    broken = tmp_path / "broken.dcm"
+    data = (folder / "sub" / "scan.dcm").read_bytes()
+    broken.write_bytes(data[: len(data) - 500])  # header intact, pixels cut short
+    assert pydicom.dcmread(folder / "sub" / "scan.dcm").PatientName == SECRET
+    shown = []
+    for out in (None, tmp_path / "p.csv", tmp_path / "p.json"):
+        args = ["predict", str(exported), str(folder / "sub"), str(broken)] + (["--out", str(out)] if out else [])
+        assert main(args) == 1
+        shown += ["".join(text.split()) for text in capsys.readouterr()]  # unfolded: a wrap cannot hide it
+        if out:
+            shown.append(out.read_text())
+    assert all(SECRET not in text and "SECRET-ID-123" not in text for text in shown)
+    assert any("scan.dcm" in text for text in shown) and any("broken.dcm" in text for text in shown)
