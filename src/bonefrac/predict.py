@@ -8,7 +8,9 @@
 Every file goes the way of training and evaluation: `read_image` -> `letterbox` to the run's image size ->
 `EvalPreset` with the model's mean/std (`preprocess`, the one copy used here and by `export`). A file that cannot be
 read becomes a row with its `ImageReadError` reason, never an exception: a folder with one broken file still gets
-predictions for the others. Probabilities are softmax(logits / T) with T from calibration.json; the binary decision
+predictions for the others. Every readable file is also judged by the out-of-distribution guard (`bonefrac.ood`): a
+file that does not look like a radiograph keeps its probabilities but gets accepted=False and the reason.
+Probabilities are softmax(logits / T) with T from calibration.json; the binary decision
 is p(positive) >= the threshold chosen on val (0.5 when the run is not calibrated), multi-class the argmax.
 """
 
@@ -33,6 +35,7 @@ from bonefrac.data.transforms import EvalPreset, letterbox
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.evaluate import load_run, read_calibration
 from bonefrac.models import model_spec
+from bonefrac.ood import OODVerdict, check_radiograph
 
 BACKENDS = ("auto", "torch", "onnx")
 ONNX_FILE = "model.onnx"
@@ -126,9 +129,12 @@ class PredictionRow:
     threshold: float | None
     operating_point: str
     error: str = ""
+    accepted: bool | None = None  # the out-of-distribution guard's verdict (bonefrac.ood); None when unreadable
+    ood_score: float | None = None  # >= 1 means rejected: the image does not look like a radiograph
+    ood_reason: str = ""  # why it was rejected; its probabilities are still given, but mean little
 
     def record(self, labels: Sequence[str]) -> dict:
-        """The flat row of the CSV/JSON: file, status, p_<class>..., prediction, threshold, operating_point, error."""
+        """The flat CSV/JSON row: file, status, p_<class>..., prediction, threshold, operating_point, guard, error."""
         return {
             "file": self.file,
             "status": self.status,
@@ -136,6 +142,9 @@ class PredictionRow:
             "prediction": self.prediction,
             "threshold": self.threshold,
             "operating_point": self.operating_point,
+            "accepted": self.accepted,
+            "ood_score": self.ood_score,
+            "ood_reason": self.ood_reason,
             "error": self.error,
         }
 
@@ -231,14 +240,14 @@ class Predictor:
         """Predict every image-like file under `paths` (files, folders, globs); unreadable files become error rows."""
         files, skipped = expand_paths(paths)
         rows: list[PredictionRow | None] = [None] * len(files)
-        pending: list[tuple[int, torch.Tensor]] = []
+        pending: list[tuple[int, torch.Tensor, OODVerdict]] = []
 
         def flush() -> None:
             if not pending:
                 return
-            batch = torch.stack([tensor for _, tensor in pending])
+            batch = torch.stack([tensor for _, tensor, _ in pending])
             proba = apply_temperature(self.logits(batch), self.temperature)
-            for (index, _), p in zip(pending, proba, strict=True):
+            for (index, _, verdict), p in zip(pending, proba, strict=True):
                 rows[index] = PredictionRow(
                     file=str(files[index]),
                     status="ok",
@@ -246,6 +255,9 @@ class Predictor:
                     prediction=self.decide(p),
                     threshold=self.threshold,
                     operating_point=self.operating_point,
+                    accepted=verdict.accepted,
+                    ood_score=verdict.score,
+                    ood_reason=verdict.reason,
                 )
             pending.clear()
 
@@ -255,8 +267,9 @@ class Predictor:
                 # they never quote DICOM header values, but a folder of them would bury the table.
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    pixels, _ = read_image(path)
-                pending.append((index, preprocess(pixels, self.image_size, self.preset)))
+                    pixels, info = read_image(path)
+                verdict = check_radiograph(pixels, info, path=path)
+                pending.append((index, preprocess(pixels, self.image_size, self.preset), verdict))
             except ImageReadError as err:
                 rows[index] = PredictionRow(str(path), "error", {}, "", self.threshold, self.operating_point,
                                             err.reason)
@@ -286,7 +299,7 @@ def write_predictions(result: PredictionResult, path: str | Path) -> Path:
         ))
         return path
     fields = ["file", "status", *(f"p_{label}" for label in result.labels), "prediction", "threshold",
-              "operating_point", "error"]
+              "operating_point", "accepted", "ood_score", "ood_reason", "error"]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
