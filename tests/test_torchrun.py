@@ -14,19 +14,7 @@ from pathlib import Path
 import pytest
 
 from bonefrac.train import read_metrics_csv
-
-RUN_FILES = (
-    "config.yaml",
-    "labels.json",
-    "model.safetensors",
-    "checkpoints/best.ckpt",
-    "checkpoints/last.ckpt",
-    "metrics.csv",
-    "learning_curves.png",
-    "summary.json",
-    "audit.json",
-    "run.log",
-)
+from tests.test_train import RUN_FILES
 
 
 def torchrun() -> list[str]:
