@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from bonefrac import DISCLAIMER
+from bonefrac import evaluate as evaluate_module
 from bonefrac.calibration import apply_temperature
 from bonefrac.cli import main
 from bonefrac.data.io import read_image
@@ -23,6 +24,7 @@ from bonefrac.errors import BonefracError
 from bonefrac.evaluate import calibrate_run
 from bonefrac.export import export_onnx
 from bonefrac.predict import Predictor, eval_preset, expand_paths, preprocess
+from bonefrac.tta import tta_logits
 from tests.test_evaluate import bar_image, tiny_fit
 
 SECRET = "SECRET^NAME"
@@ -223,3 +225,47 @@ def test_no_dicom_header_value_is_ever_shown(exported, folder, tmp_path, capsys)
             shown.append(out.read_text())
     assert all(SECRET not in text and "SECRET-ID-123" not in text for text in shown)
     assert any("scan.dcm" in text for text in shown) and any("broken.dcm" in text for text in shown)
+
+
+# --- test-time augmentation (bonefrac.tta, shared with evaluate) -------------------------------------------------
+
+
+def test_tta_is_the_mean_of_plain_and_mirrored_logits(run, folder):
+    predictor = Predictor(run, backend="torch", tta=True)
+    pixels, _ = read_image(folder / "b.png")
+    batch = preprocess(pixels, predictor.image_size, eval_preset(predictor.config))[None]
+    with torch.inference_mode():
+        plain = predictor.model(batch).numpy()
+        mirrored = predictor.model(torch.flip(batch, dims=[-1])).numpy()  # left-right: the last axis is width
+    assert not np.allclose(plain, mirrored)  # the bar is off-centre, so the mirror is a different input
+    np.testing.assert_allclose(predictor.logits(batch), (plain + mirrored) / 2, rtol=0, atol=1e-6)
+    expected = apply_temperature((plain + mirrored) / 2, predictor.temperature)[0]
+    row = predictor.predict_paths([folder / "b.png"]).rows[0]
+    assert [row.probabilities[label] for label in predictor.labels] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_tta_logits_is_the_one_evaluate_uses(run):
+    model = Predictor(run, backend="torch").model
+    images = torch.rand(3, 3, 32, 32)
+    with torch.inference_mode():
+        by_hand = (model(images) + model(images.flip(-1))) / 2
+        torch.testing.assert_close(tta_logits(model, images), by_hand)
+    assert evaluate_module.tta_logits is tta_logits
+
+
+def test_tta_with_onnx_backend_matches_torch(exported, folder):
+    onnx, torch_ = Predictor(exported, tta=True), Predictor(exported, backend="torch", tta=True)
+    assert onnx.backend == "onnx"
+    a, b = by_name(onnx.predict_paths([folder / "sub"])), by_name(torch_.predict_paths([folder / "sub"]))
+    for name, row in a.items():
+        assert row.probabilities == pytest.approx(b[name].probabilities, abs=1e-4)
+
+
+def test_cli_predict_tta_flag(exported, folder, tmp_path):
+    plain, mirrored = tmp_path / "plain.json", tmp_path / "tta.json"
+    assert main(["predict", str(exported), str(folder / "b.png"), "--out", str(plain)]) == 0
+    assert main(["predict", str(exported), str(folder / "b.png"), "--out", str(mirrored), "--tta"]) == 0
+    expected = Predictor(exported, tta=True).predict_paths([folder / "b.png"]).rows[0]
+    row = json.loads(mirrored.read_text())["rows"][0]
+    assert row["p_fractured"] == pytest.approx(expected.probabilities["fractured"], abs=1e-6)
+    assert row["p_fractured"] != pytest.approx(json.loads(plain.read_text())["rows"][0]["p_fractured"], abs=1e-7)

@@ -275,7 +275,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from bonefrac.predict import Predictor, write_predictions
 
-    predictor = Predictor(args.run, backend=args.backend, batch_size=args.batch_size)
+    predictor = Predictor(args.run, backend=args.backend, batch_size=args.batch_size, tta=args.tta)
     with progress_bar("predicting") as progress:
         result = predictor.predict_paths(args.paths, progress=progress)
     if args.out:
@@ -474,6 +474,7 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
         help="auto: onnxruntime when RUN/model.onnx exists, else PyTorch",
     )
     predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--tta", action="store_true", help="average with the mirrored image's logits")
     predict.set_defaults(func=cmd_predict)
 
 

@@ -44,6 +44,7 @@ from bonefrac.data.transforms import EvalPreset
 from bonefrac.errors import BonefracError, DatasetError
 from bonefrac.metrics import Interval, bootstrap_ci, classification_metrics, classification_report_text
 from bonefrac.models import create_model, model_spec
+from bonefrac.tta import tta_logits
 
 N_RESAMPLES = 1000
 OPERATING_POINTS = ("default", "youden", "sensitivity")  # how --operating-point names calibration.json's thresholds
@@ -189,9 +190,7 @@ def _predict(
     with torch.inference_mode():
         for images, _ in loader:
             images = images.to(device)
-            logits = model(images)
-            if tta:
-                logits = (logits + model(torch.flip(images, dims=[-1]))) / 2
+            logits = tta_logits(model, images) if tta else model(images)
             outputs.append(logits.float().cpu().numpy())
     data_groups = manifest_groups(manifest.root, rows)
     return SplitPredictions(

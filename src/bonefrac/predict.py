@@ -1,6 +1,7 @@
 """Predictions for image files a user points at: calibrated probabilities and a decision at the run's threshold.
 
-    Predictor(run_dir, backend="auto")   the run's model (onnxruntime when RUN/model.onnx exists, else PyTorch)
+    Predictor(run_dir, backend="auto")   the run's model (onnxruntime when RUN/model.onnx exists, else PyTorch);
+                                         tta=True averages each image's logits with its mirror's (bonefrac.tta)
     Predictor.predict_paths(paths)       files, folders (recursive) and globs -> one PredictionRow per image-like file
     expand_paths(paths)                  what predict_paths reads, and how many non-image files it passed over
     write_predictions(rows, path)        CSV or JSON by the file's suffix
@@ -36,6 +37,7 @@ from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.evaluate import load_run, read_calibration
 from bonefrac.models import model_spec
 from bonefrac.ood import OODVerdict, check_radiograph
+from bonefrac.tta import tta_logits
 
 BACKENDS = ("auto", "torch", "onnx")
 ONNX_FILE = "model.onnx"
@@ -177,7 +179,7 @@ class Predictor:
     model.onnx exists and was exported from the current weights, else torch).
     """
 
-    def __init__(self, run_dir: str | Path, backend: str = "auto", *, batch_size: int = 32):
+    def __init__(self, run_dir: str | Path, backend: str = "auto", *, batch_size: int = 32, tta: bool = False):
         if backend not in BACKENDS:
             raise BonefracError(f"backend {backend!r}: choose from {', '.join(BACKENDS)}")
         self.run_dir = Path(run_dir)
@@ -185,6 +187,7 @@ class Predictor:
         self.image_size = self.config.data.image_size
         self.preset = eval_preset(self.config)
         self.batch_size = max(1, batch_size)
+        self.tta = tta
         calibration = read_calibration(self.run_dir) or {}
         self.temperature = float(calibration.get("temperature", 1.0))
         binary = len(self.labels) == 2
@@ -220,7 +223,11 @@ class Predictor:
         return "torch"
 
     def logits(self, batch: torch.Tensor) -> np.ndarray:
-        """Raw logits (n, C) of a preprocessed batch (n, C, S, S) from the chosen backend."""
+        """Raw logits (n, C) of a preprocessed batch (n, C, S, S); with tta, the mean with its mirror's (tta_logits)."""
+        return tta_logits(self._forward, batch) if self.tta else self._forward(batch)
+
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        """One pass of the chosen backend: onnxruntime or PyTorch."""
         if self._session is not None:
             return self._session.run(None, {self._input_name: batch.numpy().astype(np.float32)})[0]
         with torch.inference_mode():
