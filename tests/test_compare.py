@@ -15,7 +15,7 @@ from bonefrac.compare import compare_runs
 from bonefrac.errors import BonefracError
 from bonefrac.evaluate import evaluate_run
 from bonefrac.metrics import delong_test
-from tests.test_evaluate import bar_image, tiny_fit
+from tests.helpers import bar_image, tiny_fit
 
 COUNTS = {"train": 12, "val": 8, "test": 8}  # images per class
 

@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.dataset import Dataset
 
 from bonefrac.cli import main
 from bonefrac.data.io import read_image
-from bonefrac.evaluate import calibrate_run
 from bonefrac.predict import Predictor
-from tests.test_evaluate import bar_image, tiny_fit
+from tests.helpers import bar_image, calibrated_bar_run, write_dicom
 
 SECRETS = ("SECRET^PATIENT", "SECRET-ID-4711", "19470302", "20240229", "SECRET HOSPITAL")
 KINDS = ("mono2-16bit", "mono1-16bit", "voi-lut-12bit", "window-12bit")
@@ -39,26 +37,8 @@ def _voi_lut(descriptor_bits: int, data: list[int]) -> Dataset:
 
 def write_dicom_from(gray: np.ndarray, path: Path, kind: str) -> Path:
     """An uncompressed DICOM of uint8 `gray` whose displayed pixels are gray / 255, with patient data to keep."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = SECRETS[:3]
-    ds.StudyDate = ds.AcquisitionDate = SECRETS[3]
-    ds.InstitutionName = SECRETS[4]
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = gray.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1" if kind == "mono1-16bit" else "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16 if kind.endswith("16bit") else 12
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 0
     value = gray.astype(np.uint16)
+    elements = {}
     if kind == "mono2-16bit":
         stored = value * 257
     elif kind == "mono1-16bit":
@@ -66,27 +46,29 @@ def write_dicom_from(gray: np.ndarray, path: Path, kind: str) -> Path:
     else:
         stored = value * 16
         if kind == "voi-lut-12bit":
-            ds.VOILUTSequence = [_voi_lut(8, [s // 16 for s in range(4096)])]
+            elements["VOILUTSequence"] = [_voi_lut(8, [s // 16 for s in range(4096)])]
         else:
-            ds.WindowCenter, ds.WindowWidth = 2040.5, 4081  # (s - 2040) / 4080 + 0.5 = s / 4080
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+            elements["WindowCenter"], elements["WindowWidth"] = 2040.5, 4081  # (s - 2040) / 4080 + 0.5 = s / 4080
+    name, patient_id, birth, date, institution = SECRETS
+    return write_dicom(
+        path,
+        stored,
+        photometric="MONOCHROME1" if kind == "mono1-16bit" else "MONOCHROME2",
+        bits_stored=16 if kind.endswith("16bit") else 12,
+        PatientName=name,
+        PatientID=patient_id,
+        PatientBirthDate=birth,
+        StudyDate=date,
+        AcquisitionDate=date,
+        InstitutionName=institution,
+        **elements,
+    )
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A tiny calibrated cnn-small run on bar images (32 px, 2 epochs)."""
-    root = tmp_path_factory.mktemp("bars") / "set"
-    rng = np.random.default_rng(0)
-    for split, n in {"train": 16, "val": 10}.items():
-        for label in ("fractured", "not_fractured"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(n):
-                bar_image(rng, label == "fractured").save(root / split / label / f"{i}.png")
-    run_dir = tiny_fit(root, tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs") / "small")
-    calibrate_run(run_dir, root)
-    return run_dir
+    return calibrated_bar_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

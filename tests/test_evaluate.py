@@ -9,27 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from bonefrac import DISCLAIMER
 from bonefrac.cli import main
-from bonefrac.config import build_config
 from bonefrac.evaluate import calibrate_run, evaluate_run, load_run, predict_split
-from bonefrac.train import fit
+from tests.helpers import bar_image, tiny_fit
 
 PLOTS = ("confusion_matrix.png", "roc.png", "pr.png", "reliability.png", "score_histograms.png")
 COUNTS = {"train": 16, "val": 10, "test": 8}  # images per class
-
-
-def bar_image(rng: np.random.Generator, fractured: bool, size: int = 48) -> Image.Image:
-    """A bright vertical 'bone' on dark noise; fractured: a dark gap across it (learnable in 2 epochs)."""
-    pixels = rng.normal(0.15, 0.05, (size, size))
-    left, width = rng.integers(size // 4, size // 2), rng.integers(size // 8, size // 5)
-    pixels[:, left : left + width] += 0.6
-    if fractured:
-        top = rng.integers(size // 4, 3 * size // 4)
-        pixels[top : top + rng.integers(5, 8), left : left + width] -= 0.6
-    return Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8), mode="L")
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +44,6 @@ def bars(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_fit(root: Path, cache: Path, out: Path, **overrides) -> Path:
-    base = {
-        "data.root": str(root),
-        "data.cache_dir": str(cache),
-        "data.image_size": 32,
-        "data.workers": 0,
-        "data.batch_size": 8,
-        "data.augment": "none",
-        "model.name": "cnn-small",
-        "model.pretrained": False,
-        "train.epochs": 2,
-        "train.lr": 3e-3,
-    }
-    return fit(build_config(overrides=base | overrides), out, progress=False)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
@@ -81,9 +52,7 @@ def cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(bars, cache, tmp_path_factory) -> Path:
     """A trained run, calibrated on val."""
-    run_dir = tiny_fit(bars, cache, tmp_path_factory.mktemp("runs") / "small")
-    calibrate_run(run_dir, bars)
-    return run_dir
+    return tiny_fit(bars, cache, tmp_path_factory.mktemp("runs") / "small")
 
 
 @pytest.fixture(scope="module")

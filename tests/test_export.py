@@ -13,26 +13,14 @@ import pytest
 import torch
 
 from bonefrac.cli import main
-from bonefrac.evaluate import calibrate_run, load_run
+from bonefrac.evaluate import load_run
 from bonefrac.export import PARITY_TOLERANCE, ExportError, export_onnx
-from tests.test_evaluate import bar_image, tiny_fit
-
-COUNTS = {"train": 16, "val": 10}
+from tests.helpers import calibrated_bar_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bars") / "set"
-    rng = np.random.default_rng(1)
-    for split, n in COUNTS.items():
-        for label in ("fractured", "not_fractured"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(n):
-                bar_image(rng, label == "fractured").save(root / split / label / f"{i}.png")
-    run_dir = tiny_fit(root, tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs") / "small",
-                       **{"train.epochs": 1})
-    calibrate_run(run_dir, root)
-    return run_dir
+    return calibrated_bar_run(tmp_path_factory, seed=1, epochs=1)
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,16 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image, ImageFile
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     JPEGLSLossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 from bonefrac.data.io import IMAGE_SUFFIXES, MAX_PIXELS, ImageInfo, probe_image, read_image, sniff_format
 from bonefrac.errors import ImageReadError
+from tests.helpers import write_dicom
 
 SECRET_NAME = "Doe^Secretname"  # must never show up in a warning, a log line or an error
 SECRET_ID = "PID-93817"
@@ -420,44 +418,9 @@ def test_max_side_decodes_a_smaller_image(tmp_path: Path, fmt: str) -> None:
 # DICOM
 
 
-def _write_dicom(
-    path: Path,
-    stored: np.ndarray,
-    *,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int = 12,
-    preamble: bool = True,
-    **elements,
-) -> Path:
-    """Write `stored` (rows, columns) or (frames, rows, columns) as an uncompressed DICOM."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName = SECRET_NAME
-    ds.PatientID = SECRET_ID
-    ds.StudyDate = "20240229"
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = stored.shape[-2:]
-    if stored.ndim == 3:
-        ds.NumberOfFrames = stored.shape[0]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 0
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    if not preamble:
-        path.write_bytes(path.read_bytes()[132:])  # drop the 128-byte preamble and "DICM"
-    return path
+def _write_dicom(path: Path, stored: np.ndarray, **kwargs) -> Path:
+    """write_dicom with this module's patient data, which must never show up anywhere."""
+    return write_dicom(path, stored, PatientName=SECRET_NAME, PatientID=SECRET_ID, StudyDate="20240229", **kwargs)
 
 
 def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:

@@ -12,8 +12,6 @@ import pydicom
 import pytest
 import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from bonefrac import DISCLAIMER
 from bonefrac import evaluate as evaluate_module
@@ -21,29 +19,18 @@ from bonefrac.calibration import apply_temperature
 from bonefrac.cli import main
 from bonefrac.data.io import read_image
 from bonefrac.errors import BonefracError
-from bonefrac.evaluate import calibrate_run
 from bonefrac.export import export_onnx
 from bonefrac.predict import Predictor, eval_preset, expand_paths, preprocess
 from bonefrac.tta import tta_logits
-from tests.test_evaluate import bar_image, tiny_fit
+from tests.helpers import bar_image, calibrated_bar_run, write_dicom
 
 SECRET = "SECRET^NAME"
-COUNTS = {"train": 16, "val": 10}  # images per class; no test split needed
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A trained and calibrated run, without model.onnx."""
-    root = tmp_path_factory.mktemp("bars") / "set"
-    rng = np.random.default_rng(0)
-    for split, n in COUNTS.items():
-        for label in ("fractured", "not_fractured"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(n):
-                bar_image(rng, label == "fractured").save(root / split / label / f"{i}.png")
-    run_dir = tiny_fit(root, tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs") / "small")
-    calibrate_run(run_dir, root)
-    return run_dir
+    return calibrated_bar_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -55,28 +42,10 @@ def exported(run, tmp_path_factory) -> Path:
     return copy
 
 
-def write_dicom(path: Path, gray: np.ndarray) -> Path:
-    """An uncompressed 16-bit MONOCHROME2 DICOM of a uint8 image (value x 257), with a patient name to keep secret."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName = SECRET
-    ds.PatientID = "SECRET-ID-123"
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = gray.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = (gray.astype(np.uint16) * 257).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+def write_secret_dicom(path: Path, gray: np.ndarray) -> Path:
+    """A 16-bit MONOCHROME2 DICOM of a uint8 image (value x 257), with a patient name to keep secret."""
+    stored = gray.astype(np.uint16) * 257
+    return write_dicom(path, stored, bits_stored=16, PatientName=SECRET, PatientID="SECRET-ID-123")
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +64,7 @@ def folder(tmp_path_factory) -> Path:
     jpeg = (root / "d.jpg").read_bytes()
     (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (root / "text.png").write_text("this is not a picture\n")
-    write_dicom(root / "sub" / "scan.dcm", images[0])  # the same pixels as a.png
+    write_secret_dicom(root / "sub" / "scan.dcm", images[0])  # the same pixels as a.png
     (root / "notes.txt").write_text("not an image, skipped\n")
     return root
 

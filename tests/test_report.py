@@ -13,8 +13,8 @@ from bonefrac import DISCLAIMER
 from bonefrac.cli import main
 from bonefrac.evaluate import evaluate_run
 from bonefrac.report import write_report
+from tests.helpers import tiny_fit
 from tests.test_compare import bars  # noqa: F401 -- the module's data fixture
-from tests.test_evaluate import tiny_fit
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -23,6 +23,7 @@ from bonefrac.errors import BonefracError, DataLeakageError, DatasetError
 from bonefrac.models import create_model, num_parameters
 from bonefrac.train import METRICS_COLUMNS, FractureClassifier, fit, positive_label, read_metrics_csv
 from tests.conftest import write_set
+from tests.helpers import bar_image
 
 RUN_FILES = (
     "config.yaml",
@@ -39,17 +40,6 @@ RUN_FILES = (
 )
 
 
-def bar_image(rng: np.random.Generator, fractured: bool, size: int = 64) -> Image.Image:
-    """A bright vertical 'bone' on a dark noisy background; fractured: a dark gap across it."""
-    pixels = rng.normal(0.15, 0.05, (size, size))
-    left, width = rng.integers(size // 4, size // 2), rng.integers(size // 8, size // 5)
-    pixels[:, left : left + width] += 0.6
-    if fractured:
-        top = rng.integers(size // 4, 3 * size // 4)
-        pixels[top : top + rng.integers(6, 10), left : left + width] -= 0.6
-    return Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8), mode="L")
-
-
 @pytest.fixture(scope="session")
 def learnable_set(tmp_path_factory) -> Path:
     """48/8/4 images per class (train/val/test) whose label a small CNN learns in 3 epochs.
@@ -64,7 +54,7 @@ def learnable_set(tmp_path_factory) -> Path:
             folder = root / split / label
             folder.mkdir(parents=True)
             for i in range(n):
-                bar_image(rng, label == "fractured").save(folder / f"{i}.png")
+                bar_image(rng, label == "fractured", size=64, gap=(6, 10)).save(folder / f"{i}.png")
     return root
 
 
