@@ -18,13 +18,23 @@ def bar_image(
     rng: np.random.Generator, fractured: bool, size: int = 48, gap: tuple[int, int] = (5, 8)
 ) -> Image.Image:
     """A bright vertical 'bone' on dark noise; fractured: a dark gap across it (a small CNN learns it in 2 epochs)."""
+    return bar_with_gap(rng, fractured, size, gap)[0]
+
+
+def bar_with_gap(
+    rng: np.random.Generator, fractured: bool, size: int = 48, gap: tuple[int, int] = (5, 8)
+) -> tuple[Image.Image, tuple[int, int, int, int] | None]:
+    """`bar_image` and the gap's box (x0, y0, x1, y1), x1 and y1 exclusive; None when the bar is whole."""
     pixels = rng.normal(0.15, 0.05, (size, size))
     left, width = rng.integers(size // 4, size // 2), rng.integers(size // 8, size // 5)
     pixels[:, left : left + width] += 0.6
+    box = None
     if fractured:
         top = rng.integers(size // 4, 3 * size // 4)
-        pixels[top : top + rng.integers(*gap), left : left + width] -= 0.6
-    return Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8), mode="L")
+        height = rng.integers(*gap)
+        pixels[top : top + height, left : left + width] -= 0.6
+        box = (int(left), int(top), int(left + width), int(top + height))
+    return Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8), mode="L"), box
 
 
 def write_bar_set(root: Path, counts: dict[str, int], seed: int = 0) -> Path:

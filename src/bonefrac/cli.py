@@ -305,6 +305,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0 if result.rows and not result.n_errors else 1
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from bonefrac.explain import Explainer, explain_paths
+    from bonefrac.predict import Predictor
+
+    explainer = Explainer(Predictor(args.run, backend="torch"), method=args.method)
+    with progress_bar(f"explaining ({args.method})") as progress:
+        rows = explain_paths(explainer, args.paths, args.out, target=args.target, alpha=args.alpha, progress=progress)
+    failed = [row for row in rows if row.status == "error"]
+    for row in failed:
+        console.print(f"[red]error[/red] {row.file}: {row.error}", soft_wrap=True, highlight=False)
+    flat = sum(bool(row.flat) for row in rows)
+    console.print(
+        f"{len(rows) - len(failed)} overlays and explain.csv in {args.out}; {len(failed)} errors"
+        + (f"; {flat} maps are flat (no location)" if flat else ""),
+        soft_wrap=True, highlight=False,
+    )
+    console.print(f"A heatmap shows what moved the model's score, not where a fracture is. {DISCLAIMER}",
+                  highlight=False)
+    return 0 if rows and not failed else 1
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 # `bonefrac train` options that override one config key each: (flag, config key, argparse keywords).
@@ -476,6 +497,19 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--tta", action="store_true", help="average with the mirrored image's logits")
     predict.set_defaults(func=cmd_predict)
+
+    explain = commands.add_parser(
+        "explain",
+        help="Grad-CAM heatmaps drawn on the original images (where the model looked)",
+        description="An overlay PNG per image-like file and explain.csv (class explained, peak, errors) in --out.",
+    )
+    explain.add_argument("run", help="run directory (bonefrac train --out)")
+    explain.add_argument("paths", nargs="+", metavar="IMAGE", help="image files, folders (recursive) or globs")
+    explain.add_argument("--out", required=True, help="folder for the overlays and explain.csv")
+    explain.add_argument("--method", choices=("gradcam", "gradcam++", "eigencam"), default="gradcam")
+    explain.add_argument("--target", metavar="LABEL", help="class to explain (default: the class the run decides)")
+    explain.add_argument("--alpha", type=float, default=0.4, help="heatmap weight in the overlay (default 0.4)")
+    explain.set_defaults(func=cmd_explain)
 
 
 def build_parser() -> argparse.ArgumentParser:

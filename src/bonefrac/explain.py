@@ -1,0 +1,276 @@
+"""Where the model looked: class activation maps from the `grad-cam` package, drawn on the original image.
+
+    Explainer(predictor, method="gradcam")   a run's network (a private copy) and the target layer of its family
+    Explainer.explain(pixels)                Explanation: heatmap at the original image's size, class, probabilities
+    overlay_rgb(pixels, heatmap)             the heatmap drawn on the radiograph (uint8 RGB)
+    heatmap_rgba(heatmap)                    the coloured heatmap alone, transparent where cold (for layering)
+    png_bytes(array)                         PNG of a uint8 gray / RGB / RGBA array
+    pointing_game(heatmaps, boxes)           faithfulness: how often the peak falls inside the known lesion box
+    explain_paths(explainer, paths, out)     `bonefrac explain`: an overlay PNG per file and explain.csv
+
+The maps come from `pytorch_grad_cam` (GradCAM, GradCAM++, EigenCAM); what is ours is the geometry around them.
+The network sees the image letterboxed into a square (`transforms.letterbox`); the map it gives is over that square,
+so the pad is cut off and the rest resized back to the original height and width: the overlay lies on the file the
+user gave, not on the resized tensor. The target layer is the last conv stage of the architecture
+(`models.feature_layer`: `bn2` for EfficientNet, `layer4` for ResNet, the last conv block for VGG and our CNNs).
+
+A heatmap says which pixels moved the score, not that the model is right or that it saw a fracture; it is a research
+aid, not a diagnosis. grad-cam min-max scales each map, so a map with no signal comes back all zeros, and the peak
+of a flat map means nothing (`Explanation.flat`).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from bonefrac.calibration import apply_temperature
+from bonefrac.data.io import read_image
+from bonefrac.errors import BonefracError, ImageReadError
+from bonefrac.models import feature_layer
+from bonefrac.predict import Predictor, expand_paths, preprocess
+
+METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}
+COLORMAP = "jet"
+FLAT_RANGE = 1e-3  # a map whose values span less than this carries no location
+
+
+@dataclass
+class Explanation:
+    """One image's map and what it explains."""
+
+    heatmap: np.ndarray  # float32 (H, W) in [0, 1], at the original image's size
+    target: str  # the class whose score the map explains
+    probabilities: dict[str, float]  # calibrated, as `bonefrac predict` gives them
+    prediction: str  # the decision at the run's threshold
+    method: str
+
+    @property
+    def flat(self) -> bool:
+        """True when the map has no peak to speak of (grad-cam returns zeros when the gradients carry nothing)."""
+        return float(self.heatmap.max() - self.heatmap.min()) < FLAT_RANGE
+
+    @property
+    def peak(self) -> tuple[int, int]:
+        """(x, y) of the hottest pixel in original-image coordinates."""
+        y, x = np.unravel_index(int(np.argmax(self.heatmap)), self.heatmap.shape)
+        return int(x), int(y)
+
+
+class Explainer:
+    """Class activation maps for a run's network. It keeps its own copy of the PyTorch model: grad-cam hooks the
+    target layer during a call, and the copy keeps those hooks away from a Predictor that serves other requests at
+    the same time (the ONNX backend has no PyTorch model of its own to hook). Calls are serialised by a lock."""
+
+    def __init__(self, predictor: Predictor, method: str = "gradcam"):
+        if method not in METHODS:
+            raise BonefracError(f"explain method {method!r}: choose from {', '.join(METHODS)}")
+        self.predictor = predictor
+        self.method = method
+        self.model = copy.deepcopy(predictor.model).eval()
+        self.model.requires_grad_(True)  # gradients must reach the target layer, even from a frozen backbone
+        self.layer = feature_layer(self.model, predictor.config.model.name)
+        self._lock = threading.Lock()
+
+    def explain(self, pixels: np.ndarray, target: str | None = None) -> Explanation:
+        """Map for `target` (a label; default the class the run decides for this image) over `pixels`, read_image's
+        float32 (H, W) in [0, 1]. The decision and probabilities are those of the PyTorch model without TTA."""
+        p = self.predictor
+        if target is not None and target not in p.labels:
+            raise BonefracError(f"explain target {target!r} is not one of the run's labels: {', '.join(p.labels)}")
+        batch = preprocess(pixels, p.image_size, p.preset).unsqueeze(0)
+        with self._lock:
+            with torch.no_grad():
+                logits = self.model(batch).float().numpy()
+            probabilities = apply_temperature(logits, p.temperature)[0]
+            prediction = p.decide(probabilities)
+            chosen = target or prediction
+            with torch.enable_grad(), METHODS[self.method](model=self.model, target_layers=[self.layer]) as cam:
+                square = cam(input_tensor=batch, targets=[ClassifierOutputTarget(p.labels.index(chosen))])[0]
+        return Explanation(
+            heatmap=unletterbox(square, pixels.shape),
+            target=chosen,
+            probabilities={label: float(v) for label, v in zip(p.labels, probabilities, strict=True)},
+            prediction=prediction,
+            method=self.method,
+        )
+
+
+def unletterbox(square: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A map over the letterboxed (S, S) input -> the original (H, W): cut the pad `letterbox` added, resize back.
+
+    Mirrors `letterbox`'s geometry exactly (same rounding of the scaled size and of the centring offsets).
+    """
+    size = square.shape[0]
+    height, width = shape
+    scale = size / max(height, width)
+    new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
+    top, left = (size - new_height) // 2, (size - new_width) // 2
+    content = np.ascontiguousarray(square[top : top + new_height, left : left + new_width], dtype=np.float32)
+    resized = np.asarray(Image.fromarray(content, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+    return np.clip(resized, 0.0, 1.0).astype(np.float32)
+
+
+# --- drawing -------------------------------------------------------------------------------------------------------
+
+
+def _colour(heatmap: np.ndarray) -> np.ndarray:
+    """float (H, W) in [0, 1] -> float (H, W, 3) in [0, 1] through the colormap."""
+    import matplotlib
+
+    return matplotlib.colormaps[COLORMAP](np.clip(heatmap, 0.0, 1.0))[..., :3]
+
+
+def overlay_rgb(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """The radiograph in gray with the heatmap's colours blended in where it is hot: uint8 (H, W, 3).
+
+    Each pixel mixes in `alpha * heat` of the colour, so cold regions keep the original gray and the anatomy
+    stays readable under the map."""
+    if pixels.shape != heatmap.shape:
+        raise ValueError(f"image {pixels.shape} and heatmap {heatmap.shape} differ in size")
+    gray = np.repeat(np.clip(pixels, 0.0, 1.0)[..., None], 3, axis=2)
+    weight = alpha * np.clip(heatmap, 0.0, 1.0)[..., None]
+    return np.rint((gray * (1 - weight) + _colour(heatmap) * weight) * 255).astype(np.uint8)
+
+
+def heatmap_rgba(heatmap: np.ndarray) -> np.ndarray:
+    """The coloured heatmap with alpha = heat: uint8 (H, W, 4), to lay over the image with an opacity of one's own."""
+    colour = np.rint(_colour(heatmap) * 255).astype(np.uint8)
+    alpha = np.rint(np.clip(heatmap, 0.0, 1.0) * 255).astype(np.uint8)
+    return np.dstack([colour, alpha])
+
+
+def gray_uint8(pixels: np.ndarray) -> np.ndarray:
+    """read_image's float32 (H, W) in [0, 1] -> uint8, for showing the image itself (a browser cannot show DICOM)."""
+    return np.rint(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """PNG of a uint8 array: (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"png_bytes expects uint8, got {array.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- faithfulness --------------------------------------------------------------------------------------------------
+
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 and y1 exclusive, as a PIL crop box
+
+
+@dataclass
+class PointingGame:
+    """How often the map's peak falls inside the known lesion box, against where chance would put it."""
+
+    hits: int
+    n: int  # maps judged (flat maps count as misses: they point nowhere)
+    chance: float  # mean box area / image area: the hit rate of a peak placed uniformly at random
+    flat: int  # maps with no peak
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.n if self.n else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"hits": self.hits, "n": self.n, "hit_rate": self.hit_rate, "chance": self.chance, "flat": self.flat}
+
+
+def pointing_game(explanations: Sequence[Explanation], boxes: Sequence[Box]) -> PointingGame:
+    """Score each map's peak against its lesion box (the pointing game of Zhang et al., 2016)."""
+    if len(explanations) != len(boxes):
+        raise ValueError(f"{len(explanations)} maps but {len(boxes)} boxes")
+    hits = flat = 0
+    area_fractions = []
+    for explanation, (x0, y0, x1, y1) in zip(explanations, boxes, strict=True):
+        height, width = explanation.heatmap.shape
+        area_fractions.append((x1 - x0) * (y1 - y0) / (height * width))
+        if explanation.flat:
+            flat += 1
+            continue
+        x, y = explanation.peak
+        hits += x0 <= x < x1 and y0 <= y < y1
+    chance = float(np.mean(area_fractions)) if area_fractions else float("nan")
+    return PointingGame(hits=hits, n=len(boxes), chance=chance, flat=flat)
+
+
+# --- files ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExplainRow:
+    """One file's outcome in `explain_paths`: the overlay written, or why there is none."""
+
+    file: str
+    status: str  # "ok" or "error"
+    overlay: str = ""  # path of the PNG written
+    target: str = ""
+    prediction: str = ""
+    p_target: float | None = None
+    peak_x: int | None = None
+    peak_y: int | None = None
+    flat: bool | None = None
+    error: str = ""
+
+
+EXPLAIN_FIELDS = ("file", "status", "overlay", "target", "prediction", "p_target", "peak_x", "peak_y", "flat", "error")
+
+
+def explain_paths(
+    explainer: Explainer,
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    target: str | None = None,
+    alpha: float = 0.4,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[ExplainRow]:
+    """Write an overlay PNG per image-like file under `paths` (files, folders, globs, as `bonefrac predict` takes
+    them) into out_dir, plus out_dir/explain.csv; an unreadable file becomes an error row, never an exception.
+
+    Overlays are named after the file's path below the folder all inputs share, so two `1.png` in different
+    folders do not overwrite each other."""
+    import csv
+    import os
+    import warnings
+
+    files, _ = expand_paths(paths)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = os.path.commonpath([str(f.resolve().parent) for f in files]) if files else ""
+    rows = []
+    for index, path in enumerate(files):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # as in predict: read_image's notes are not printed per file
+                pixels, _ = read_image(path)
+            explanation = explainer.explain(pixels, target=target)
+        except ImageReadError as err:
+            rows.append(ExplainRow(str(path), "error", error=err.reason))
+        else:
+            stem = Path(os.path.relpath(path.resolve(), base)).with_suffix("").as_posix().replace("/", "__")
+            overlay = out_dir / f"{stem}.{explanation.method}.png"
+            overlay.write_bytes(png_bytes(overlay_rgb(pixels, explanation.heatmap, alpha)))
+            x, y = explanation.peak
+            rows.append(ExplainRow(
+                str(path), "ok", str(overlay), explanation.target, explanation.prediction,
+                explanation.probabilities[explanation.target], x, y, explanation.flat,
+            ))
+        if progress:
+            progress(index + 1, len(files))
+    with open(out_dir / "explain.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=EXPLAIN_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: "" if value is None else value for key, value in vars(row).items()})
+    return rows
