@@ -373,3 +373,63 @@ def test_train_command_bad_input_is_one_line(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "not a folder" in err and "Traceback" not in err
+
+
+# --- group- and class-balanced sampling ------------------------------------------------------------------------
+
+
+def test_sampling_weights_make_groups_and_classes_weigh_alike():
+    from bonefrac.train import sampling_weights
+
+    targets = [0, 0, 0, 0, 1, 1]
+    groups = ["a", "a", "a", "b", "c", "d"]  # class 0: a group of 3 near-copies and a single; class 1: 2 singles
+    assert sampling_weights(targets, groups, by_class=False, by_group=False) is None
+    by_group = sampling_weights(targets, groups, by_class=False, by_group=True)
+    assert by_group == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1, 1, 1])
+    both = sampling_weights(targets, groups, by_class=True, by_group=True)
+    assert sum(both[:4]) == pytest.approx(sum(both[4:]))  # classes drawn equally often
+    assert sum(both[:3]) == pytest.approx(both[3])  # the group of 3 as often as the single of its class
+    by_class = sampling_weights(targets, groups, by_class=True, by_group=False)
+    assert by_class == pytest.approx([1 / 4] * 4 + [1 / 2] * 2)
+
+
+def test_epoch_sampler_draws_epoch_size_and_repeats_by_epoch():
+    from bonefrac.train import EpochSampler
+
+    plain = EpochSampler(5, seed=1, draws=12)
+    order = list(plain)
+    assert len(order) == len(plain) == 12 and sorted(order[:5]) == list(range(5))  # whole shuffles, chained
+    weighted = EpochSampler(4, seed=1, weights=[1, 0, 0, 1], draws=50)
+    drawn = list(weighted)
+    assert len(drawn) == 50 and set(drawn) <= {0, 3}
+    weighted.set_epoch(1)
+    assert list(weighted) != drawn
+    weighted.set_epoch(0)
+    assert list(weighted) == drawn
+
+
+def test_group_balanced_training_reads_groups_from_the_manifest(learnable_set, cache_dir, tmp_path):
+    # A manifest.csv beside the images puts all 48 fractured training bars in one group: with group balance the
+    # fractured class is then one group among 49 and almost never drawn, whatever the seed.
+    root = tmp_path / "grouped"
+    shutil.copytree(learnable_set, root)
+    lines = ["split,label,file,group"]
+    for label in ("fractured", "not_fractured"):
+        for path in sorted((root / "train" / label).iterdir()):
+            group = "one" if label == "fractured" else path.stem + label
+            lines.append(f"train,{label},{path.name},{group}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+
+    drawn = []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            drawn.extend(batch[1].tolist())
+
+    run = fit(tiny_config(root, cache_dir, **{"data.group_balance": True, "data.epoch_size": 40,
+                                              "train.epochs": 1}), tmp_path / "run", progress=False,
+              callbacks=[Record()])
+    assert len(drawn) == 40  # the epoch size, not the 96 training images
+    labels = json.loads((run / "labels.json").read_text())["labels"]
+    fractured = labels.index("fractured")
+    assert drawn.count(fractured) <= 5  # expected 40 / 49 < 1

@@ -57,6 +57,10 @@ class DataConfig:
     workers: int = 2  # DataLoader worker processes (0: load in the training process); also decoding processes
     cache_dir: str = field(default_factory=default_cache_dir)  # decoded, letterboxed images (data/cache.py)
     class_balance: str = "none"  # "weights": class-weighted loss; "sampler": class-balanced sampling
+    # Sample each group of near-copies (manifest.csv `group` column, else the audit's duplicate groups) as often as
+    # a single image: 200 rotations of one radiograph then count once, not 200 times.
+    group_balance: bool = False
+    epoch_size: int = 0  # training images drawn per epoch (0: as many as the train split has)
 
 
 @dataclass
@@ -188,6 +192,7 @@ def validate(config: RunConfig) -> None:
         ("data.image_size", data.image_size, 8),  # three 2x poolings in the small CNNs
         ("data.batch_size", data.batch_size, 1),
         ("data.workers", data.workers, 0),
+        ("data.epoch_size", data.epoch_size, 0),
         ("train.epochs", train.epochs, 1),
         ("train.plateau_patience", train.plateau_patience, 0),
         ("train.freeze_epochs", train.freeze_epochs, 0),

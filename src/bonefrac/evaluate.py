@@ -39,7 +39,14 @@ from bonefrac.calibration import (
 from bonefrac.config import RunConfig, from_yaml
 from bonefrac.data.audit import AuditReport, audit_manifest
 from bonefrac.data.cache import CachedImageDataset, ImageCache
-from bonefrac.data.dataset import Manifest, ManifestRow, canonical_label, scan_folder
+from bonefrac.data.dataset import (
+    Manifest,
+    ManifestRow,
+    manifest_groups,
+    manifest_key,
+    read_data_manifest,
+    scan_folder,
+)
 from bonefrac.data.transforms import EvalPreset
 from bonefrac.errors import BonefracError, DatasetError
 from bonefrac.metrics import Interval, bootstrap_ci, classification_metrics, classification_report_text
@@ -213,35 +220,6 @@ def _split_of(path: str) -> str:
 # --- what the data folder says about its files -------------------------------------------------------------------
 
 
-def _manifest_key(path: str) -> tuple[str, str, str]:
-    """(split, label, file) of a path root/<split>/<class>/<file...>, the key of a data folder's manifest.csv."""
-    parts = path.split("/", 2)
-    return (parts[0], canonical_label(parts[1]), parts[2]) if len(parts) == 3 else ("", "", path)
-
-
-def read_data_manifest(root: str | Path) -> dict[tuple[str, str, str], dict[str, str]]:
-    """A data folder's own manifest.csv (columns split, label, file, ...), keyed by (split, label, file); or {}."""
-    path = Path(root) / "manifest.csv"
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as handle:
-        records = list(csv.DictReader(handle))
-    if not records or not {"split", "label", "file"} <= set(records[0]):
-        return {}
-    return {(r["split"], canonical_label(r["label"]), r["file"]): r for r in records}
-
-
-def manifest_groups(root: str | Path, rows: Sequence[ManifestRow]) -> dict[str, str]:
-    """path -> the `group` column of the data folder's manifest.csv, for the rows it lists; {} without one."""
-    table = read_data_manifest(root)
-    out = {}
-    for row in rows:
-        record = table.get(_manifest_key(row.path))
-        if record and record.get("group"):
-            out[row.path] = record["group"]
-    return out
-
-
 def size_bucket(width: int, height: int) -> str:
     """The built-in `size` stratum: a bucket of the longer image side in pixels."""
     side = max(width, height)
@@ -255,7 +233,7 @@ def stratum_values(root: str | Path, rows: Sequence[ManifestRow], column: str) -
     table = read_data_manifest(root)
     columns = set(next(iter(table.values()), {}))
     if column in columns:
-        return [table.get(_manifest_key(row.path), {}).get(column) or "unknown" for row in rows]
+        return [table.get(manifest_key(row.path), {}).get(column) or "unknown" for row in rows]
     if column in ("format", "mode"):
         return [getattr(row, column) or "unknown" for row in rows]
     choices = ", ".join(sorted({"size", "format", "mode"} | (columns - {"split", "label", "file", "md5"})))

@@ -36,6 +36,7 @@ import random
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -70,7 +71,7 @@ from bonefrac import DISCLAIMER, __version__
 from bonefrac.config import ConfigError, RunConfig, TrainConfig, check_device, differences, from_yaml, to_yaml
 from bonefrac.data.audit import AuditReport, audit_manifest, write_json
 from bonefrac.data.cache import CachedImageDataset, ImageCache
-from bonefrac.data.dataset import Manifest, ManifestRow, scan_folder
+from bonefrac.data.dataset import Manifest, ManifestRow, manifest_groups, scan_folder
 from bonefrac.data.transforms import EvalPreset, TrainPreset, batch_mixer
 from bonefrac.errors import BonefracError, DataLeakageError, DatasetError
 from bonefrac.models import create_model, model_spec, num_parameters
@@ -139,7 +140,7 @@ def fit(
     with _run_log(run_dir / "run.log" if main else None, echo=progress and main):
         log.info("bonefrac %s: %s in %s", __version__, "resuming the run" if resume else "new run", run_dir)
         manifest, report = _scan_and_audit(config, run_dir if main else None, progress=progress and main)
-        data = _load_data(manifest, config, progress=progress and main)
+        data = _load_data(manifest, config, report, progress=progress and main)
         labels = {"labels": data.labels, "positive_label": data.labels[data.positive], "num_classes": len(data.labels)}
         if main:
             (run_dir / "config.yaml").write_text(to_yaml(config))
@@ -555,11 +556,13 @@ class EpochSampler(Sampler[int]):
 
     Lightning calls `set_epoch` before every epoch, as for DistributedSampler; the order of epoch e is then the
     same whether or not the run was interrupted and resumed before it. (torch's RandomSampler draws its order
-    from the global RNG, whose state a checkpoint does not keep.) weights: per image, for class-balanced sampling.
+    from the global RNG, whose state a checkpoint does not keep.) weights: per image, for class- or group-balanced
+    sampling. draws: indices per epoch (default n); without weights, whole shuffles are chained and cut to length.
     """
 
-    def __init__(self, n: int, *, seed: int, weights: Sequence[float] | None = None):
+    def __init__(self, n: int, *, seed: int, weights: Sequence[float] | None = None, draws: int | None = None):
         self.n = n
+        self.draws = draws or n
         self.seed = seed
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.epoch = 0
@@ -568,14 +571,15 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return self.draws
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, _ORDER_STREAM))
         if self.weights is None:
-            order = torch.randperm(self.n, generator=generator)
+            shuffles = [torch.randperm(self.n, generator=generator) for _ in range(-(-self.draws // self.n))]
+            order = torch.cat(shuffles)[: self.draws]
         else:
-            order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+            order = torch.multinomial(self.weights, self.draws, replacement=True, generator=generator)
         yield from order.tolist()
 
 
@@ -667,7 +671,7 @@ class TrainingData:
     train: CachedImageDataset
     val: CachedImageDataset
     class_weights: torch.Tensor  # N / (classes x count), per class, from the train set
-    sample_weights: list[float]  # 1 / count of its class, per training image
+    sample_weights: list[float] | None  # per training image, for the sampler (None: a plain shuffle)
     counts: dict[str, dict[str, int]]  # {"train": {label: n}, "val": {...}}
     skipped: list[dict[str, str]]  # {"path", "reason"} of every file left out
     synthetic: bool  # a phantom set from `bonefrac data synth`
@@ -728,7 +732,7 @@ def _leak_lines(report: AuditReport, named: int = 3) -> list[str]:
     return lines
 
 
-def _load_data(manifest: Manifest, config: RunConfig, *, progress: bool) -> TrainingData:
+def _load_data(manifest: Manifest, config: RunConfig, report: AuditReport, *, progress: bool) -> TrainingData:
     """Decode train and val images into the cache and wrap them as datasets; unreadable files are skipped."""
     root, labels = manifest.root, manifest.labels
     rows = [row for row in manifest.rows if row.split in ("train", "val")]
@@ -784,11 +788,45 @@ def _load_data(manifest: Manifest, config: RunConfig, *, progress: bool) -> Trai
         train=train,
         val=val,
         class_weights=torch.tensor([sum(n_train) / (len(labels) * n) for n in n_train], dtype=torch.float32),
-        sample_weights=[1.0 / n_train[target] for target in train.targets],
+        sample_weights=sampling_weights(
+            train.targets,
+            _train_groups(root, kept["train"], report),
+            by_class=config.data.class_balance == "sampler",
+            by_group=config.data.group_balance,
+        ),
         counts=counts,
         skipped=skipped,
         synthetic=(root / "SYNTHETIC_DATA.txt").exists(),
     )
+
+
+def _train_groups(root: Path, rows: Sequence[ManifestRow], report: AuditReport) -> list[str]:
+    """Each training image's group of near-copies: the data folder's manifest.csv `group` column where it has one,
+    else the audit's duplicate group (a file with no near-copy is a group of its own)."""
+    listed = manifest_groups(root, rows)
+    return [listed.get(row.path) or report.group_of.get(row.path, row.path) for row in rows]
+
+
+def sampling_weights(
+    targets: Sequence[int], groups: Sequence[str], *, by_class: bool, by_group: bool
+) -> list[float] | None:
+    """Per-image draw weights for the EpochSampler; None when neither balance is asked for (a plain shuffle).
+
+    by_group: an image weighs 1 / (size of its group), so every group of near-copies is drawn as often as a single
+    image would be. by_class: the weights of each class are scaled to the same total, so classes are drawn equally
+    often (with by_group, equally often as groups). A few hundred rotations of one radiograph otherwise dominate
+    an epoch and teach the network that radiograph, not the fracture.
+    """
+    if not (by_class or by_group):
+        return None
+    size = Counter(groups)
+    weights = [1.0 / size[group] if by_group else 1.0 for group in groups]
+    if by_class:
+        mass = Counter()
+        for target, weight in zip(targets, weights, strict=True):
+            mass[target] += weight
+        weights = [weight / mass[target] for target, weight in zip(targets, weights, strict=True)]
+    return weights
 
 
 def _loaders(data: TrainingData, config: RunConfig) -> tuple[DataLoader, DataLoader]:
@@ -805,7 +843,8 @@ def _loaders(data: TrainingData, config: RunConfig) -> tuple[DataLoader, DataLoa
     sampler = EpochSampler(
         len(data.train),
         seed=config.train.seed,
-        weights=data.sample_weights if config.data.class_balance == "sampler" else None,
+        weights=data.sample_weights,
+        draws=config.data.epoch_size or None,
     )
     train = DataLoader(data.train, sampler=sampler, generator=torch.Generator(), **common)
     val = DataLoader(data.val, shuffle=False, **common)

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -212,3 +212,35 @@ def read_manifest(out_dir: str | Path) -> Manifest:
         with open(out_dir / "problems.csv", newline="") as handle:
             problems = [FileProblem(**record) for record in csv.DictReader(handle)]
     return Manifest(root=Path(meta["root"]), labels=list(meta["labels"]), rows=rows, problems=problems)
+
+
+# --- what the data folder says about its files (its own manifest.csv, e.g. a group column) ---------------
+
+
+def manifest_key(path: str) -> tuple[str, str, str]:
+    """(split, label, file) of a path root/<split>/<class>/<file...>, the key of a data folder's manifest.csv."""
+    parts = path.split("/", 2)
+    return (parts[0], canonical_label(parts[1]), parts[2]) if len(parts) == 3 else ("", "", path)
+
+
+def read_data_manifest(root: str | Path) -> dict[tuple[str, str, str], dict[str, str]]:
+    """A data folder's own manifest.csv (columns split, label, file, ...), keyed by (split, label, file); or {}."""
+    path = Path(root) / "manifest.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as handle:
+        records = list(csv.DictReader(handle))
+    if not records or not {"split", "label", "file"} <= set(records[0]):
+        return {}
+    return {(r["split"], canonical_label(r["label"]), r["file"]): r for r in records}
+
+
+def manifest_groups(root: str | Path, rows: Sequence[ManifestRow]) -> dict[str, str]:
+    """path -> the `group` column of the data folder's manifest.csv, for the rows it lists; {} without one."""
+    table = read_data_manifest(root)
+    out = {}
+    for row in rows:
+        record = table.get(manifest_key(row.path))
+        if record and record.get("group"):
+            out[row.path] = record["group"]
+    return out
