@@ -21,7 +21,7 @@ from bonefrac.data.io import read_image
 from bonefrac.errors import BonefracError
 from bonefrac.export import export_onnx
 from bonefrac.predict import Predictor, eval_preset, expand_paths, preprocess
-from bonefrac.tta import tta_logits
+from bonefrac.tta import tta_logits, zoom
 from tests.helpers import bar_image, calibrated_bar_run, write_dicom
 
 SECRET = "SECRET^NAME"
@@ -206,9 +206,12 @@ def test_tta_is_the_mean_of_plain_and_mirrored_logits(run, folder):
     with torch.inference_mode():
         plain = predictor.model(batch).numpy()
         mirrored = predictor.model(torch.flip(batch, dims=[-1])).numpy()  # left-right: the last axis is width
+        zoomed = zoom(batch, 1.1)
+        zoomed = (predictor.model(zoomed).numpy() + predictor.model(torch.flip(zoomed, dims=[-1])).numpy())
     assert not np.allclose(plain, mirrored)  # the bar is off-centre, so the mirror is a different input
-    np.testing.assert_allclose(predictor.logits(batch), (plain + mirrored) / 2, rtol=0, atol=1e-6)
-    expected = apply_temperature((plain + mirrored) / 2, predictor.temperature)[0]
+    by_hand = (plain + mirrored + zoomed) / 4
+    np.testing.assert_allclose(predictor.logits(batch), by_hand, rtol=0, atol=1e-6)
+    expected = apply_temperature(by_hand, predictor.temperature)[0]
     row = predictor.predict_paths([folder / "b.png"]).rows[0]
     assert [row.probabilities[label] for label in predictor.labels] == pytest.approx(expected.tolist(), abs=1e-6)
 
@@ -217,7 +220,8 @@ def test_tta_logits_is_the_one_evaluate_uses(run):
     model = Predictor(run, backend="torch").model
     images = torch.rand(3, 3, 32, 32)
     with torch.inference_mode():
-        by_hand = (model(images) + model(images.flip(-1))) / 2
+        views = [images, images.flip(-1), zoom(images, 1.1), zoom(images, 1.1).flip(-1)]
+        by_hand = sum(model(view) for view in views) / 4
         torch.testing.assert_close(tta_logits(model, images), by_hand)
     assert evaluate_module.tta_logits is tta_logits
 
@@ -238,3 +242,12 @@ def test_cli_predict_tta_flag(exported, folder, tmp_path):
     row = json.loads(mirrored.read_text())["rows"][0]
     assert row["p_fractured"] == pytest.approx(expected.probabilities["fractured"], abs=1e-6)
     assert row["p_fractured"] != pytest.approx(json.loads(plain.read_text())["rows"][0]["p_fractured"], abs=1e-7)
+
+
+def test_zoom_takes_the_centre_and_keeps_the_size():
+    images = torch.zeros(1, 1, 22, 22)
+    images[..., 1:21, 1:21] = 1.0  # a 1-pixel black frame: a 1.1 zoom (20 of 22 pixels) crops it away
+    assert zoom(images, 1.0) is images
+    zoomed = zoom(images, 1.1)
+    assert zoomed.shape == images.shape
+    assert torch.allclose(zoomed, torch.ones_like(zoomed))

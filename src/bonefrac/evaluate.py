@@ -138,7 +138,7 @@ def predict_split(
 ) -> SplitPredictions:
     """Logits of the run's model on every readable file of data_root/<split>/, preprocessed as in training.
 
-    tta: also predict the horizontally mirrored image and average the logits. Unreadable files are listed in
+    tta: average the logits over the views of bonefrac.tta (mirror x zoom 1.0/1.1). Unreadable files are listed in
     `skipped`, never raised.
     """
     model, config, labels, positive = load_run(run_dir)
