@@ -47,7 +47,11 @@ def test_report_says_what_it_is_and_how_well_it_does(page):
                 "Grad-CAM gallery", "Model card", "Intended use", "Limitations", "How to reproduce")
     for section in sections:
         assert f">{section}</h" in page, section
-    assert "appears once <code>bonefrac explain</code> exists" in page
+    gallery = page[page.index("id='gradcam'"):page.index("id='model-card'")]
+    overlays = re.findall(r"<img src='data:image/png;base64,[^']+' alt='Grad-CAM overlay, (true positive|false "
+                          r"negative|false positive): test/", gallery)
+    assert overlays and overlays == sorted(overlays, key=("true positive", "false negative", "false positive").index)
+    assert "not where a fracture is" in gallery
     assert "SYNTHETIC" in page and "Not a diagnosis" in page.replace("<strong>", "").replace("</strong>", "")
     assert re.search(r"<th scope='row'>ROC AUC</th><td>\d\.\d{3}</td><td>\[\d\.\d{3}, \d\.\d{3}\]</td><td>16</td>",
                      page)

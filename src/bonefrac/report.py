@@ -357,6 +357,69 @@ def _model_card(run_dir: Path, summary: dict | None, audit: dict | None, evals: 
     return "".join(parts)
 
 
+GALLERY_PER_KIND = 3
+GALLERY_SIDE = 224
+
+
+def gallery_picks(predictions_csv: Path, positive: str, per_kind: int = GALLERY_PER_KIND) -> list[tuple[str, dict]]:
+    """(kind, predictions.csv row) for the gallery: the most confident true positives, the most confident false
+    negatives (lowest p among fractured) and false positives (highest p among the rest)."""
+    with open(predictions_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    column = f"p_{positive}"
+    by_p = sorted(rows, key=lambda r: float(r[column]), reverse=True)
+    found = [r for r in by_p if r["label"] == positive]
+    picks = [("true positive", r) for r in found if r["prediction"] == positive][:per_kind]
+    picks += [("false negative", r) for r in reversed(found) if r["prediction"] != positive][:per_kind]
+    picks += [("false positive", r) for r in by_p if r["label"] != positive and r["prediction"] == positive][:per_kind]
+    return picks
+
+
+def _gradcam_section(run_dir: Path, evals: dict[str, dict], root: Path) -> str:
+    """Grad-CAM overlays (for the positive class) on the evaluated split's telling cases, drawn on the originals."""
+    parts = [
+        "<h2 id='gradcam'>Grad-CAM gallery</h2>",
+        "<p>Where the model looked when scoring the positive class: Grad-CAM on the last conv stage, drawn on the "
+        "original image (red = moved the score most). A heatmap shows what drove the score, not where a fracture "
+        "is, and it is not a diagnosis. Made with <code>bonefrac explain</code>.</p>",
+    ]
+    split = next((s for s in ("test", "val", *evals) if (run_dir / "eval" / s / "predictions.csv").is_file()), None)
+    if split is None:
+        return "".join(parts) + "<p>No evaluated split yet: run <code>bonefrac evaluate</code> first.</p>"
+    from bonefrac.explain import Explainer, overlay_rgb
+    from bonefrac.predict import Predictor
+
+    try:
+        explainer = Explainer(Predictor(run_dir, backend="torch"))
+    except BonefracError as err:
+        return "".join(parts) + f"<p>No gallery: {esc(str(err))}</p>"
+    positive = explainer.predictor.labels[explainer.predictor.positive]
+    cells: dict[str, list[str]] = {}
+    for kind, row in gallery_picks(run_dir / "eval" / split / "predictions.csv", positive):
+        try:
+            side = 2 * max(GALLERY_SIDE, explainer.predictor.image_size)
+            pixels, _ = read_image(root / row["file"], max_side=side)
+        except ImageReadError:
+            continue
+        heat = explainer.explain(pixels, target=positive).heatmap
+        image = Image.fromarray(overlay_rgb(pixels, heat))
+        image.thumbnail((GALLERY_SIDE, GALLERY_SIDE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        caption = f"{row['file']}: {row['label']}, p({positive}) {float(row[f'p_{positive}']):.2f}"
+        cells.setdefault(kind, []).append(
+            f"<figure><img src='{png_data_uri(buffer.getvalue())}' alt='{esc(f'Grad-CAM overlay, {kind}: {caption}')}'>"
+            f"<figcaption>{esc(caption)}</figcaption></figure>"
+        )
+    if not cells:
+        return "".join(parts) + f"<p>No readable {esc(split)} image under {esc(str(root))} to explain.</p>"
+    for kind in ("true positive", "false negative", "false positive"):
+        found = cells.get(kind)
+        parts.append(f"<h3>{esc(kind)}s ({esc(split)})</h3>"
+                     + (f"<div class='grid'>{''.join(found)}</div>" if found else f"<p>no {esc(kind)}s</p>"))
+    return "".join(parts)
+
+
 # --- the page -------------------------------------------------------------------------------------------------------
 
 
@@ -409,8 +472,7 @@ def write_report(run_dir: str | Path, data_root: str | Path | None = None) -> Pa
         _training_section(run_dir, summary),
         _evaluation_section(evals, run_dir),
         _calibration_section(calibration),
-        "<h2 id='gradcam'>Grad-CAM gallery</h2><p>The Grad-CAM gallery (where the model looks) appears once "
-        "<code>bonefrac explain</code> exists.</p>",
+        _gradcam_section(run_dir, evals, root),
         _model_card(run_dir, summary, audit, evals, calibration, root, synthetic),
         f"</main><footer><p>Written by bonefrac {esc(__version__)} from <code>{esc(str(run_dir))}</code>. "
         f"{esc(DISCLAIMER)}</p></footer>",
