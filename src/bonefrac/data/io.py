@@ -8,11 +8,13 @@ depend on what else is in the image (only float TIFFs and DICOMs without a windo
 
 The format is decided by the file's content, never by its extension: real data sets hold GIFs named .jpg and
 PNGs named .jpeg. Every failure raises `ImageReadError` with a reason a person can act on; DICOM header
-values (patient name, IDs, dates) never appear in an error or a warning.
+values (patient name, IDs, dates) never appear in an error or a warning. An upload is read from its bytes in
+memory (`read_image(data, name=filename)`), the same way as a file and without being written to disk.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import struct
@@ -109,6 +111,8 @@ _PIL_BIT_DEPTH = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I"
 _DICOM_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 PathLike = str | os.PathLike[str]
+# What the readers take: a file on disk, or the file's bytes already in memory (an upload that is never written).
+ImageSource = PathLike | bytes
 
 
 @dataclass(frozen=True)
@@ -124,38 +128,64 @@ class ImageInfo:
     warnings: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class _Source:
+    """A file on disk (`path`) or its bytes in memory (`data`), and the name every error quotes."""
+
+    name: str
+    path: Path | None = None
+    data: bytes | None = None
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.name).suffix.lower()
+
+    def open(self) -> IO[bytes]:
+        return io.BytesIO(self.data) if self.data is not None else self.path.open("rb")
+
+
+def _source(source: ImageSource, name: str | None) -> _Source:
+    """Bytes are named by `name` (an upload's file name; its suffix matters only for DICOM without preamble)."""
+    if isinstance(source, bytes):
+        return _Source(name or "upload", data=source)
+    path = Path(source)
+    return _Source(str(path), path=path)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Public API
 
 
-def sniff_format(path: PathLike) -> str | None:
+def sniff_format(source: ImageSource) -> str | None:
     """Return the image format named by the file's magic bytes, or None when there is none we read.
 
     Raises ImageReadError when the file cannot be read at all (missing, a directory, no permission, empty).
     """
-    return _sniff(_read_head(Path(path)))
+    return _sniff(_read_head(_source(source, None)))
 
 
 def probe_image(path: PathLike) -> ImageInfo:
     """Describe an image from its header alone, without decoding pixels; fails as `read_image` does."""
-    path = Path(path)
-    fmt = _identify(path)
+    source = _source(path, None)
+    fmt = _identify(source)
     if fmt == "DICOM":
-        return _dicom_info(path, _open_dicom(path, stop_before_pixels=True), MAX_PIXELS)
-    with path.open("rb") as fp:
-        img = _open_pil(fp, path, fmt)
-        return _pil_info(img, path, fmt, MAX_PIXELS)
+        return _dicom_info(source, _open_dicom(source, stop_before_pixels=True), MAX_PIXELS)
+    with source.open() as fp:
+        img = _open_pil(fp, source, fmt)
+        return _pil_info(img, source, fmt, MAX_PIXELS)
 
 
 def read_image(
-    path: PathLike,
+    source: ImageSource,
     *,
+    name: str | None = None,
     allow_truncated: bool = False,
     max_pixels: int = MAX_PIXELS,
     max_side: int | None = None,
 ) -> tuple[np.ndarray, ImageInfo]:
     """Read an image as a 2-D float32 array in [0, 1] (1.0 = brightest as viewed) and describe it.
 
+    source: a path, or the file's bytes (an upload: nothing is written to disk); `name` then names it in errors.
     allow_truncated: load what there is of a truncated file (the decoder fills in the rest) instead of
         raising; the result then carries a warning. A truncated DICOM always raises.
     max_pixels: refuse images whose header claims more pixels than this, before decoding anything.
@@ -167,13 +197,13 @@ def read_image(
     Multi-frame files (animated GIF, multi-page TIFF, multi-frame DICOM) give their first frame. Every
     entry of `info.warnings` is also issued with `warnings.warn`.
     """
-    path = Path(path)
-    fmt = _identify(path)
+    resolved = _source(source, name)
+    fmt = _identify(resolved)
     if fmt == "DICOM":
-        pixels, info = _read_dicom(path, max_pixels=max_pixels, max_side=max_side)
+        pixels, info = _read_dicom(resolved, max_pixels=max_pixels, max_side=max_side)
     else:
         pixels, info = _read_pil(
-            path, fmt, allow_truncated=allow_truncated, max_pixels=max_pixels, max_side=max_side
+            resolved, fmt, allow_truncated=allow_truncated, max_pixels=max_pixels, max_side=max_side
         )
     for message in info.warnings:
         warnings.warn(message, stacklevel=2)
@@ -184,22 +214,27 @@ def read_image(
 # Identifying the file
 
 
-def _read_head(path: Path) -> bytes:
-    """The first bytes of `path`, turning every way a file can be unreadable into an ImageReadError."""
+def _read_head(source: _Source) -> bytes:
+    """The first bytes of `source`, turning every way a file can be unreadable into an ImageReadError."""
+    if source.data is not None:
+        if not source.data:
+            raise ImageReadError(source.name, "empty file (0 bytes)")
+        return source.data[:_HEAD_BYTES]
+    path = source.path
     try:
         status = path.stat()
         if stat.S_ISDIR(status.st_mode):
-            raise ImageReadError(path, "is a directory")
+            raise ImageReadError(source.name, "is a directory")
         if status.st_size == 0:
-            raise ImageReadError(path, "empty file (0 bytes)")
+            raise ImageReadError(source.name, "empty file (0 bytes)")
         with path.open("rb") as fp:
             return fp.read(_HEAD_BYTES)
     except FileNotFoundError as err:
-        raise ImageReadError(path, "file not found") from err
+        raise ImageReadError(source.name, "file not found") from err
     except PermissionError as err:
-        raise ImageReadError(path, "permission denied") from err
+        raise ImageReadError(source.name, "permission denied") from err
     except OSError as err:
-        raise ImageReadError(path, f"cannot read file ({err.strerror or type(err).__name__})") from err
+        raise ImageReadError(source.name, f"cannot read file ({err.strerror or type(err).__name__})") from err
 
 
 def _sniff(head: bytes) -> str | None:
@@ -214,18 +249,18 @@ def _sniff(head: bytes) -> str | None:
     return None
 
 
-def _identify(path: Path) -> str:
-    """The format of `path` by content, or ImageReadError saying why it is not an image."""
-    head = _read_head(path)
+def _identify(source: _Source) -> str:
+    """The format of `source` by content, or ImageReadError saying why it is not an image."""
+    head = _read_head(source)
     fmt = _sniff(head)
     if fmt is not None:
         return fmt
     if _looks_like_text(head):
-        raise ImageReadError(path, "not an image (text file)")
+        raise ImageReadError(source.name, "not an image (text file)")
     # Some DICOM writers omit the 128-byte preamble and "DICM"; only the extension hints at those files.
-    if path.suffix.lower() in _DICOM_SUFFIXES and _is_headerless_dicom(path):
+    if source.suffix in _DICOM_SUFFIXES and _is_headerless_dicom(source):
         return "DICOM"
-    raise ImageReadError(path, "not an image (unrecognised content)")
+    raise ImageReadError(source.name, "not an image (unrecognised content)")
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -235,19 +270,20 @@ def _looks_like_text(head: bytes) -> bool:
     return printable >= 0.95 * len(text)
 
 
-def _is_headerless_dicom(path: Path) -> bool:
+def _is_headerless_dicom(source: _Source) -> bool:
     """Whether pydicom, forced, finds a dataset with elements every image DICOM has."""
     try:
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+        with source.open() as fp:
+            ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True)
     except Exception:  # pydicom raises many types on bytes that are not DICOM; all mean "no"
         return False
     return "SOPClassUID" in ds or "Rows" in ds
 
 
-def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
+def _check_size(source: _Source, width: int, height: int, max_pixels: int) -> None:
     """Refuse an image whose header claims more than `max_pixels`, before anything is decoded."""
     if width * height > max_pixels:
-        raise ImageReadError(path, f"{width}×{height} pixels is over the limit of {max_pixels:,} pixels")
+        raise ImageReadError(source.name, f"{width}×{height} pixels is over the limit of {max_pixels:,} pixels")
 
 
 def _reduce_factor(width: int, height: int, max_side: int | None) -> int:
@@ -272,26 +308,26 @@ class _TruncatedImage(Exception):
 
 
 def _read_pil(
-    path: Path, fmt: str, *, allow_truncated: bool, max_pixels: int, max_side: int | None
+    source: _Source, fmt: str, *, allow_truncated: bool, max_pixels: int, max_side: int | None
 ) -> tuple[np.ndarray, ImageInfo]:
     """Read a Pillow-supported file, retrying with truncated loading when that is allowed."""
     try:
-        return _decode_pil(path, fmt, max_pixels=max_pixels, max_side=max_side, load_truncated=False)
+        return _decode_pil(source, fmt, max_pixels=max_pixels, max_side=max_side, load_truncated=False)
     except _TruncatedImage as err:
         if not allow_truncated:
-            raise ImageReadError(path, f"truncated {fmt} ({err}); allow_truncated=True loads it") from err
-    pixels, info = _decode_pil(path, fmt, max_pixels=max_pixels, max_side=max_side, load_truncated=True)
+            raise ImageReadError(source.name, f"truncated {fmt} ({err}); allow_truncated=True loads it") from err
+    pixels, info = _decode_pil(source, fmt, max_pixels=max_pixels, max_side=max_side, load_truncated=True)
     note = f"truncated {fmt}: loaded the part that is there, the decoder filled in the rest"
     return pixels, replace(info, warnings=(*info.warnings, note))
 
 
 def _decode_pil(
-    path: Path, fmt: str, *, max_pixels: int, max_side: int | None, load_truncated: bool
+    source: _Source, fmt: str, *, max_pixels: int, max_side: int | None, load_truncated: bool
 ) -> tuple[np.ndarray, ImageInfo]:
     """Decode the first frame to a float32 array in [0, 1], upright and as small as `max_side` allows."""
-    with path.open("rb") as fp:
-        img = _open_pil(fp, path, fmt)
-        info = _pil_info(img, path, fmt, max_pixels)
+    with source.open() as fp:
+        img = _open_pil(fp, source, fmt)
+        info = _pil_info(img, source, fmt, max_pixels)
         if max_side is not None and fmt == "JPEG":
             # libjpeg can decode straight to luma at 1/2, 1/4 or 1/8 scale: most of the work is skipped.
             width, height = img.size
@@ -304,9 +340,9 @@ def _decode_pil(
             message = _short_message(err)
             if "truncated" in message.lower() and not load_truncated:
                 raise _TruncatedImage(message) from err
-            raise ImageReadError(path, _pil_failure(fmt, err)) from err
+            raise ImageReadError(source.name, _pil_failure(fmt, err)) from err
         orientation = _exif_orientation(img)
-        gray = _to_gray(img, path)
+        gray = _to_gray(img, source)
     factor = _reduce_factor(*gray.size, max_side)
     if factor > 1:
         gray = gray.reduce(factor)
@@ -315,14 +351,14 @@ def _decode_pil(
     return _gray_to_unit(gray), info
 
 
-def _open_pil(fp: IO[bytes], path: Path, fmt: str) -> ImageFile.ImageFile:
+def _open_pil(fp: IO[bytes], source: _Source, fmt: str) -> ImageFile.ImageFile:
     """Parse the header of an already-identified file, without decoding pixels."""
     try:
         # No filename, so Pillow reads from `fp` instead of memory-mapping the file: Pillow 13 maps an
         # uncompressed TIFF with EXIF orientation 5-8 into the turned size and scrambles its pixels.
         return _PIL_OPENERS[fmt](fp, "")
     except _PIL_DATA_ERRORS as err:
-        raise ImageReadError(path, _pil_failure(fmt, err)) from err
+        raise ImageReadError(source.name, _pil_failure(fmt, err)) from err
 
 
 def _pil_failure(fmt: str, err: BaseException) -> str:
@@ -335,10 +371,10 @@ def _pil_failure(fmt: str, err: BaseException) -> str:
     return f"corrupt {fmt} ({message})"
 
 
-def _pil_info(img: ImageFile.ImageFile, path: Path, fmt: str, max_pixels: int) -> ImageInfo:
+def _pil_info(img: ImageFile.ImageFile, source: _Source, fmt: str, max_pixels: int) -> ImageInfo:
     """Describe an opened (not yet loaded) image and enforce the pixel limit."""
     width, height = img.size
-    _check_size(path, width, height, max_pixels)
+    _check_size(source, width, height, max_pixels)
     if _exif_orientation(img) in (5, 6, 7, 8):  # these turn the image by 90 degrees
         width, height = height, width
     try:
@@ -346,7 +382,7 @@ def _pil_info(img: ImageFile.ImageFile, path: Path, fmt: str, max_pixels: int) -
         frames = getattr(img, "n_frames", 1)
         img.seek(0)
     except _PIL_DATA_ERRORS as err:
-        raise ImageReadError(path, _pil_failure(fmt, err)) from err
+        raise ImageReadError(source.name, _pil_failure(fmt, err)) from err
     notes = (f"{fmt} has {frames} frames; read the first only",) if frames > 1 else ()
     return ImageInfo(
         format=fmt,
@@ -387,7 +423,7 @@ def _pillow_truncated_loading(enabled: bool) -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _to_gray(img: Image.Image, path: Path) -> Image.Image:
+def _to_gray(img: Image.Image, source: _Source) -> Image.Image:
     """One band: "L" for 8-bit and colour sources, "I" for 16/32-bit integers, "F" for float."""
     mode = img.mode
     try:
@@ -406,7 +442,7 @@ def _to_gray(img: Image.Image, path: Path) -> Image.Image:
         # RGB uses ITU-R 601 luma; CMYK, YCbCr and the rest go through RGB first.
         return (img if mode == "RGB" else img.convert("RGB")).convert("L")
     except ValueError as err:  # Pillow has no conversion for this mode
-        raise ImageReadError(path, f"unsupported colour mode {mode}") from err
+        raise ImageReadError(source.name, f"unsupported colour mode {mode}") from err
 
 
 def _gray_to_unit(gray: Image.Image) -> np.ndarray:
@@ -432,18 +468,18 @@ def _min_max(values: np.ndarray) -> np.ndarray:
 # DICOM (pydicom)
 
 
-def _read_dicom(path: Path, *, max_pixels: int, max_side: int | None) -> tuple[np.ndarray, ImageInfo]:
+def _read_dicom(source: _Source, *, max_pixels: int, max_side: int | None) -> tuple[np.ndarray, ImageInfo]:
     """Decode the first frame and map it through the modality and VOI transforms to [0, 1]."""
-    ds = _open_dicom(path, stop_before_pixels=False)
+    ds = _open_dicom(source, stop_before_pixels=False)
     if not any(tag in ds for tag in _DICOM_PIXEL_TAGS):
-        raise ImageReadError(path, "DICOM has no pixel data")
-    info = _dicom_info(path, ds, max_pixels)
-    _check_dicom_decodable(path, ds)
+        raise ImageReadError(source.name, "DICOM has no pixel data")
+    info = _dicom_info(source, ds, max_pixels)
+    _check_dicom_decodable(source, ds)
     try:
         frame = pixel_array(ds, index=0)
     except Exception as err:  # pydicom's message may quote header values, so only its type is kept
         raise ImageReadError(
-            path, f"corrupt DICOM ({type(err).__name__} while decoding {_transfer_syntax(ds).name})"
+            source.name, f"corrupt DICOM ({type(err).__name__} while decoding {_transfer_syntax(ds).name})"
         ) from err
 
     notes: list[str] = []
@@ -453,7 +489,7 @@ def _read_dicom(path: Path, *, max_pixels: int, max_side: int | None) -> tuple[n
     elif info.mode in ("MONOCHROME1", "MONOCHROME2"):
         pixels = _monochrome_to_unit(frame, ds, notes)
     else:
-        raise ImageReadError(path, f"unsupported DICOM photometric interpretation {info.mode}")
+        raise ImageReadError(source.name, f"unsupported DICOM photometric interpretation {info.mode}")
 
     factor = _reduce_factor(pixels.shape[1], pixels.shape[0], max_side)
     if factor > 1:  # no reduced-size decoding for DICOM: box-reduce the full frame instead
@@ -461,13 +497,14 @@ def _read_dicom(path: Path, *, max_pixels: int, max_side: int | None) -> tuple[n
     return pixels, replace(info, warnings=(*info.warnings, *notes))
 
 
-def _open_dicom(path: Path, *, stop_before_pixels: bool) -> Dataset:
+def _open_dicom(source: _Source, *, stop_before_pixels: bool) -> Dataset:
     """Parse a DICOM file (with or without its preamble) and make sure it names a transfer syntax."""
     try:
         # force=True reads files without the preamble too; _identify has already checked that it is DICOM.
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
+        with source.open() as fp:
+            ds = pydicom.dcmread(fp, force=True, stop_before_pixels=stop_before_pixels)
     except Exception as err:  # pydicom's message may quote header values, so only its type is kept
-        raise ImageReadError(path, f"corrupt DICOM ({type(err).__name__} while reading the header)") from err
+        raise ImageReadError(source.name, f"corrupt DICOM ({type(err).__name__} while reading the header)") from err
     if "TransferSyntaxUID" not in ds.file_meta:
         # A file without File Meta Information names no transfer syntax; pydicom has worked out the
         # encoding while parsing, and uncompressed pixel data is all such files can hold.
@@ -485,12 +522,12 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return UID(ds.file_meta.TransferSyntaxUID)
 
 
-def _dicom_info(path: Path, ds: Dataset, max_pixels: int) -> ImageInfo:
+def _dicom_info(source: _Source, ds: Dataset, max_pixels: int) -> ImageInfo:
     """Describe a DICOM image from header elements that carry no patient information."""
     if not ds.get("Rows") or not ds.get("Columns"):
-        raise ImageReadError(path, "DICOM has no pixel data (no Rows/Columns)")
+        raise ImageReadError(source.name, "DICOM has no pixel data (no Rows/Columns)")
     width, height = int(ds.Columns), int(ds.Rows)
-    _check_size(path, width, height, max_pixels)
+    _check_size(source, width, height, max_pixels)
     frames = int(ds.get("NumberOfFrames") or 1)
     notes = [f"DICOM has {frames} frames; read the first only"] if frames > 1 else []
     mode = str(ds.get("PhotometricInterpretation") or "").strip()
@@ -508,17 +545,17 @@ def _dicom_info(path: Path, ds: Dataset, max_pixels: int) -> ImageInfo:
     )
 
 
-def _check_dicom_decodable(path: Path, ds: Dataset) -> None:
+def _check_dicom_decodable(source: _Source, ds: Dataset) -> None:
     """Fail with an actionable reason when the pixel data cannot be decoded, before trying to."""
     syntax = _transfer_syntax(ds)
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError as err:
-        raise ImageReadError(path, f"DICOM uses transfer syntax {syntax} that pydicom cannot decode") from err
+        raise ImageReadError(source.name, f"DICOM uses transfer syntax {syntax} that pydicom cannot decode") from err
     if not decoder.is_available:
         needs = "; or ".join(decoder.missing_dependencies) or "a pixel data plugin"
         raise ImageReadError(
-            path,
+            source.name,
             f"DICOM uses compressed transfer syntax {syntax.name} and no decoder for it is installed "
             f"(install one of: {needs})",
         )
@@ -526,7 +563,7 @@ def _check_dicom_decodable(path: Path, ds: Dataset) -> None:
         expected = _native_pixel_bytes(ds)
         if len(ds.PixelData) < expected:
             raise ImageReadError(
-                path, f"truncated DICOM (pixel data has {len(ds.PixelData):,} of {expected:,} bytes)"
+                source.name, f"truncated DICOM (pixel data has {len(ds.PixelData):,} of {expected:,} bytes)"
             )
 
 

@@ -1,0 +1,311 @@
+"""The HTTP API and the page: a run's Predictor behind FastAPI, for one image at a time or a few.
+
+    create_app(run_dir, settings)   the FastAPI app; the model is loaded once, here, and warmed up at start-up
+    serve(run_dir, settings, host, port, workers)   run it under uvicorn (what `bonefrac serve` calls)
+
+Every upload goes the way `bonefrac predict` takes a file (Predictor.prepare -> predict_prepared: read, OOD verdict,
+letterbox, logits, temperature, threshold), from bytes in memory. Inference runs in a worker thread, never on the
+event loop, and at most `settings.inference_threads` at a time: on a small CPU, more parallel model calls only
+fight over the cores (PyTorch and onnxruntime already use all of them for one batch), so requests queue instead,
+and the request timeout bounds how long one may wait.
+
+What the client gets for a bad request, always as {"detail": reason}: 413 for an upload over the size limit, 415
+for a body or a file that is not an image, 422 for an image that cannot be read (truncated, corrupt) or a request
+without a file, 400 for a malformed multipart body, 503 for a request over the time limit. An image that does not
+look like a radiograph is not an error: 200 with accepted = false and the reason. Uploads stay in memory unless
+`settings.save_uploads` names a folder, and nothing read from a file (DICOM header values included) is logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+
+from bonefrac import DISCLAIMER, __version__
+from bonefrac.data.io import sniff_format
+from bonefrac.errors import BonefracError, ImageReadError
+from bonefrac.explain import Explainer, gray_uint8, heatmap_rgba, overlay_rgb, png_bytes
+from bonefrac.predict import BACKENDS, PredictionRow, Predictor, PreparedImage, preprocess
+from bonefrac.serve.card import model_card
+from bonefrac.serve.uploads import TimeoutMiddleware, Upload, UploadError, read_uploads
+
+STATIC = Path(__file__).parent / "static"
+ENVIRONMENT_KEY = "BONEFRAC_SERVE"  # how `bonefrac serve --workers N` hands the run and settings to each worker
+log = logging.getLogger("bonefrac.serve")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What an operator may set; the defaults are safe for a workstation."""
+
+    backend: str = "auto"  # auto: onnxruntime when RUN/model.onnx is current, else PyTorch
+    max_upload_mb: float = 50.0  # per file; larger uploads get 413
+    max_files: int = 16  # per /v1/predict/batch request
+    request_timeout_s: float = 60.0  # upload + queue + inference; past it, 503
+    inference_threads: int = 1  # model calls at a time (more only helps with more cores than one call uses)
+    display_side: int = 1024  # longest side of the PNGs returned for the page (image, heatmap, overlay)
+    heatmap_method: str = "gradcam"
+    save_uploads: str | None = None  # a folder to keep every upload in (by its sha256); None: never written
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_upload_mb * 1e6)
+
+
+# --- what one image gives --------------------------------------------------------------------------------------------
+
+
+def _b64_png(array: np.ndarray) -> str:
+    return base64.b64encode(png_bytes(array)).decode("ascii")
+
+
+def _fit(array: np.ndarray, side: int) -> np.ndarray:
+    """Shrink a float (H, W) map so that its longer side is at most `side` (the page has no use for more)."""
+    image = Image.fromarray(array, mode="F")
+    image.thumbnail((side, side), Image.Resampling.BILINEAR)  # keeps the aspect ratio, never enlarges
+    return np.asarray(image, dtype=np.float32)
+
+
+def decision_words(row: PredictionRow, positive: str) -> str:
+    """The decision as a sentence: the class, and the probability against the threshold that decided it."""
+    if not row.accepted:
+        return f"not assessed: the image does not look like a radiograph ({row.ood_reason})"
+    if row.threshold is None:
+        return f"{row.prediction}: the most probable class (p = {row.probabilities[row.prediction]:.3f})"
+    p = row.probabilities[positive]
+    side = "at or above" if p >= row.threshold else "below"
+    return f"{row.prediction}: p({positive}) = {p:.3f} is {side} the threshold {row.threshold:.3f}"
+
+
+class Service:
+    """The loaded model with what the endpoints need around it: the explainer, the model card, the settings."""
+
+    def __init__(self, run_dir: str | Path, settings: ServeSettings):
+        if settings.backend not in BACKENDS:
+            raise BonefracError(f"backend {settings.backend!r}: choose from {', '.join(BACKENDS)}")
+        self.settings = settings
+        self.predictor = Predictor(run_dir, backend=settings.backend)
+        self.explainer = Explainer(self.predictor, method=settings.heatmap_method)
+        self.card = model_card(self.predictor)
+        self.ready = False
+
+    def warm_up(self) -> None:
+        """One prediction on a blank image, so the first user does not pay for lazy initialisation."""
+        p = self.predictor
+        p.logits(preprocess(np.zeros((p.image_size, p.image_size), np.float32), p.image_size, p.preset)[None])
+        self.ready = True
+
+    def prepare(self, upload: Upload) -> PreparedImage:
+        """Read, judge and preprocess one upload; an unreadable one raises UploadError 415 or 422 with the reason."""
+        try:
+            image = self.predictor.prepare(upload.data, name=upload.name)
+        except ImageReadError as err:
+            raise UploadError(_unreadable_status(upload.data), err.reason) from err
+        if self.settings.save_uploads:
+            folder = Path(self.settings.save_uploads)
+            folder.mkdir(parents=True, exist_ok=True)
+            suffix = "." + image.info.format.lower()
+            (folder / (hashlib.sha256(upload.data).hexdigest() + suffix)).write_bytes(upload.data)
+        return image
+
+    def result(self, image: PreparedImage, row: PredictionRow, *, heatmap: bool, show_image: bool) -> dict:
+        """One image's JSON: probabilities, decision and its threshold, OOD verdict, and the PNGs asked for."""
+        positive = self.predictor.labels[self.predictor.positive]
+        result = {
+            "file": image.file,
+            "status": "ok",
+            "accepted": row.accepted,
+            "ood_score": row.ood_score,
+            "ood_reason": row.ood_reason,
+            "probabilities": row.probabilities,
+            "positive_label": positive,
+            "probability": row.probabilities[positive] if row.threshold is not None else None,
+            "prediction": row.prediction,
+            "decision": decision_words(row, positive),
+            "threshold": row.threshold,
+            "operating_point": row.operating_point,
+            "threshold_meaning": self.card["threshold_meaning"],
+            "image": {"format": image.info.format, "width": image.info.width, "height": image.info.height},
+            "backend": self.predictor.backend,
+            "disclaimer": DISCLAIMER,
+        }
+        side = self.settings.display_side
+        if show_image or heatmap:
+            result["image_png"] = _b64_png(gray_uint8(_fit(image.pixels, side)))
+        if heatmap:
+            explanation = self.explainer.explain(image.pixels)
+            pixels, heat = _fit(image.pixels, side), _fit(explanation.heatmap, side)
+            result["heatmap"] = {
+                "method": explanation.method,
+                "target": explanation.target,
+                "flat": explanation.flat,
+                "heatmap_png": _b64_png(heatmap_rgba(heat)),
+                "overlay_png": _b64_png(overlay_rgb(pixels, heat)),
+            }
+        return result
+
+    def predict(self, uploads: list[Upload], *, heatmap: bool, show_image: bool) -> list[dict]:
+        """Every upload's result (an error entry for an unreadable one); readable ones go through the model together."""
+        results: list[dict | None] = [None] * len(uploads)
+        prepared: list[tuple[int, PreparedImage]] = []
+        for index, upload in enumerate(uploads):
+            try:
+                prepared.append((index, self.prepare(upload)))
+            except UploadError as err:
+                results[index] = {"file": upload.name, "status": "error", "http_status": err.status,
+                                  "error": err.reason}
+        rows = self.predictor.predict_prepared([image for _, image in prepared])
+        for (index, image), row in zip(prepared, rows, strict=True):
+            results[index] = self.result(image, row, heatmap=heatmap, show_image=show_image)
+        return [result for result in results if result is not None]
+
+
+def _unreadable_status(data: bytes) -> int:
+    """415 when the bytes are no image format at all, 422 when they claim one but cannot be read."""
+    try:
+        return 422 if sniff_format(data) is not None else 415
+    except ImageReadError:  # empty
+        return 422
+
+
+def _log_result(results: list[dict], size: int, seconds: float) -> None:
+    """One line per request: counts, bytes and time only (never a file name or anything read from a file)."""
+    ok = sum(r["status"] == "ok" for r in results)
+    log.info("predicted %d of %d files, %d bytes, %.0f ms", ok, len(results), size, seconds * 1000)
+
+
+# --- the app ---------------------------------------------------------------------------------------------------------
+
+def _multipart_body(field: str, schema: dict) -> dict:
+    """The OpenAPI request body of an upload endpoint: /docs then offers a file picker for `field`."""
+    form = {"type": "object", "properties": {field: schema}, "required": [field]}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}}}
+
+
+FILE = {"type": "string", "format": "binary"}
+UPLOAD_BODY = _multipart_body("file", FILE)
+BATCH_BODY = _multipart_body("files", {"type": "array", "items": FILE})
+
+
+def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
+    """The FastAPI app for one run: the model is loaded here, once; start-up warms it up and then /ready says so."""
+    settings = settings or ServeSettings()
+    service = Service(run_dir, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.limiter = anyio.CapacityLimiter(settings.inference_threads)
+        await anyio.to_thread.run_sync(service.warm_up)
+        log.info("bonefrac serve: %s ready (%s backend)", service.card["name"], service.predictor.backend)
+        yield
+
+    app = FastAPI(
+        title="bonefrac",
+        version=__version__,
+        description=f"Fracture classification of bone radiographs. {DISCLAIMER}",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s)
+
+    @app.exception_handler(UploadError)
+    async def upload_error(request: Request, err: UploadError) -> JSONResponse:
+        return JSONResponse({"detail": err.reason}, status_code=err.status)
+
+    async def run_predictions(request: Request, max_files: int, heatmap: bool, image: bool) -> list[dict]:
+        started = time.perf_counter()
+        uploads = await read_uploads(request, max_file_bytes=settings.max_file_bytes, max_files=max_files)
+        results = await anyio.to_thread.run_sync(
+            lambda: service.predict(uploads, heatmap=heatmap, show_image=image),
+            limiter=request.app.state.limiter,
+            abandon_on_cancel=True,
+        )
+        _log_result(results, sum(len(u.data) for u in uploads), time.perf_counter() - started)
+        return results
+
+    heatmap_query = Query(False, description="add the Grad-CAM heatmap (a PNG layer and an overlay); costs a "
+                                             "backward pass")
+    image_query = Query(False, description="add the image itself as a PNG (the browser cannot show DICOM)")
+
+    @app.post("/v1/predict", openapi_extra=UPLOAD_BODY, summary="Predict one image (multipart part `file`)")
+    async def predict(request: Request, heatmap: bool = heatmap_query, image: bool = image_query) -> JSONResponse:
+        results = await run_predictions(request, 1, heatmap, image)
+        result = results[0]
+        if result["status"] == "error":
+            raise UploadError(result["http_status"], result["error"])
+        return JSONResponse(result)
+
+    @app.post("/v1/predict/batch", openapi_extra=BATCH_BODY,
+              summary=f"Predict several images (parts `files`, at most {settings.max_files})")
+    async def predict_batch(request: Request, heatmap: bool = heatmap_query,
+                            image: bool = image_query) -> JSONResponse:
+        results = await run_predictions(request, settings.max_files, heatmap, image)
+        errors = sum(r["status"] == "error" for r in results)
+        return JSONResponse({"results": results, "n_files": len(results), "n_errors": errors,
+                             "disclaimer": DISCLAIMER})
+
+    @app.get("/v1/model", summary="The model card: name, labels, threshold, metrics with 95% CIs, data")
+    async def model() -> dict:
+        return service.card
+
+    @app.get("/health", summary="Liveness: the process answers")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="Readiness: the model is loaded and warmed up")
+    async def ready() -> JSONResponse:
+        if not service.ready:
+            return JSONResponse({"status": "loading", "detail": "the model is warming up"}, status_code=503)
+        return JSONResponse({"status": "ready", "model": service.card["name"], "backend": service.predictor.backend,
+                             "limits": {"max_upload_mb": settings.max_upload_mb, "max_files": settings.max_files,
+                                        "request_timeout_s": settings.request_timeout_s}})
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        # Everything the page needs comes from this server: it works offline, and the policy says so.
+        return FileResponse(STATIC / "index.html", headers={
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'"
+        })
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+# --- running it ------------------------------------------------------------------------------------------------------
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn's factory for `--workers N`: each worker process builds its own app from what `serve` put in
+    BONEFRAC_SERVE (the run directory and the settings as JSON)."""
+    handed = json.loads(os.environ[ENVIRONMENT_KEY])
+    return create_app(handed["run_dir"], ServeSettings(**handed["settings"]))
+
+
+def serve(run_dir: str | Path, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
+          workers: int = 1) -> None:
+    """Run the app under uvicorn until interrupted; several workers are processes, each with its own model."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if workers == 1:
+        uvicorn.run(create_app(run_dir, settings), host=host, port=port, log_level="info")
+        return
+    Predictor(run_dir, backend=settings.backend)  # fail here, once, with a clear error, not in every worker
+    os.environ[ENVIRONMENT_KEY] = json.dumps({"run_dir": str(Path(run_dir).resolve()), "settings": asdict(settings)})
+    uvicorn.run("bonefrac.serve.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                log_level="info")

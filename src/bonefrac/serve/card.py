@@ -1,0 +1,86 @@
+"""The model card the API and the page show: what the run is, how well it did, on what data, what its threshold means.
+
+Everything is read from the run directory, from the same files and with the same helpers as `bonefrac report`'s
+model card (summary.json, audit.json, calibration.json, eval/<split>/metrics.json), so the page and the report
+cannot tell two stories. Only the headline metrics of report.METRIC_NAMES are passed on, each with its 95 % CI
+and n; the full tables stay in metrics.json and report.html.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bonefrac import DISCLAIMER, __version__
+from bonefrac.predict import Predictor
+from bonefrac.report import METRIC_NAMES, eval_splits, read_json
+
+INTENDED_USE = (
+    "A research tool and, at most, a second-opinion aid for a clinician who reads the radiograph themselves. "
+    "Not a diagnosis and not a medical device: do not use it to decide the care of a patient."
+)
+
+
+def threshold_meaning(predictor: Predictor, calibration: dict | None) -> str:
+    """What the decision threshold is, in words: which operating point, fitted on which data, with what result."""
+    if predictor.threshold is None:
+        return "multi-class: the decision is the class of highest calibrated probability"
+    if calibration is None:
+        return "0.5 on uncalibrated probabilities: the run was not calibrated (bonefrac calibrate RUN)"
+    point = predictor.operating_point
+    chosen = (calibration.get("thresholds") or {}).get(point, {})
+    on_val = f"on validation ({calibration.get('n_files', '?')} files"
+    if "sensitivity" in chosen:
+        on_val += f": sensitivity {chosen['sensitivity']:.3f}, specificity {chosen['specificity']:.3f}"
+    on_val += ")"
+    if point.startswith("sensitivity>="):
+        return f"chosen for sensitivity ≥ {point.removeprefix('sensitivity>=')} {on_val}"
+    if point == "youden":
+        return f"chosen to maximise Youden's J (sensitivity + specificity - 1) {on_val}"
+    return f"the default 0.5 on calibrated probabilities {on_val}"
+
+
+def model_card(predictor: Predictor) -> dict:
+    """GET /v1/model: name, labels, threshold and its meaning, metrics with CIs per evaluated split, data, limits."""
+    run_dir = predictor.run_dir
+    summary = read_json(run_dir / "summary.json") or {}
+    audit = read_json(run_dir / "audit.json") or {}
+    calibration = read_json(run_dir / "calibration.json")
+    evaluations = {}
+    for split, evaluation in eval_splits(run_dir).items():
+        metrics = {
+            key: {"name": name, **{k: evaluation["metrics"][key].get(k) for k in ("point", "low", "high")}}
+            for key, name in METRIC_NAMES
+            if key in evaluation["metrics"]
+        }
+        evaluations[split] = {
+            "n_files": evaluation["n_files"],
+            "n_groups": evaluation["n_groups"],
+            "ci": evaluation.get("ci"),
+            "leaky": evaluation.get("leaky", False),
+            "synthetic_data": evaluation.get("synthetic_data", False),
+            "metrics": metrics,
+        }
+    synthetic = bool(summary.get("synthetic_data") or any(e["synthetic_data"] for e in evaluations.values()))
+    return {
+        "name": Path(run_dir).resolve().name,
+        "model": predictor.config.model.name,
+        "image_size": predictor.image_size,
+        "labels": predictor.labels,
+        "positive_label": predictor.labels[predictor.positive],
+        "backend": predictor.backend,
+        "calibrated": predictor.calibrated,
+        "temperature": predictor.temperature,
+        "threshold": predictor.threshold,
+        "operating_point": predictor.operating_point,
+        "threshold_meaning": threshold_meaning(predictor, calibration),
+        "metrics": evaluations,
+        "data": {
+            "root": str(predictor.config.data.root),
+            "counts": audit.get("counts") or summary.get("data") or {},
+            "synthetic": synthetic,
+            "leaky": bool(summary.get("leaky")),
+        },
+        "intended_use": INTENDED_USE,
+        "bonefrac_version": summary.get("bonefrac_version", __version__),
+        "disclaimer": DISCLAIMER,
+    }

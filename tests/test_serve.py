@@ -1,0 +1,403 @@
+"""bonefrac serve: every endpoint and every refusal, through FastAPI's TestClient, on one tiny calibrated run."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pydicom
+import pytest
+import starlette.formparsers
+from fastapi.testclient import TestClient
+from PIL import Image
+from starlette.requests import Request
+
+from bonefrac import DISCLAIMER
+from bonefrac.cli import main
+from bonefrac.data.io import read_image
+from bonefrac.errors import ImageReadError
+from bonefrac.evaluate import evaluate_run
+from bonefrac.export import export_onnx
+from bonefrac.predict import Predictor
+from bonefrac.serve import ServeSettings, create_app
+from bonefrac.serve.app import STATIC
+from bonefrac.serve.uploads import UploadError, read_uploads
+from tests.helpers import bar_image, tiny_fit, write_bar_set, write_dicom
+
+SECRET = "SECRET^PATIENT"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """cnn-small at 32 px, calibrated on val and evaluated on test (so the model card has metrics with CIs)."""
+    root = write_bar_set(tmp_path_factory.mktemp("bars") / "set", {"train": 16, "val": 10, "test": 6})
+    run_dir = tiny_fit(root, tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs") / "small")
+    evaluate_run(run_dir, root, "test", n_resamples=50)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def client(run) -> TestClient:
+    with TestClient(create_app(run)) as test_client:  # the context runs start-up: model warm-up, then ready
+        yield test_client
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def xray() -> bytes:
+    """A bar 'radiograph' the OOD guard accepts."""
+    return png(bar_image(np.random.default_rng(3), True))
+
+
+def post(client: TestClient, data: bytes, name: str = "x.png", query: str = ""):
+    return client.post(f"/v1/predict{query}", files={"file": (name, data, "application/octet-stream")})
+
+
+def decode_png(b64: str) -> Image.Image:
+    data = base64.b64decode(b64)
+    assert data.startswith(b"\x89PNG")
+    return Image.open(io.BytesIO(data))
+
+
+# --- health, readiness, model card, page ---------------------------------------------------------------------------
+
+
+def test_health_and_ready(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["backend"] == "torch"
+    assert ready.json()["limits"] == {"max_upload_mb": 50.0, "max_files": 16, "request_timeout_s": 60.0}
+
+
+def test_not_ready_before_start_up(run):
+    response = TestClient(create_app(run)).get("/ready")  # no `with`: start-up (warm-up) has not run
+    assert response.status_code == 503 and response.json()["detail"] == "the model is warming up"
+
+
+def test_model_card_has_metrics_with_cis_and_what_the_threshold_means(client, run):
+    card = client.get("/v1/model").json()
+    calibration = json.loads((run / "calibration.json").read_text())
+    metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert card["name"] == "small" and card["model"] == "cnn-small" and card["labels"] == ["fractured", "not_fractured"]
+    assert card["threshold"] == calibration["threshold"] and card["operating_point"] == "sensitivity>=0.95"
+    chosen = calibration["thresholds"]["sensitivity>=0.95"]
+    assert card["threshold_meaning"] == (
+        f"chosen for sensitivity ≥ 0.95 on validation (20 files: sensitivity {chosen['sensitivity']:.3f}, "
+        f"specificity {chosen['specificity']:.3f})"
+    )
+    test = card["metrics"]["test"]
+    assert test["n_files"] == 12 and test["ci"].startswith("95 % percentile bootstrap")
+    auc = test["metrics"]["roc_auc"]
+    assert auc["name"] == "ROC AUC" and auc["point"] == metrics["metrics"]["roc_auc"]["point"]
+    assert auc["low"] <= auc["point"] <= auc["high"]
+    assert card["data"]["counts"]["test"] == {"fractured": 6, "not_fractured": 6}
+    assert card["disclaimer"] == DISCLAIMER and "Not a diagnosis" in card["intended_use"]
+
+
+def test_page_is_served_accessible_and_offline(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    html = page.text
+    assert DISCLAIMER in " ".join(html.split()) and "<html lang=\"en\">" in html
+    assert '<label for="files">' in html and 'id="drop"' in html and 'tabindex="0"' in html
+    assert 'type="range" class="opacity"' in html and 'role="alert"' in html
+    for name in ("app.js", "style.css"):
+        assert client.get(f"/static/{name}").status_code == 200
+    for path in STATIC.iterdir():  # nothing fetched from elsewhere: the page works offline
+        assert not re.search(r"https?://", path.read_text()), path.name
+
+
+def test_openapi_docs_describe_the_upload(client):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert set(spec["paths"]) >= {"/v1/predict", "/v1/predict/batch", "/v1/model", "/health", "/ready"}
+    body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert body["schema"]["properties"]["file"] == {"type": "string", "format": "binary"}
+
+
+# --- predictions -----------------------------------------------------------------------------------------------------
+
+
+def test_predict_matches_bonefrac_predict_on_the_same_file(client, run, xray, tmp_path):
+    response = post(client, xray)
+    assert response.status_code == 200
+    answer = response.json()
+    (tmp_path / "x.png").write_bytes(xray)
+    row = Predictor(run).predict_paths([tmp_path / "x.png"]).rows[0]
+    assert answer["probabilities"] == pytest.approx(row.probabilities, abs=1e-6)
+    assert answer["prediction"] == row.prediction and answer["accepted"] is True and answer["ood_reason"] == ""
+    p, threshold = answer["probability"], answer["threshold"]
+    assert p == answer["probabilities"]["fractured"] and sum(answer["probabilities"].values()) == pytest.approx(1)
+    assert answer["prediction"] == ("fractured" if p >= threshold else "not_fractured")
+    side = "at or above" if p >= threshold else "below"
+    assert answer["decision"] == (
+        f"{answer['prediction']}: p(fractured) = {p:.3f} is {side} the threshold {threshold:.3f}"
+    )
+    assert answer["threshold_meaning"].startswith("chosen for sensitivity ≥ 0.95 on validation")
+    assert answer["image"] == {"format": "PNG", "width": 48, "height": 48} and answer["disclaimer"] == DISCLAIMER
+    assert "image_png" not in answer and "heatmap" not in answer  # PNGs only when asked for
+
+
+def test_predict_with_heatmap_returns_image_heatmap_and_overlay(client, xray):
+    answer = post(client, xray, query="?heatmap=true").json()
+    assert decode_png(answer["image_png"]).size == (48, 48) and decode_png(answer["image_png"]).mode == "L"
+    heatmap = answer["heatmap"]
+    assert heatmap["method"] == "gradcam" and heatmap["target"] == answer["prediction"]
+    layer = decode_png(heatmap["heatmap_png"])
+    assert layer.size == (48, 48) and layer.mode == "RGBA"
+    assert decode_png(heatmap["overlay_png"]).mode == "RGB"
+    assert post(client, xray, query="?image=true").json()["image_png"] == answer["image_png"]
+
+
+def test_large_images_are_shown_at_display_side(run, xray):
+    big = png(Image.open(io.BytesIO(xray)).resize((600, 300)))
+    with TestClient(create_app(run, ServeSettings(display_side=100))) as small_display:
+        answer = post(small_display, big, query="?heatmap=true").json()
+    assert answer["image"]["width"] == 600 and decode_png(answer["image_png"]).size == (100, 50)
+    assert decode_png(answer["heatmap"]["heatmap_png"]).size == (100, 50)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF", "BMP"])
+def test_other_formats(client, xray, fmt):
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(xray)).save(buffer, format=fmt)
+    response = post(client, buffer.getvalue(), name=f"x.{fmt.lower()}")
+    assert response.status_code == 200 and response.json()["image"]["format"] == fmt
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".dcm"])
+def test_bytes_are_read_exactly_as_the_file(xray, tmp_path, suffix):
+    gray = np.asarray(Image.open(io.BytesIO(xray)))
+    path = tmp_path / f"x{suffix}"
+    if suffix == ".dcm":
+        write_dicom(path, gray.astype(np.uint16) * 257, bits_stored=16, preamble=False)  # found by its suffix only
+    else:
+        Image.fromarray(gray).save(path)
+    from_file, info = read_image(path)
+    from_bytes, info_bytes = read_image(path.read_bytes(), name=path.name)
+    assert np.array_equal(from_file, from_bytes) and info == info_bytes
+    with pytest.raises(ImageReadError) as caught:
+        read_image(path.read_bytes()[:100], name=path.name)
+    assert caught.value.path == path.name
+
+
+def test_dicom_upload_never_shows_or_logs_a_header_value(client, xray, tmp_path, caplog):
+    gray = np.asarray(Image.open(io.BytesIO(xray)))
+    path = write_dicom(tmp_path / "scan.dcm", gray.astype(np.uint16) * 257, bits_stored=16,
+                       PatientName=SECRET, PatientID="SECRET-ID-42")
+    assert pydicom.dcmread(path).PatientName == SECRET
+    data = path.read_bytes()
+    with caplog.at_level(logging.DEBUG):
+        ok = post(client, data, name="scan.dcm", query="?heatmap=true")
+        broken = post(client, data[:-500], name="broken.dcm")
+    assert ok.status_code == 200 and ok.json()["image"]["format"] == "DICOM"
+    assert broken.status_code == 422 and broken.json()["detail"].startswith("truncated DICOM (pixel data has")
+    said = ok.text + broken.text + caplog.text
+    assert "predicted 1 of 1 files" in caplog.text  # the log line exists, and holds no header value
+    assert "SECRET" not in said and "scan.dcm" not in caplog.text
+
+
+def test_uploads_stay_in_memory_unless_configured(run, xray, tmp_path, monkeypatch):
+    big = png(Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1200), dtype=np.uint8)))
+    assert len(big) > 1_000_000  # over Starlette's 1 MB spool limit, past which its form parser writes to disk
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("an upload was about to be written to a temporary file")
+
+    for name in ("SpooledTemporaryFile", "NamedTemporaryFile", "TemporaryFile", "mkstemp"):
+        monkeypatch.setattr(tempfile, name, no_disk)
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", no_disk)  # imported by name there
+    with TestClient(create_app(run)) as in_memory:
+        assert post(in_memory, big).status_code == 200
+    kept = tmp_path / "kept"
+    with TestClient(create_app(run, ServeSettings(save_uploads=str(kept)))) as keeping:
+        assert post(keeping, xray).status_code == 200
+    assert [p.name for p in kept.iterdir()] == [hashlib.sha256(xray).hexdigest() + ".png"]
+
+
+def test_out_of_distribution_is_200_with_accepted_false_and_the_reason(client):
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((64, 64), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG")
+    response = post(client, buffer.getvalue(), name="holiday.jpg")  # the colour rule reads the upload's bytes
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["accepted"] is False and answer["ood_reason"].startswith("colour image:")
+    assert answer["decision"] == f"not assessed: the image does not look like a radiograph ({answer['ood_reason']})"
+    blank = post(client, png(Image.new("L", (64, 64), 128))).json()
+    assert blank["accepted"] is False and blank["ood_reason"].startswith("blank or constant image")
+
+
+# --- refusals --------------------------------------------------------------------------------------------------------
+
+
+def test_upload_over_the_size_limit_is_413(run, xray):
+    with TestClient(create_app(run, ServeSettings(max_upload_mb=0.001))) as limited:
+        response = post(limited, xray + b"\0" * 1000)
+        assert response.status_code == 413
+        assert response.json()["detail"] == "file 'x.png' is over the upload limit of 0.001 MB"
+        declared = limited.post("/v1/predict", content=b"x", headers={
+            "content-type": "multipart/form-data; boundary=b", "content-length": "10000000"})
+        assert declared.status_code == 413
+        assert declared.json()["detail"] == (
+            "request body of 10 MB is over the limit of 0.066536 MB (1 × 0.001 MB and part headers)"
+        )
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [(b"name,label\nx.png,fractured\n", "not an image (text file)"),
+     (bytes(range(256)) * 4, "not an image (unrecognised content)")],
+)
+def test_not_an_image_is_415_with_the_reason(client, data, reason):
+    response = post(client, data, name="x.png")
+    assert response.status_code == 415 and response.json()["detail"] == reason
+
+
+def test_a_body_that_is_not_multipart_is_415(client, xray):
+    response = client.post("/v1/predict", content=xray, headers={"content-type": "image/png"})
+    assert response.status_code == 415
+    assert response.json()["detail"] == "send the image as multipart/form-data (a part named file), not image/png"
+
+
+def test_unreadable_or_truncated_image_is_422_with_the_reason(client, xray):
+    truncated = post(client, xray[: len(xray) // 2])
+    assert truncated.status_code == 422 and truncated.json()["detail"].startswith("truncated PNG")
+    empty = post(client, b"")
+    assert empty.status_code == 422 and empty.json()["detail"] == "empty file (0 bytes)"
+    corrupt = post(client, b"\xff\xd8\xff" + b"\0" * 200, name="x.jpg")
+    assert corrupt.status_code == 422 and corrupt.json()["detail"].startswith("corrupt JPEG")
+    none = client.post("/v1/predict", data={"note": "no file here"}, files={"other": ("", b"")})
+    assert none.status_code == 422
+    assert none.json()["detail"] == (
+        "no file in the request: send multipart/form-data with the image in a part named file"
+    )
+
+
+def _part(body: bytes) -> bytes:
+    return b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n' + body
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "reason"),
+    [
+        ("multipart/form-data", _part(b"abc") + b"\r\n--b--\r\n", 400,
+         "malformed multipart body: the Content-Type has no boundary"),
+        ("multipart/form-data; boundary=b", b"garbage", 400,
+         "malformed multipart body (Expected boundary character 45, got 103 at index 2)"),
+        ("multipart/form-data; boundary=b", _part(b"abc"), 400,
+         "malformed multipart body: it ends before its closing boundary"),
+        ("multipart/form-data; boundary=b", b"--b\r\nno colon here\r\n\r\nabc\r\n--b--\r\n", 400,
+         "malformed multipart body (Found invalid character 32 in header at 7)"),
+        ("multipart/form-data; boundary=b", b"", 400, "malformed multipart body: it ends before its closing boundary"),
+        ("multipart/form-data; boundary=b", b"--b\r\nX-Other: 1\r\n\r\nabc\r\n--b--\r\n", 422,
+         "no file in the request: send multipart/form-data with the image in a part named file"),
+    ],
+)
+def test_malformed_multipart_is_never_a_500(client, content_type, body, status, reason):
+    response = client.post("/v1/predict", content=body, headers={"content-type": content_type})
+    assert response.status_code == status and response.json()["detail"] == reason
+
+
+def test_a_client_that_disconnects_mid_upload_is_a_400_not_a_crash():
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b")]}
+    messages = iter([{"type": "http.request", "body": _part(b"abc"), "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict:
+        return next(messages)
+
+    with pytest.raises(UploadError) as caught:
+        anyio.run(partial(read_uploads, Request(scope, receive), max_file_bytes=1000, max_files=1))
+    assert caught.value.status == 400 and caught.value.reason == "the client disconnected before the body was complete"
+
+
+def test_request_timeout_is_503(run, xray, monkeypatch):
+    app = create_app(run, ServeSettings(request_timeout_s=0.2))
+    predictor = app.state.service.predictor
+    slow = predictor.predict_prepared
+
+    def predict_slowly(images):
+        time.sleep(0.6)
+        return slow(images)
+
+    monkeypatch.setattr(predictor, "predict_prepared", predict_slowly)
+    with TestClient(app) as timed:
+        response = post(timed, xray)
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
+        assert response.json()["detail"] == "request took longer than 0.2 s; try again later"
+
+
+# --- batch -----------------------------------------------------------------------------------------------------------
+
+
+def test_batch_gives_one_entry_per_file_and_errors_in_place(client, xray):
+    other = png(bar_image(np.random.default_rng(4), False))
+    files = [("files", ("a.png", xray)), ("files", ("notes.png", b"not an image at all\n")),
+             ("files", ("b.png", other))]
+    response = client.post("/v1/predict/batch?image=true", files=files)
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["n_files"] == 3 and answer["n_errors"] == 1 and answer["disclaimer"] == DISCLAIMER
+    first, error, last = answer["results"]
+    assert error == {"file": "notes.png", "status": "error", "http_status": 415, "error": "not an image (text file)"}
+    assert first["file"] == "a.png" and last["file"] == "b.png" and "image_png" in last
+    single = post(client, other, name="b.png").json()
+    assert last["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
+
+
+def test_too_many_files_is_413(run, xray):
+    with TestClient(create_app(run, ServeSettings(max_files=2))) as limited:
+        files = [("files", (f"{i}.png", xray)) for i in range(3)]
+        response = limited.post("/v1/predict/batch", files=files)
+        assert response.status_code == 413 and response.json()["detail"] == "more than 2 files in one request"
+        single = limited.post("/v1/predict", files=files[:2])
+        assert single.status_code == 413 and single.json()["detail"] == "more than 1 file in one request"
+
+
+# --- backends and the command ----------------------------------------------------------------------------------------
+
+
+def test_onnx_backend_serves_the_same_probabilities(run, xray, tmp_path):
+    exported = tmp_path / "run"
+    shutil.copytree(run, exported)
+    export_onnx(exported)
+    with TestClient(create_app(exported, ServeSettings(backend="onnx"))) as onnx:
+        assert onnx.get("/ready").json()["backend"] == "onnx"
+        answer = post(onnx, xray, query="?heatmap=true").json()  # Grad-CAM uses the PyTorch copy
+    with TestClient(create_app(run)) as torch_client:
+        expected = post(torch_client, xray).json()
+    assert answer["backend"] == "onnx" and "heatmap_png" in answer["heatmap"]
+    assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-4)
+
+
+def test_cli_serve_passes_settings_and_refuses_a_missing_run(run, tmp_path, monkeypatch, capsys):
+    import bonefrac.serve as serve_module
+
+    calls = []
+    monkeypatch.setattr(serve_module, "serve", lambda run_dir, settings, **kw: calls.append((run_dir, settings, kw)))
+    assert main(["serve", str(run), "--port", "8123", "--max-upload-mb", "5", "--timeout", "9"]) == 0
+    (run_dir, settings, where), = calls
+    assert run_dir == str(run) and settings.max_upload_mb == 5 and settings.request_timeout_s == 9
+    assert where == {"host": "127.0.0.1", "port": 8123, "workers": 1}
+    assert "http://127.0.0.1:8123/" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert main(["serve", str(tmp_path / "missing"), "--port", "8124"]) == 2
