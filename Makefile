@@ -16,10 +16,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	rm -rf $(DEMO)/phantoms $(DEMO)/audit
-	$(BIN)/bonefrac data synth $(DEMO)/phantoms --n 600 --size 256
-	$(BIN)/bonefrac data audit $(DEMO)/phantoms --out $(DEMO)/audit
-	@echo "Demo done: open $(DEMO)/audit/audit.html (phantom images are SYNTHETIC)."
+	$(BIN)/bonefrac demo --out $(DEMO)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
