@@ -318,14 +318,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_THEN_PATHS = (
+    "a run directory (bonefrac train --out; default: the model shipped with bonefrac), then image files, folders "
+    "(recursive) or globs"
+)
+
+
+def _run_and_paths(items: Sequence[str]) -> tuple[Path, list[str]]:
+    """`[RUN] PATH...` -> (run, paths); says so when the shipped model is used."""
+    from bonefrac.shipped import run_and_paths
+
+    run, paths = run_and_paths(items)
+    if not items or run != Path(items[0]):
+        console.print(f"using the shipped model {run.name} (its model card: {run / 'MODEL_CARD.md'})",
+                      highlight=False, soft_wrap=True)
+    return run, paths
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from bonefrac.predict import Predictor, write_predictions
 
-    predictor = Predictor(args.run, backend=args.backend, batch_size=args.batch_size, tta=args.tta)
+    run, paths = _run_and_paths(args.items)
+    predictor = Predictor(run, backend=args.backend, batch_size=args.batch_size, tta=args.tta)
     with progress_bar("predicting") as progress:
-        result = predictor.predict_paths(args.paths, progress=progress)
+        result = predictor.predict_paths(paths, progress=progress)
     if args.out:
         console.print(f"written: {write_predictions(result, args.out)}", soft_wrap=True)
     else:
@@ -357,9 +375,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from bonefrac.explain import Explainer, explain_paths
     from bonefrac.predict import Predictor
 
-    explainer = Explainer(Predictor(args.run, backend="torch"), method=args.method)
+    run, paths = _run_and_paths(args.items)
+    explainer = Explainer(Predictor(run, backend="torch"), method=args.method)
     with progress_bar(f"explaining ({args.method})") as progress:
-        rows = explain_paths(explainer, args.paths, args.out, target=args.target, alpha=args.alpha, progress=progress)
+        rows = explain_paths(explainer, paths, args.out, target=args.target, alpha=args.alpha, progress=progress)
     failed = [row for row in rows if row.status == "error"]
     for row in failed:
         console.print(f"[red]error[/red] {row.file}: {row.error}", soft_wrap=True, highlight=False)
@@ -386,7 +405,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      "authentication and no TLS[/yellow]", highlight=False)
     console.print(f"bonefrac serve: the page at http://{args.host}:{args.port}/ (API docs at /docs); Ctrl+C stops it",
                   highlight=False, soft_wrap=True)
-    serve(args.run, settings, host=args.host, port=args.port, workers=args.workers)
+    serve(_run_and_paths([args.run] if args.run else [])[0], settings, host=args.host, port=args.port,
+          workers=args.workers)
     return 0
 
 
@@ -595,8 +615,7 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
         help="calibrated probabilities and the decision at the run's threshold for files, folders and globs",
         description="One row per image-like file; unreadable files get an error row. Exit code 1 if any failed.",
     )
-    predict.add_argument("run", help="run directory (bonefrac train --out)")
-    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
+    predict.add_argument("items", nargs="+", metavar="[RUN] PATH", help=RUN_THEN_PATHS)
     predict.add_argument("--out", help="preds.csv or preds.json (default: a table on the terminal)")
     predict.add_argument(
         "--backend", choices=("auto", "torch", "onnx"), default="auto",
@@ -611,8 +630,7 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
         help="Grad-CAM heatmaps drawn on the original images (where the model looked)",
         description="An overlay PNG per image-like file and explain.csv (class explained, peak, errors) in --out.",
     )
-    explain.add_argument("run", help="run directory (bonefrac train --out)")
-    explain.add_argument("paths", nargs="+", metavar="IMAGE", help="image files, folders (recursive) or globs")
+    explain.add_argument("items", nargs="+", metavar="[RUN] IMAGE", help=RUN_THEN_PATHS)
     explain.add_argument("--out", required=True, help="folder for the overlays and explain.csv")
     explain.add_argument("--method", choices=("gradcam", "gradcam++", "eigencam"), default="gradcam")
     explain.add_argument("--target", metavar="LABEL", help="class to explain (default: the class the run decides)")
@@ -629,7 +647,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
             "/ready, the page at / and OpenAPI docs at /docs. Uploads stay in memory unless --save-uploads."
         ),
     )
-    serve.add_argument("run", help="run directory (bonefrac train --out)")
+    serve.add_argument("run", nargs="?", help="run directory (bonefrac train --out); default: the shipped model")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this host only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
@@ -650,7 +668,7 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
         help="the whole pipeline in one command: data, audit, two models, calibration, evaluation, reports, comparison",
         description=(
             "Audit the data, train EfficientNet-Lite0 (offline ImageNet weights, linear probe) and our CNN, calibrate "
-            "on val, evaluate on test with 95%% CIs, write report.html per run and a comparison. Without --data, on "
+            "on val, evaluate on test with 95 % CIs, write report.html per run and a comparison. Without --data, on "
             "SYNTHETIC phantoms generated into OUT/phantoms."
         ),
     )
