@@ -125,7 +125,10 @@ def test_page_is_served_accessible_and_offline(client):
 
 
 def test_openapi_docs_describe_the_upload(client):
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # served offline (fastapi-offline)
+    script = re.search(r'src="([^"]+swagger-ui-bundle\.js)"', docs.text).group(1)
+    assert client.get(script).status_code == 200
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]) >= {"/v1/predict", "/v1/predict/batch", "/v1/model", "/health", "/ready"}
     body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]

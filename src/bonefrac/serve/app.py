@@ -34,6 +34,7 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 
 from bonefrac import DISCLAIMER, __version__
@@ -214,7 +215,8 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
         log.info("bonefrac serve: %s ready (%s backend)", service.card["name"], service.predictor.backend)
         yield
 
-    app = FastAPI(
+    # fastapi-offline serves Swagger UI and ReDoc from the package instead of a CDN: /docs works without internet.
+    app = FastAPIOffline(
         title="bonefrac",
         version=__version__,
         description=f"Fracture classification of bone radiographs. {DISCLAIMER}",
