@@ -169,6 +169,13 @@ def fit(
             weights=config.model.weights,
             drop_rate=config.model.drop_rate,
         )
+        if not torch.cuda.is_available():
+            # On the CPU, oneDNN's convolutions run faster on channels-last (NHWC) weights and activations, and a
+            # convolution with channels-last weights gives channels-last outputs, so converting the weights is
+            # enough. Lite0 at 224 px, batch 32, 2 threads: 0.7x the time per training step. The network
+            # computes the same function; only the order of floating-point sums, and which elements a dropout on
+            # 4-D activations draws, differ. model.safetensors is written contiguous (export_weights).
+            model = model.to(memory_format=torch.channels_last)
         module = FractureClassifier(
             model,
             train=config.train,
