@@ -33,6 +33,7 @@ from bonefrac.predict import Predictor
 from bonefrac.serve import ServeSettings, create_app
 from bonefrac.serve.app import STATIC
 from bonefrac.serve.uploads import UploadError, read_uploads
+from bonefrac.shipped import shipped_run
 from tests.helpers import bar_image, tiny_fit, write_bar_set, write_dicom
 
 SECRET = "SECRET^PATIENT"
@@ -399,8 +400,10 @@ def test_cli_serve_passes_settings_and_refuses_a_missing_run(run, tmp_path, monk
     monkeypatch.setattr(serve_module, "serve", lambda run_dir, settings, **kw: calls.append((run_dir, settings, kw)))
     assert main(["serve", str(run), "--port", "8123", "--max-upload-mb", "5", "--timeout", "9"]) == 0
     (run_dir, settings, where), = calls
-    assert run_dir == str(run) and settings.max_upload_mb == 5 and settings.request_timeout_s == 9
+    assert Path(run_dir) == Path(run) and settings.max_upload_mb == 5 and settings.request_timeout_s == 9
     assert where == {"host": "127.0.0.1", "port": 8123, "workers": 1}
     assert "http://127.0.0.1:8123/" in capsys.readouterr().out
+    assert main(["serve", "--port", "8125"]) == 0  # no run: the shipped model
+    assert calls[-1][0] == shipped_run() and "using the shipped model" in capsys.readouterr().out
     monkeypatch.undo()
     assert main(["serve", str(tmp_path / "missing"), "--port", "8124"]) == 2

@@ -405,8 +405,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      "authentication and no TLS[/yellow]", highlight=False)
     console.print(f"bonefrac serve: the page at http://{args.host}:{args.port}/ (API docs at /docs); Ctrl+C stops it",
                   highlight=False, soft_wrap=True)
-    serve(_run_and_paths([args.run] if args.run else [])[0], settings, host=args.host, port=args.port,
-          workers=args.workers)
+    run = Path(args.run) if args.run else _run_and_paths([])[0]
+    serve(run, settings, host=args.host, port=args.port, workers=args.workers)
     return 0
 
 
