@@ -14,6 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.errors import BonefracError
 
+BACKENDS = ("auto", "torch", "onnx")  # bonefrac.predict.BACKENDS, without importing torch to build the parser
+
 console = Console()
 errors = Console(stderr=True)
 
@@ -618,7 +620,7 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("items", nargs="+", metavar="[RUN] PATH", help=RUN_THEN_PATHS)
     predict.add_argument("--out", help="preds.csv or preds.json (default: a table on the terminal)")
     predict.add_argument(
-        "--backend", choices=("auto", "torch", "onnx"), default="auto",
+        "--backend", choices=BACKENDS, default="auto",
         help="auto: onnxruntime when RUN/model.onnx exists, else PyTorch",
     )
     predict.add_argument("--batch-size", type=int, default=32)
@@ -652,7 +654,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
     serve.add_argument(
-        "--backend", choices=("auto", "torch", "onnx"), default="auto",
+        "--backend", choices=BACKENDS, default="auto",
         help="auto: onnxruntime when RUN/model.onnx exists, else PyTorch",
     )
     serve.add_argument("--max-upload-mb", type=float, default=50.0, help="largest file accepted (default 50; 413 over)")

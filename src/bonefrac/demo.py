@@ -42,7 +42,7 @@ from bonefrac.data.synth import generate_dataset
 from bonefrac.errors import BonefracError, DataLeakageError, DatasetError
 from bonefrac.evaluate import evaluate_run
 from bonefrac.report import write_report
-from bonefrac.train import _progress, fit
+from bonefrac.train import fit, step_progress
 
 # The real demo's sizes (measured in docs/PERFORMANCE.md); tests pass tiny ones.
 N_PHANTOMS = 800
@@ -146,7 +146,7 @@ def run_demo(
     if data is None:
         with _stage(console, "phantoms", seconds):
             root = out / "phantoms"
-            with _progress(f"rendering {n_phantoms} phantoms", progress) as update:
+            with step_progress(f"rendering {n_phantoms} phantoms", progress) as update:
                 generate_dataset(root, n=n_phantoms, size=phantom_size, seed=seed, split=PHANTOM_SPLIT,
                                  progress=update)
             console.print(
@@ -178,9 +178,9 @@ def run_demo(
             fit(build_config(overrides=shared | model.overrides), run_dir, progress=progress)
         with _stage(console, f"evaluate {model.run_name}", seconds):
             console.print("val and test metrics with 95 % CIs, plots, report.html", highlight=False)
-            with _progress(f"{model.run_name}: val images", progress) as update:
+            with step_progress(f"{model.run_name}: val images", progress) as update:
                 evaluate_run(run_dir, root, "val", progress=update)
-            with _progress(f"{model.run_name}: test images", progress) as update:
+            with step_progress(f"{model.run_name}: test images", progress) as update:
                 metrics = evaluate_run(run_dir, root, "test", progress=update).metrics
             report = write_report(run_dir, root)
         runs.append(DemoRun(
@@ -257,7 +257,7 @@ def _audit(root: Path, out: Path, console: Console, *, allow_leakage: bool, prog
 
     Raises DatasetError when a split is missing, DataLeakageError when splits share duplicates (unless allowed).
     """
-    with _progress("scanning", progress) as update:
+    with step_progress("scanning", progress) as update:
         manifest = scan_folder(root, progress=update)
     found = {row.split for row in manifest.rows}
     if not set(SPLITS) <= found:
@@ -266,7 +266,7 @@ def _audit(root: Path, out: Path, console: Console, *, allow_leakage: bool, prog
             f"{root}: the demo needs train/, val/ and test/ folders (root/<split>/<class>/), found {listed}. Make a "
             f"group-aware split first: bonefrac data split {root} NEW_FOLDER, then bonefrac demo --data NEW_FOLDER"
         )
-    with _progress("decoding and hashing", progress) as update:
+    with step_progress("decoding and hashing", progress) as update:
         report = audit_manifest(manifest, progress=update)
     write_manifest(manifest, out)
     write_json(report, out)

@@ -271,7 +271,7 @@ def train_probe(config: RunConfig, data, report: AuditReport, run_dir: Path, *, 
     audit.json and run.log around it.
     """
     # Imported here: train imports this module inside fit.
-    from bonefrac.train import _fmt, _leak_lines, _progress, plot_learning_curves, write_metrics_csv
+    from bonefrac.train import _fmt, _leak_lines, plot_learning_curves, step_progress, write_metrics_csv
 
     started = time.perf_counter()
     spec = model_spec(config.model.name)
@@ -308,7 +308,7 @@ def train_probe(config: RunConfig, data, report: AuditReport, run_dir: Path, *, 
         "image_cache_version": CACHE_VERSION,
     }
     train_md5s, val_md5s = _md5s(data.train), _md5s(data.val)
-    with _progress("computing backbone features", progress) as update:
+    with step_progress("computing backbone features", progress) as update:
         features, reused = cached_features(
             model,
             data.train.cache,

@@ -696,7 +696,7 @@ def _scan_and_audit(config: RunConfig, run_dir: Path | None, *, progress: bool) 
     """Scan the data folder, audit it into run_dir/audit.json (None: write nothing, as in a torchrun process
     other than the first), and refuse leaky splits unless allowed."""
     root = Path(config.data.root)
-    with _progress("scanning", progress) as update:
+    with step_progress("scanning", progress) as update:
         manifest = scan_folder(root, progress=update)
     splits = {row.split for row in manifest.rows}
     if not {"train", "val"} <= splits:
@@ -705,7 +705,7 @@ def _scan_and_audit(config: RunConfig, run_dir: Path | None, *, progress: bool) 
             f"{root}: training needs train/ and val/ folders (root/train/<class>/, root/val/<class>/), found "
             f"{found}. Make a group-aware split first: bonefrac data split {root} NEW_FOLDER"
         )
-    with _progress("auditing", progress) as update:
+    with step_progress("auditing", progress) as update:
         report = audit_manifest(manifest, workers=max(1, config.data.workers), progress=update)
     if run_dir is not None:
         write_json(report, run_dir)
@@ -743,7 +743,7 @@ def _load_data(manifest: Manifest, config: RunConfig, report: AuditReport, *, pr
     """Decode train and val images into the cache and wrap them as datasets; unreadable files are skipped."""
     root, labels = manifest.root, manifest.labels
     rows = [row for row in manifest.rows if row.split in ("train", "val")]
-    with _progress(f"decoding {len(rows)} images into the cache", progress) as update:
+    with step_progress(f"decoding {len(rows)} images into the cache", progress) as update:
         cache = ImageCache.build(
             [root / row.path for row in rows],
             [row.md5 for row in rows],
@@ -1006,7 +1006,7 @@ def _run_log(path: Path | None, *, echo: bool) -> Iterator[None]:
 
 
 @contextmanager
-def _progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+def step_progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
     """A transient progress bar for one preparation step, as a `progress(done, total)` callback; or None."""
     if not enabled:
         with nullcontext():
