@@ -10,6 +10,7 @@ import logging
 import re
 import shutil
 import tempfile
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 import starlette.formparsers
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.requests import Request
@@ -350,6 +352,29 @@ def test_request_timeout_is_503(run, xray, monkeypatch):
         assert response.json()["detail"] == "request took longer than 0.2 s; try again later"
 
 
+def test_the_model_is_loaded_and_called_on_one_model_thread_never_the_event_loop(run, xray, monkeypatch):
+    import bonefrac.serve.app as app_module
+
+    threads = []
+
+    class Recording(Predictor):
+        def __init__(self, *args, **kwargs):
+            threads.append(("load", threading.current_thread()))
+            super().__init__(*args, **kwargs)
+
+        def logits(self, batch):
+            threads.append(("logits", threading.current_thread()))
+            return super().logits(batch)
+
+    monkeypatch.setattr(app_module, "Predictor", Recording)
+    with TestClient(create_app(run)) as recorded:  # loads the model, then warms it up
+        assert post(recorded, xray, query="?heatmap=true").status_code == 200
+    (load, loader), *calls = threads
+    assert load == "load" and loader.name.startswith("bonefrac-model") and loader is not threading.main_thread()
+    assert [kind for kind, _ in calls] == ["logits", "logits"]  # warm-up, then the request
+    assert all(thread is loader for _, thread in calls)
+
+
 # --- batch -----------------------------------------------------------------------------------------------------------
 
 
@@ -384,6 +409,7 @@ def test_onnx_backend_serves_the_same_probabilities(run, xray, tmp_path):
     exported = tmp_path / "run"
     shutil.copytree(run, exported)
     export_onnx(exported)
+    threads = torch.get_num_threads()
     with TestClient(create_app(exported, ServeSettings(backend="onnx"))) as onnx:
         assert onnx.get("/ready").json()["backend"] == "onnx"
         answer = post(onnx, xray, query="?heatmap=true").json()  # Grad-CAM uses the PyTorch copy
@@ -391,6 +417,7 @@ def test_onnx_backend_serves_the_same_probabilities(run, xray, tmp_path):
         expected = post(torch_client, xray).json()
     assert answer["backend"] == "onnx" and "heatmap_png" in answer["heatmap"]
     assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-4)
+    assert torch.get_num_threads() == threads  # one PyTorch thread on the onnx app's model thread, not here
 
 
 def test_cli_serve_passes_settings_and_refuses_a_missing_run(run, tmp_path, monkeypatch, capsys):

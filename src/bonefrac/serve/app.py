@@ -4,10 +4,12 @@
     serve(run_dir, settings, host, port, workers)   run it under uvicorn (what `bonefrac serve` calls)
 
 Every upload goes the way `bonefrac predict` takes a file (Predictor.prepare -> predict_prepared: read, OOD verdict,
-letterbox, logits, temperature, threshold), from bytes in memory. Inference runs in a worker thread, never on the
-event loop, and at most `settings.inference_threads` at a time: on a small CPU, more parallel model calls only
-fight over the cores (PyTorch and onnxruntime already use all of them for one batch), so requests queue instead,
-and the request timeout bounds how long one may wait.
+letterbox, logits, temperature, threshold), from bytes in memory. The model is loaded and every model call runs on
+the app's own `settings.inference_threads` worker threads (one by default), never on the event loop: on a small CPU,
+more parallel model calls only fight over the cores (PyTorch and onnxruntime already use all of them for one
+batch), so requests queue instead, and the request timeout bounds how long one may wait. Loading the model on the
+thread that runs it matters: with the model loaded on the main thread, PyTorch inference on a worker thread took
+1.7x as long on a 2-core machine (docs/SERVE.md).
 
 What the client gets for a bad request, always as {"detail": reason}: 413 for an upload over the size limit, 415
 for a body or a file that is not an image, 422 for an image that cannot be read (truncated, corrupt) or a request
@@ -18,19 +20,22 @@ look like a radiograph is not an error: 200 with accepted = false and the reason
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
-import anyio
 import numpy as np
+import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -48,6 +53,7 @@ from bonefrac.serve.uploads import TimeoutMiddleware, Upload, UploadError, read_
 STATIC = Path(__file__).parent / "static"
 ENVIRONMENT_KEY = "BONEFRAC_SERVE"  # how `bonefrac serve --workers N` hands the run and settings to each worker
 log = logging.getLogger("bonefrac.serve")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,11 @@ class Service:
             raise BonefracError(f"backend {settings.backend!r}: choose from {', '.join(BACKENDS)}")
         self.settings = settings
         self.predictor = Predictor(run_dir, backend=settings.backend)
+        if self.predictor.backend == "onnx":
+            # onnxruntime runs the model; PyTorch only preprocesses (and draws heatmaps). Its OpenMP threads, spinning
+            # after each preprocessing op, took the cores from onnxruntime's: 25-34 ms a request on 2 cores against
+            # 17-19 ms with one PyTorch thread on this (the model) thread; heatmaps were not slower (docs/SERVE.md).
+            torch.set_num_threads(1)
         self.explainer = Explainer(self.predictor, method=settings.heatmap_method)
         self.card = model_card(self.predictor)
         self.ready = False
@@ -206,12 +217,19 @@ BATCH_BODY = _multipart_body("files", {"type": "array", "items": FILE})
 def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app for one run: the model is loaded here, once; start-up warms it up and then /ready says so."""
     settings = settings or ServeSettings()
-    service = Service(run_dir, settings)
+    # The model threads: the model is loaded on one of them and every call into it (warm-up, predictions, heatmaps)
+    # runs there; at most inference_threads at a time, the rest wait in the executor's queue.
+    model_threads = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="bonefrac-model")
+    service = model_threads.submit(Service, run_dir, settings).result()
+
+    async def on_model_thread(call: Callable[[], T]) -> T:
+        # A request cancelled by the timeout while its call still waits in the queue takes the call out of it;
+        # a call already running finishes in the background.
+        return await asyncio.get_running_loop().run_in_executor(model_threads, call)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.limiter = anyio.CapacityLimiter(settings.inference_threads)
-        await anyio.to_thread.run_sync(service.warm_up)
+        await on_model_thread(service.warm_up)
         log.info("bonefrac serve: %s ready (%s backend)", service.card["name"], service.predictor.backend)
         yield
 
@@ -232,11 +250,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     async def run_predictions(request: Request, max_files: int, heatmap: bool, image: bool) -> list[dict]:
         started = time.perf_counter()
         uploads = await read_uploads(request, max_file_bytes=settings.max_file_bytes, max_files=max_files)
-        results = await anyio.to_thread.run_sync(
-            lambda: service.predict(uploads, heatmap=heatmap, show_image=image),
-            limiter=request.app.state.limiter,
-            abandon_on_cancel=True,
-        )
+        results = await on_model_thread(lambda: service.predict(uploads, heatmap=heatmap, show_image=image))
         _log_result(results, sum(len(u.data) for u in uploads), time.perf_counter() - started)
         return results
 
