@@ -1,7 +1,8 @@
 """bonefrac explain: Grad-CAM maps on the original image, the right layer per architecture, and faithfulness.
 
-Faithfulness is measured with the pointing game on bar images whose fracture (a dark gap across the bar) has a known
-box: the map's peak must land in the gap far more often than a uniformly random point would.
+Faithfulness is measured with the pointing game on images whose fracture has a known box (bar images with a dark
+gap across the bar, and SYNTHETIC phantom radiographs): the map's peak must land in the box far more often than a
+uniformly random point would.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from bonefrac.cli import build_parser, main
+from bonefrac.config import build_config
+from bonefrac.data.io import read_image
+from bonefrac.data.synth import generate_dataset
 from bonefrac.data.transforms import letterbox
 from bonefrac.errors import BonefracError
 from bonefrac.explain import (
@@ -31,6 +35,7 @@ from bonefrac.explain import (
 )
 from bonefrac.models import create_model, feature_layer, list_models
 from bonefrac.predict import Predictor
+from bonefrac.train import fit
 from tests.helpers import bar_with_gap, calibrated_bar_run, write_dicom
 
 
@@ -131,6 +136,27 @@ def test_gradcam_points_at_the_fracture_far_above_chance(explainer):
     assert game.n == 40 and game.chance < 0.05
     # Measured 0.35 (14 of 40) against a chance of 0.019 for the exact gap box.
     assert game.hit_rate >= max(0.2, 5 * game.chance), game.as_dict()
+
+
+@pytest.mark.slow
+def test_gradcam_points_at_phantom_fractures_far_above_chance(tmp_path):
+    """A Lite0 linear probe at 256 px on 180 SYNTHETIC phantoms; its maps on the 60 fractured val/test phantoms."""
+    root = generate_dataset(tmp_path / "phantoms", n=300, size=256, seed=0, split=(0.6, 0.2, 0.2), workers=1)
+    config = build_config(overrides={
+        "data.root": str(root), "data.cache_dir": str(tmp_path / "cache"), "data.image_size": 256,
+        "data.workers": 0, "data.batch_size": 32, "model.name": "efficientnet_lite0", "model.pretrained": True,
+        "train.strategy": "linear-probe", "train.epochs": 10,
+    })
+    run_dir = fit(config, tmp_path / "run", progress=False)
+    with open(root / "phantoms.csv", newline="") as handle:
+        fractured = [row for row in csv.DictReader(handle) if row["split"] != "train" and row["x0"]]
+    explainer = Explainer(Predictor(run_dir, backend="torch"), method="gradcam")
+    explanations = [explainer.explain(read_image(root / row["file"])[0], target="fractured") for row in fractured]
+    game = pointing_game(explanations, [tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1")) for row in fractured])
+    assert game.n == 60 and game.chance < 0.05
+    # Measured 0.32, 0.35 and 0.30 (seeds 0, 1, 2) against chances of 0.035-0.041; the same probe at 128 px hit
+    # 1 of 60 (docs/EXPLAIN.md): the 4 x 4 last stage is too coarse for a fracture box.
+    assert game.hit_rate >= max(0.15, 4 * game.chance), game.as_dict()
 
 
 def test_pointing_game_counts_flat_maps_as_misses():
