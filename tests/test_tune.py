@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from bonefrac.tune import (
     SPACES,
     StudyCounts,
     _is_surplus,
+    _work,
     open_storage,
     search_family,
     trial_config,
@@ -132,6 +134,26 @@ def test_counts_treat_a_retry_as_the_same_trial_and_a_late_asker_as_surplus(tmp_
     counts = StudyCounts.of(study.get_trials())
     assert (counts.started, counts.done, counts.running, counts.queued_retries) == (3, 0, 2, 1)
     assert not _is_surplus(study, 3, n_trials=2)  # a retry takes its trial's place
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks as another worker would
+def test_a_worker_that_drew_a_surplus_trial_waits_for_the_running_one(tmp_path, monkeypatch):
+    """Two workers read the counts at once (1 of 2 started), both ask: trials 1 and 2. This worker holds trial 2,
+    the surplus: it goes back to the queue, and the worker returns only when the other's trial 1 has finished."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    study = optuna.create_study(storage=storage, direction="maximize")
+    study.tell(study.ask(), 0.5)
+    others = study.ask()  # trial 1, running in the other worker
+    real_counts = StudyCounts.of
+    stale = iter([StudyCounts(started=1, done=1, running=0, queued_retries=0)])
+    monkeypatch.setattr(StudyCounts, "of", classmethod(lambda cls, trials: next(stale, None) or real_counts(trials)))
+    threading.Timer(0.5, lambda: study.tell(others, 0.7)).start()
+    started = time.monotonic()
+    _work(study, storage, lambda trial: pytest.fail("the surplus trial ran"), n_trials=2, timeout=30, wait=0.05,
+          report=lambda line: None)
+    assert time.monotonic() - started >= 0.5  # it waited for trial 1
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {0: TrialState.COMPLETE, 1: TrialState.COMPLETE, 2: TrialState.WAITING}
 
 
 def tune_command(root: Path, cache: Path, out: Path, db: Path, trials: int, *extra: str, epochs: int = 1) -> list[str]:

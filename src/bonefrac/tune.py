@@ -25,7 +25,8 @@ coordinate through the storage alone:
 - N counts the trials workers started, all workers together; a retry (below) is the same trial again, not a
   new one. A worker asks for a new trial only while fewer than N were started. Two workers may ask at the same
   moment: trial numbers are unique, so the later trial finds N trials below its number and goes back to the
-  queue (WAITING) without running, instead of becoming trial N+1.
+  queue (WAITING) without running, instead of becoming trial N+1; its worker then asks for nothing more and waits
+  for the running trials, so that its summary covers the whole study.
 - A running trial writes a heartbeat (`heartbeat_interval`). A trial whose worker died (killed, machine lost)
   stops beating; after the grace period the next worker that looks marks it FAIL, and Optuna's
   RetryHeartbeatStaleTrialCallback queues it again with the same parameters (MAX_RETRIES times at most).
@@ -289,12 +290,13 @@ def _work(
     back to the queue before it runs. Around each trial, the same heartbeat thread that optimize runs.
     """
     started = time.monotonic()
+    gave_back = False  # this worker drew a surplus trial: it asks for no more, and waits for the running ones
     while timeout is None or time.monotonic() - started < timeout:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             fail_stale_trials(study)  # dead workers' trials: FAIL, and queued again (the retry callback)
         counts = StudyCounts.of(study.get_trials(deepcopy=False))
-        if counts.started >= n_trials and not counts.queued_retries:
+        if gave_back or (counts.started >= n_trials and not counts.queued_retries):
             if not counts.running:
                 return
             time.sleep(wait)  # another worker's trial: it finishes, or goes stale and is retried here
@@ -306,7 +308,8 @@ def _work(
         trial_id = trial._trial_id  # Optuna keeps no public handle on a trial's storage id
         if _is_surplus(study, trial.number, n_trials):
             storage.set_trial_state_values(trial_id, TrialState.WAITING)  # back to the queue, never run
-            return
+            gave_back = True
+            continue
         value, state, error = None, TrialState.FAIL, None
         with get_heartbeat_thread(trial_id, storage):
             try:
