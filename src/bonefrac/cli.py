@@ -138,9 +138,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = json.loads((run_dir / "summary.json").read_text())
     auroc = summary["best_val_auroc"]
     console.print(f"run directory: {run_dir}", soft_wrap=True)
+    classes = (f"positive class {summary['positive_label']}" if summary["positive_label"]
+               else f"{len(summary['labels'])} classes")
     console.print(
         f"best val AUROC {'n/a' if auroc is None else f'{auroc:.4f}'} at epoch {summary['best_epoch']} of "
-        f"{summary['epochs_completed']} ({summary['model']}; positive class {summary['positive_label']})"
+        f"{summary['epochs_completed']} ({summary['model']}; {classes})"
         + (" on SYNTHETIC phantom data" if summary["synthetic_data"] else "")
     )
     if summary["skipped_files"]:

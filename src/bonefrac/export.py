@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 
 from bonefrac import DISCLAIMER
 from bonefrac.calibration import apply_temperature
+from bonefrac.data.dataset import positive_name
 from bonefrac.data.io import IMAGE_SUFFIXES, read_image
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.evaluate import load_run, read_calibration
@@ -121,7 +122,7 @@ def export_onnx(run_dir: str | Path, *, opset: int = OPSET, tolerance: float = P
         "letterbox": {"size": size, "resample": "bicubic", "aspect": "kept, longer side = size", "pad": 0,
                       "position": "centred"},
         "labels": labels,
-        "positive_label": labels[positive],
+        "positive_label": positive_name(labels, positive),
         "calibrated": bool(calibration),
         "temperature": temperature,
         "threshold": calibration.get("threshold") if binary else None,

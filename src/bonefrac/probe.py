@@ -44,6 +44,7 @@ from bonefrac import DISCLAIMER, __version__
 from bonefrac.config import ConfigError, RunConfig
 from bonefrac.data.audit import AuditReport
 from bonefrac.data.cache import CACHE_VERSION, CachedImageDataset, ImageCache
+from bonefrac.data.dataset import positive_name
 from bonefrac.data.transforms import EvalPreset
 from bonefrac.models import create_model, model_spec, num_parameters
 
@@ -383,7 +384,7 @@ def train_probe(config: RunConfig, data, report: AuditReport, run_dir: Path, *, 
         "parameters": num_parameters(model),
         "trainable_parameters": head.weight.numel() + head.bias.numel(),
         "labels": data.labels,
-        "positive_label": data.labels[data.positive],
+        "positive_label": positive_name(data.labels, data.positive),
         "epochs_completed": len(fitted.history),
         "best_epoch": best["epoch"],
         "best_val_auroc": best["val_auroc"],

@@ -312,8 +312,9 @@ def _model_card(run_dir: Path, summary: dict | None, audit: dict | None, evals: 
     parts.append(
         f"<ul><li>source folder: <code>{esc(str(root))}</code></li><li>counts: {esc(count_text or 'unknown')}</li>"
         f"<li>groups for CIs: {esc(str(groups))}</li><li>{'SYNTHETIC phantom images' if synthetic else 'real images'}"
-        f"</li><li>classes: {esc(', '.join(summary.get('labels', [])))} (positive: "
-        f"{esc(str(summary.get('positive_label')))})</li></ul>"
+        f"</li><li>classes: {esc(', '.join(summary.get('labels', [])))}"
+        + (f" (positive: {esc(summary['positive_label'])})" if summary.get("positive_label") else "")
+        + "</li></ul>"
     )
     parts.append("<h3>Metrics</h3>")
     if test:

@@ -71,7 +71,7 @@ from bonefrac import DISCLAIMER, __version__
 from bonefrac.config import ConfigError, RunConfig, TrainConfig, check_device, differences, from_yaml, to_yaml
 from bonefrac.data.audit import AuditReport, audit_manifest, write_json
 from bonefrac.data.cache import CachedImageDataset, ImageCache
-from bonefrac.data.dataset import Manifest, ManifestRow, manifest_groups, scan_folder
+from bonefrac.data.dataset import Manifest, ManifestRow, manifest_groups, positive_name, scan_folder
 from bonefrac.data.transforms import EvalPreset, TrainPreset, batch_mixer
 from bonefrac.errors import BonefracError, DataLeakageError, DatasetError
 from bonefrac.models import create_model, model_spec, num_parameters
@@ -141,7 +141,8 @@ def fit(
         log.info("bonefrac %s: %s in %s", __version__, "resuming the run" if resume else "new run", run_dir)
         manifest, report = _scan_and_audit(config, run_dir if main else None, progress=progress and main)
         data = _load_data(manifest, config, report, progress=progress and main)
-        labels = {"labels": data.labels, "positive_label": data.labels[data.positive], "num_classes": len(data.labels)}
+        labels = {"labels": data.labels, "positive_label": positive_name(data.labels, data.positive),
+                  "num_classes": len(data.labels)}
         if main:
             (run_dir / "config.yaml").write_text(to_yaml(config))
             (run_dir / "labels.json").write_text(json.dumps(labels, indent=2))
@@ -332,7 +333,7 @@ def _summary(
         "model": config.model.name,
         "parameters": num_parameters(module.model),
         "labels": data.labels,
-        "positive_label": data.labels[data.positive],
+        "positive_label": positive_name(data.labels, data.positive),
         "epochs_completed": len(history),
         "best_epoch": best_epoch,
         "best_val_auroc": best.get("val_auroc"),

@@ -244,3 +244,9 @@ def manifest_groups(root: str | Path, rows: Sequence[ManifestRow]) -> dict[str, 
         if record and record.get("group"):
             out[row.path] = record["group"]
     return out
+
+
+def positive_name(labels: Sequence[str], positive: int) -> str | None:
+    """The positive class as run files and answers name it: labels[positive] for two classes; None for N classes,
+    where every answer is the most probable class and no class is "the positive one"."""
+    return labels[positive] if len(labels) == 2 else None

@@ -43,6 +43,7 @@ from fastapi_offline import FastAPIOffline
 from PIL import Image
 
 from bonefrac import DISCLAIMER, __version__
+from bonefrac.data.dataset import positive_name
 from bonefrac.data.io import sniff_format
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.explain import Explainer, gray_uint8, heatmap_rgba, overlay_rgb, png_bytes
@@ -145,7 +146,7 @@ class Service:
             "ood_score": row.ood_score,
             "ood_reason": row.ood_reason,
             "probabilities": row.probabilities,
-            "positive_label": positive,
+            "positive_label": positive_name(self.predictor.labels, self.predictor.positive),
             "probability": row.probabilities[positive] if row.threshold is not None else None,
             "prediction": row.prediction,
             "decision": decision_words(row, positive),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bonefrac import DISCLAIMER, __version__
+from bonefrac.data.dataset import positive_name
 from bonefrac.predict import Predictor
 from bonefrac.report import METRIC_NAMES, eval_splits, read_json
 
@@ -66,7 +67,7 @@ def model_card(predictor: Predictor) -> dict:
         "model": predictor.config.model.name,
         "image_size": predictor.image_size,
         "labels": predictor.labels,
-        "positive_label": predictor.labels[predictor.positive],
+        "positive_label": positive_name(predictor.labels, predictor.positive),
         "backend": predictor.backend,
         "calibrated": predictor.calibrated,
         "temperature": predictor.temperature,

@@ -158,7 +158,7 @@ async function showCard() {
     facts.append(item);
   };
   fact(`run ${card.name}: ${card.model} at ${card.image_size} px, ${card.backend} backend`);
-  fact(`classes: ${card.labels.join(", ")} (positive: ${card.positive_label})`);
+  fact(`classes: ${card.labels.join(", ")}` + (card.positive_label ? ` (positive: ${card.positive_label})` : ""));
   if (card.threshold !== null) {
     fact(`threshold ${card.threshold.toFixed(4)} (${card.operating_point}): ${card.threshold_meaning}`);
   } else {
