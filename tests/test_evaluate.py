@@ -12,7 +12,8 @@ import pytest
 
 from bonefrac import DISCLAIMER
 from bonefrac.cli import main
-from bonefrac.evaluate import calibrate_run, evaluate_run, load_run, predict_split
+from bonefrac.evaluate import calibrate_run, evaluate_run, predict_split
+from bonefrac.run import Run
 from tests.helpers import bar_image, tiny_fit
 
 PLOTS = ("confusion_matrix.png", "roc.png", "pr.png", "reliability.png", "score_histograms.png")
@@ -69,9 +70,10 @@ def read_predictions(path: Path) -> list[dict[str, str]]:
 
 
 def test_load_run_rebuilds_the_model(run):
-    model, config, labels, positive = load_run(run)
-    assert config.model.name == "cnn-small" and labels == ["fractured", "not_fractured"] and positive == 0
-    assert not model.training
+    loaded = Run.load(run)
+    assert loaded.config.model.name == "cnn-small" and loaded.labels == ["fractured", "not_fractured"]
+    assert loaded.positive == 0 and loaded.positive_label == "fractured"
+    assert not loaded.network().training
 
 
 def test_predict_split_gives_one_row_per_file(run, bars):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from bonefrac.cli import main
-from bonefrac.evaluate import load_run
 from bonefrac.export import PARITY_TOLERANCE, ExportError, export_onnx
+from bonefrac.run import Run
 from tests.helpers import calibrated_bar_run
 
 
@@ -35,12 +35,16 @@ def test_export_writes_model_and_preprocessing(run, exported):
     assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 17
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value  # dynamic batch
-    meta = json.loads((run / "preprocessing.json").read_text())
+    meta = json.loads((run / "onnx.json").read_text())
     calibration = json.loads((run / "calibration.json").read_text())
-    assert meta["image_size"] == 32 and meta["channels"] == 3 and len(meta["mean"]) == len(meta["std"]) == 3
+    # The run's own preprocessing.json, written at training time, copied as it is for readers without bonefrac.
+    assert meta["preprocessing"] == json.loads((run / "preprocessing.json").read_text())
+    pre = meta["preprocessing"]
+    assert pre["image_size"] == 32 and pre["channels"] == 3 and len(pre["mean"]) == len(pre["std"]) == 3
     assert meta["labels"] == ["fractured", "not_fractured"] and meta["positive_label"] == "fractured"
-    assert meta["temperature"] == calibration["temperature"] and meta["threshold"] == calibration["threshold"]
-    assert meta["operating_point"] == calibration["operating_point"] and meta["letterbox"]["size"] == 32
+    stated = meta["calibration"]
+    assert stated["temperature"] == calibration["temperature"] and stated["threshold"] == calibration["threshold"]
+    assert stated["operating_point"] == calibration["operating_point"] and pre["letterbox"]["size"] == 32
     parity = meta["parity"]
     assert parity["max_abs_diff_probability"] <= PARITY_TOLERANCE and parity["passed"]
     assert parity["n_random"] == 32 and parity["n_val_images"] == 20 and parity["n_inputs"] == 52
@@ -48,7 +52,7 @@ def test_export_writes_model_and_preprocessing(run, exported):
 
 @pytest.mark.parametrize("batch", [1, 5])
 def test_onnx_matches_torch_at_any_batch_size(run, exported, batch):
-    model, *_ = load_run(run)
+    model = Run.load(run).network()
     inputs = torch.randn(batch, 3, 32, 32)
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
     onnx_logits = session.run(None, {"image": inputs.numpy()})[0]
@@ -62,8 +66,7 @@ def test_failed_parity_removes_the_model(run, tmp_path):
     (copy / "model.onnx").unlink(missing_ok=True)
     with pytest.raises(ExportError, match="differ by up to"):
         export_onnx(copy, tolerance=-1.0)
-    assert not (copy / "model.onnx").exists()
-    assert json.loads((copy / "preprocessing.json").read_text())["parity"]["passed"] is False
+    assert not (copy / "model.onnx").exists() and not (copy / "onnx.json").exists()  # nothing half-exported
 
 
 def test_cli_export(run, tmp_path, capsys):

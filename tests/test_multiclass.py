@@ -108,7 +108,7 @@ def test_onnx_export_of_a_types_run_gives_the_same_answers(run, types_set, tmp_p
     exported = tmp_path / "run"
     shutil.copytree(run, exported)
     export_onnx(exported)
-    assert json.loads((exported / "preprocessing.json").read_text())["positive_label"] is None
+    assert json.loads((exported / "onnx.json").read_text())["positive_label"] is None
     files = sorted((types_set / "test").rglob("*.png"))[:8]
     onnx_rows = Predictor(exported, backend="onnx").predict_paths(files).rows
     torch_rows = Predictor(run, backend="torch").predict_paths(files).rows

@@ -20,7 +20,7 @@ from bonefrac.cli import main
 from bonefrac.data.io import read_image
 from bonefrac.errors import BonefracError
 from bonefrac.export import export_onnx
-from bonefrac.predict import Predictor, eval_preset, expand_paths, preprocess
+from bonefrac.predict import Predictor, expand_paths
 from bonefrac.tta import tta_logits, zoom
 from tests.helpers import bar_image, calibrated_bar_run, write_dicom
 
@@ -35,7 +35,7 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory) -> Path:
-    """A copy of the run with model.onnx and preprocessing.json."""
+    """A copy of the run with model.onnx and onnx.json."""
     copy = tmp_path_factory.mktemp("exported") / "run"
     shutil.copytree(run, copy)
     export_onnx(copy)
@@ -109,7 +109,7 @@ def test_calibrated_probability_and_threshold(run, folder):
     calibration = json.loads((run / "calibration.json").read_text())
     assert predictor.temperature == calibration["temperature"] and predictor.threshold == calibration["threshold"]
     pixels, _ = read_image(folder / "b.png")
-    batch = preprocess(pixels, predictor.image_size, eval_preset(predictor.config))[None]
+    batch = predictor.run.preprocessing(pixels)[None]
     with torch.inference_mode():
         raw = predictor.model(batch).numpy()
     expected = apply_temperature(raw, calibration["temperature"])[0]
@@ -148,8 +148,8 @@ def test_onnx_backend_needs_a_current_export(run, exported, tmp_path):
     stale = tmp_path / "stale"
     shutil.copytree(exported, stale)
     shutil.copy(run / "config.yaml", stale / "config.yaml")
-    meta = json.loads((stale / "preprocessing.json").read_text())
-    (stale / "preprocessing.json").write_text(json.dumps(meta | {"weights_sha256": "0" * 64}))
+    meta = json.loads((stale / "onnx.json").read_text())
+    (stale / "onnx.json").write_text(json.dumps(meta | {"weights_sha256": "0" * 64}))
     assert Predictor(stale).backend == "torch"  # auto falls back rather than use another model's graph
     with pytest.raises(BonefracError, match="other weights"):
         Predictor(stale, backend="onnx")
@@ -202,7 +202,7 @@ def test_no_dicom_header_value_is_ever_shown(exported, folder, tmp_path, capsys)
 def test_tta_is_the_mean_of_plain_and_mirrored_logits(run, folder):
     predictor = Predictor(run, backend="torch", tta=True)
     pixels, _ = read_image(folder / "b.png")
-    batch = preprocess(pixels, predictor.image_size, eval_preset(predictor.config))[None]
+    batch = predictor.run.preprocessing(pixels)[None]
     with torch.inference_mode():
         plain = predictor.model(batch).numpy()
         mirrored = predictor.model(torch.flip(batch, dims=[-1])).numpy()  # left-right: the last axis is width

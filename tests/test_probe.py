@@ -21,7 +21,8 @@ from bonefrac.data.cache import CachedImageDataset, ImageCache
 from bonefrac.data.dataset import scan_folder
 from bonefrac.data.transforms import EvalPreset
 from bonefrac.models import create_model, model_spec
-from bonefrac.train import METRICS_COLUMNS, fit, read_metrics_csv
+from bonefrac.run import METRICS_COLUMNS, read_history
+from bonefrac.train import fit
 
 PROBE_FILES = (
     "config.yaml",
@@ -81,7 +82,7 @@ def test_probe_writes_a_complete_run_directory(probe_run):
     assert not (run / "checkpoints").exists()
     assert Image.open(run / "learning_curves.png").size[0] > 0
     assert tuple((run / "metrics.csv").read_text().splitlines()[0].split(",")) == METRICS_COLUMNS
-    rows = read_metrics_csv(run / "metrics.csv")
+    rows = read_history(run / "metrics.csv")
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["strategy"] == "linear-probe"

@@ -12,6 +12,7 @@ from bonefrac import DISCLAIMER
 from bonefrac.cli import main
 from bonefrac.errors import BonefracError
 from bonefrac.predict import Predictor
+from bonefrac.run import REQUIRED_FILES
 from bonefrac.shipped import RUN_FILES, run_and_paths, shipped_run
 from tests.conftest import smooth_image
 
@@ -42,8 +43,8 @@ def test_predict_without_a_run_uses_the_shipped_model(tmp_path, capsys):
 def test_run_and_paths(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text("x")
-    (run / "model.safetensors").write_bytes(b"x")
+    for name in REQUIRED_FILES:  # what makes a folder a run, before anything is read from it
+        (run / name).write_text("x")
     Image.new("L", (8, 8)).save(tmp_path / "a.png")
     assert run_and_paths([str(run), "a.png", "b"]) == (run, ["a.png", "b"])
     assert run_and_paths([str(tmp_path / "a.png")]) == (shipped_run(), [str(tmp_path / "a.png")])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bonefrac.train import read_metrics_csv
+from bonefrac.run import read_history
 from tests.test_train import RUN_FILES
 
 
@@ -54,7 +54,7 @@ def test_torchrun_two_cpu_processes_train_one_run(phantom_set, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["processes"] == 2
     assert summary["epochs_completed"] == 1
-    assert [row["epoch"] for row in read_metrics_csv(run / "metrics.csv")] == [1]
+    assert [row["epoch"] for row in read_history(run / "metrics.csv")] == [1]
     # one process wrote the run's files: one "new run" line in run.log, not two
     assert (run / "run.log").read_text().count("new run in") == 1
 

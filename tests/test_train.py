@@ -17,26 +17,30 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from bonefrac import DISCLAIMER, __version__
+from bonefrac import run as run_files
+from bonefrac.classifier import FractureClassifier
 from bonefrac.cli import main
 from bonefrac.config import ConfigError, build_config, from_yaml
+from bonefrac.data.dataset import positive_index
 from bonefrac.errors import BonefracError, DataLeakageError, DatasetError
 from bonefrac.models import create_model, num_parameters
-from bonefrac.train import METRICS_COLUMNS, FractureClassifier, fit, positive_label, read_metrics_csv
+from bonefrac.run import METRICS_COLUMNS, read_history
+from bonefrac.train import fit
 from tests.conftest import write_set
 from tests.helpers import bar_image
 
+# What a finished full-training run holds, by the names run.py gives its files.
 RUN_FILES = (
-    "config.yaml",
-    "labels.json",
-    "model.safetensors",
-    "checkpoints/best.ckpt",
-    "checkpoints/last.ckpt",
-    "metrics.csv",
-    "learning_curves.png",
-    "summary.json",
-    "audit.json",
-    "run.log",
-    "calibration.json",  # fitted on val at the end of training
+    *run_files.REQUIRED_FILES,
+    run_files.PREPROCESSING_FILE,
+    f"{run_files.CHECKPOINTS}/best.ckpt",
+    f"{run_files.CHECKPOINTS}/last.ckpt",
+    run_files.METRICS_FILE,
+    run_files.CURVES_FILE,
+    run_files.SUMMARY_FILE,
+    run_files.AUDIT_FILE,
+    run_files.LOG_FILE,
+    run_files.CALIBRATION_FILE,  # fitted on val at the end of training
 )
 
 
@@ -92,7 +96,7 @@ def trained_run(learnable_set, cache_dir, tmp_path_factory):
 
 def test_training_lowers_val_loss(trained_run):
     _, run = trained_run
-    rows = read_metrics_csv(run / "metrics.csv")
+    rows = read_history(run / "metrics.csv")
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.05
     assert rows[-1]["val_auroc"] > 0.9
@@ -106,7 +110,7 @@ def test_run_directory_holds_every_file(trained_run, learnable_set):
 
     header = (run / "metrics.csv").read_text().splitlines()[0]
     assert tuple(header.split(",")) == METRICS_COLUMNS
-    rows = read_metrics_csv(run / "metrics.csv")
+    rows = read_history(run / "metrics.csv")
     assert all(row["epoch_seconds"] > 0 and row["images_per_second"] > 0 and row["lr"] == 3e-3 for row in rows)
 
     stored = from_yaml((run / "config.yaml").read_text())
@@ -207,14 +211,14 @@ def test_a_killed_run_resumed_ends_like_an_uninterrupted_one(learnable_set, cach
         timeout=300,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert len(read_metrics_csv(interrupted / "metrics.csv")) == 2
+    assert len(read_history(interrupted / "metrics.csv")) == 2
     assert not (interrupted / "summary.json").exists()
 
     fit(config, interrupted, resume=True, progress=False)
 
     timing = ("epoch_seconds", "images_per_second")
     expected, resumed = (
-        [{k: v for k, v in row.items() if k not in timing} for row in read_metrics_csv(run / "metrics.csv")]
+        [{k: v for k, v in row.items() if k not in timing} for row in read_history(run / "metrics.csv")]
         for run in (straight, interrupted)
     )
     assert resumed == expected
@@ -291,7 +295,7 @@ def test_mixed_precision_is_refused_on_cpu_before_any_work(phantom_set, cache_di
     ],
 )
 def test_positive_class(labels, positive):
-    assert labels[positive_label(labels)] == positive
+    assert labels[positive_index(labels)] == positive
 
 
 # --- two-phase fine-tuning ---------------------------------------------------------------------------------
@@ -336,7 +340,7 @@ def test_two_phase_trains_the_head_alone_then_the_last_blocks(learnable_set, cac
         assert not changed(0, prefix), prefix  # weights and batch norm statistics frozen
     assert changed(1, "classifier.") and changed(1, "blocks.2.") and changed(1, "fc.")
     assert not changed(1, "blocks.0.") and not changed(1, "blocks.1.")
-    assert [row["lr"] for row in read_metrics_csv(run / "metrics.csv")] == [1e-4, 1e-5]
+    assert [row["lr"] for row in read_history(run / "metrics.csv")] == [1e-4, 1e-5]
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -363,7 +367,7 @@ def test_train_command_trains_and_prints_the_run_directory(phantom_set, cache_di
 
     # Resume with more epochs: only the run directory is needed, its config.yaml supplies the rest.
     assert main(["train", str(phantom_set), "--out", str(out), "--resume", "--epochs", "2"]) == 0
-    assert len(read_metrics_csv(out / "metrics.csv")) == 2
+    assert len(read_history(out / "metrics.csv")) == 2
 
     assert main(["train", str(phantom_set), *common, "--lr", "0.5", "--resume"]) == 2
     assert "train.lr" in capsys.readouterr().err
@@ -379,7 +383,7 @@ def test_train_command_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_sampling_weights_make_groups_and_classes_weigh_alike():
-    from bonefrac.train import sampling_weights
+    from bonefrac.data.trainset import sampling_weights
 
     targets = [0, 0, 0, 0, 1, 1]
     groups = ["a", "a", "a", "b", "c", "d"]  # class 0: a group of 3 near-copies and a single; class 1: 2 singles
@@ -394,7 +398,7 @@ def test_sampling_weights_make_groups_and_classes_weigh_alike():
 
 
 def test_epoch_sampler_draws_epoch_size_and_repeats_by_epoch():
-    from bonefrac.train import EpochSampler
+    from bonefrac.callbacks import EpochSampler
 
     plain = EpochSampler(5, seed=1, draws=12)
     order = list(plain)

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from bonefrac.cli import main
 from bonefrac.config import ConfigError, build_config
-from bonefrac.train import read_metrics_csv
+from bonefrac.run import read_history
 from bonefrac.tune import (
     SPACES,
     StudyCounts,
@@ -77,7 +77,7 @@ def test_tiny_study_prunes_writes_results_and_its_best_config_trains(bars, tmp_p
     assert list(pruned.intermediate_values) == [0]  # stopped at its first epoch, by the Lightning callback
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     for trial in complete:  # the pruning callback saw each epoch's val AUROC, as metrics.csv has it
-        history = read_metrics_csv(Path(trial.user_attrs["run_dir"]) / "metrics.csv")
+        history = read_history(Path(trial.user_attrs["run_dir"]) / "metrics.csv")
         reported = list(trial.intermediate_values.values())
         assert reported == pytest.approx([row["val_auroc"] for row in history], abs=1e-5)  # csv: 6 digits
     best = max(complete, key=lambda t: t.value)

@@ -309,16 +309,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     import json
 
     from bonefrac.export import export_onnx
-    from bonefrac.predict import PREPROCESSING_FILE
+    from bonefrac.run import ONNX_META_FILE
 
     path = export_onnx(args.run, opset=args.opset)
-    parity = json.loads((Path(args.run) / PREPROCESSING_FILE).read_text())["parity"]
+    parity = json.loads((Path(args.run) / ONNX_META_FILE).read_text())["parity"]
     console.print(
         f"parity: max |p_torch - p_onnxruntime| = {parity['max_abs_diff_probability']:.2e} on {parity['n_inputs']} "
         f"inputs ({parity['n_random']} random, {parity['n_val_images']} val images; tolerance {parity['tolerance']:g})",
         highlight=False,
     )
-    console.print(f"written: {path}, {Path(args.run) / PREPROCESSING_FILE}", soft_wrap=True)
+    console.print(f"written: {path}, {Path(args.run) / ONNX_META_FILE}", soft_wrap=True)
     return 0
 
 

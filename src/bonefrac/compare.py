@@ -23,13 +23,12 @@ import numpy as np
 import torch
 
 from bonefrac import DISCLAIMER
-from bonefrac.data.dataset import scan_folder
+from bonefrac.data.dataset import Manifest, scan_folder
 from bonefrac.data.io import read_image
-from bonefrac.data.transforms import EvalPreset, letterbox
 from bonefrac.errors import BonefracError, ImageReadError
-from bonefrac.evaluate import evaluate_run, load_run
-from bonefrac.metrics import delong_test, paired_bootstrap_auc_difference
-from bonefrac.models import model_spec
+from bonefrac.evaluate import evaluate_run
+from bonefrac.metrics import delong_test, format_interval, paired_bootstrap_auc_difference
+from bonefrac.run import Run
 
 LATENCY_IMAGES = 8  # batch-1 forward passes timed per run (after one warm-up pass)
 N_PAIRED_RESAMPLES = 2000
@@ -45,34 +44,27 @@ def read_predictions_csv(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _mean_epoch_seconds(run_dir: Path) -> float | None:
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        return None
-    with open(path, newline="") as handle:
-        seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(handle) if row.get("epoch_seconds")]
+def _mean_epoch_seconds(run: Run) -> float | None:
+    seconds = [row["epoch_seconds"] for row in run.history()]
     return float(np.mean(seconds)) if seconds else None
 
 
-def _evaluated(run_dir: Path, data_root: Path | None, split: str, workers: int) -> dict:
+def _evaluated(run: Run, data_root: Path | None, split: str, workers: int, manifest: Manifest | None) -> dict:
     """eval/<split>/metrics.json, evaluating the split first when it is missing or came from another data folder."""
-    path = run_dir / "eval" / split / "metrics.json"
-    if path.is_file():
-        metrics = json.loads(path.read_text())
-        if data_root is None or Path(metrics["data_root"]).resolve() == data_root:
-            return metrics
-    return evaluate_run(run_dir, data_root, split, workers=workers).metrics
+    metrics = run.evaluation(split)
+    if metrics is not None and (data_root is None or Path(metrics["data_root"]).resolve() == data_root):
+        return metrics
+    return evaluate_run(run, data_root, split, manifest=manifest, workers=workers).metrics
 
 
-def measure_latency_ms(run_dir: str | Path, image_paths: Sequence[Path], *, n_images: int = LATENCY_IMAGES) -> dict:
+def measure_latency_ms(run: Run | str | Path, image_paths: Sequence[Path], *, n_images: int = LATENCY_IMAGES) -> dict:
     """Mean and spread of the model's batch-1 forward pass in ms on this machine's CPU, over a few real images.
 
     Decoding is left out (it costs the same for every model); one warm-up pass comes first, since the first call
     pays for memory allocation.
     """
-    model, config, _, _ = load_run(run_dir)
-    spec = model_spec(config.model.name)
-    preset = EvalPreset(mean=spec.mean, std=spec.std, channels=config.data.channels)
+    run = Run.of(run)
+    model = run.network()
     inputs = []
     for path in image_paths:
         if len(inputs) == n_images:
@@ -81,7 +73,7 @@ def measure_latency_ms(run_dir: str | Path, image_paths: Sequence[Path], *, n_im
             pixels, _ = read_image(path)
         except ImageReadError:
             continue
-        inputs.append(preset(letterbox(pixels, config.data.image_size)).unsqueeze(0))
+        inputs.append(run.preprocessing(pixels).unsqueeze(0))
     if not inputs:
         return {"mean_ms": None, "std_ms": None, "n_images": 0, "device": "cpu"}
     model = model.cpu().eval()
@@ -161,33 +153,32 @@ def _unique_names(run_dirs: Sequence[Path]) -> list[str]:
     return names
 
 
-def _run_entry(run_dir: Path, name: str, data_root: Path | None, split: str, workers: int) -> dict:
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    labels_meta = json.loads((run_dir / "labels.json").read_text())
-    test = _evaluated(run_dir, data_root, split, workers)
-    val = _evaluated(run_dir, data_root, "val", workers) if split != "val" else test
+def _run_entry(run: Run, name: str, data_root: Path | None, split: str, workers: int,
+               manifest: Manifest | None) -> dict:
+    summary = run.summary() or {}
+    test = _evaluated(run, data_root, split, workers, manifest)
+    val = _evaluated(run, data_root, "val", workers, manifest) if split != "val" else test
     root = Path(test["data_root"])
-    predictions = read_predictions_csv(run_dir / "eval" / split / "predictions.csv")
-    latency = measure_latency_ms(run_dir, [root / row["file"] for row in predictions[:LATENCY_IMAGES]])
+    predictions = read_predictions_csv(run.eval_dir(split) / "predictions.csv")
+    latency = measure_latency_ms(run, [root / row["file"] for row in predictions[:LATENCY_IMAGES]])
     m = test["metrics"]
     return {
         "name": name,
-        "run_dir": str(run_dir),
+        "run_dir": str(run.path),
         "model": summary.get("model"),
-        "labels": list(labels_meta["labels"]),
+        "labels": run.labels,
         "positive_label": test["positive_label"],
         "parameters": summary.get("parameters"),
         "training_seconds": summary.get("training_seconds"),
         "wall_seconds": summary.get("wall_seconds"),
         "epochs": summary.get("epochs_completed"),
-        "mean_epoch_seconds": _mean_epoch_seconds(run_dir),
+        "mean_epoch_seconds": _mean_epoch_seconds(run),
         "data_root": str(root),
         "n_files": test["n_files"],
         "n_groups": test["n_groups"],
         "val_auc": val["metrics"].get("roc_auc"),
         "test_auc": m.get("roc_auc"),
-        "auc_kind": "binary" if len(labels_meta["labels"]) == 2 else "one-vs-rest macro",
+        "auc_kind": "binary" if run.binary else "one-vs-rest macro",
         "sensitivity": m.get("sensitivity"),
         "specificity": m.get("specificity"),
         "threshold": test.get("threshold"),
@@ -208,6 +199,7 @@ def compare_runs(
     split: str = "test",
     out_dir: str | Path = "out/compare",
     *,
+    manifest: Manifest | None = None,
     workers: int = 0,
     n_resamples: int = N_PAIRED_RESAMPLES,
     seed: int = 0,
@@ -215,23 +207,20 @@ def compare_runs(
 ) -> dict:
     """Compare runs on one split; write compare.json, compare.md and the bar charts into out_dir; return the JSON.
 
-    data_root: default each run's own data folder. Raises BonefracError when the runs' evaluated files differ.
+    data_root: default each run's own data folder (manifest: its scan, when the caller has one: not scanned again).
+    Raises BonefracError when the runs' evaluated files differ.
     """
     if not run_dirs:
         raise BonefracError("compare needs at least one run directory")
-    paths = [Path(r) for r in run_dirs]
-    for path in paths:
-        missing = [n for n in ("config.yaml", "labels.json", "model.safetensors") if not (path / n).is_file()]
-        if missing:
-            raise BonefracError(f"{path}: not a finished run directory (no {missing[0]}); train one first")
+    loaded = [Run.load(path) for path in run_dirs]
     root = Path(data_root).expanduser().resolve() if data_root is not None else None
-    if root is not None:
-        scan_folder(root)  # a missing or empty data folder fails here, before any evaluation
+    if root is not None and manifest is None:
+        manifest = scan_folder(root)  # a missing or empty data folder fails here, before any evaluation
     runs = []
-    for path, name in zip(paths, _unique_names(paths), strict=True):
+    for run, name in zip(loaded, _unique_names([run.path for run in loaded]), strict=True):
         if progress:
             progress(f"{name}: evaluating and timing")
-        runs.append(_run_entry(path, name, root, split, workers))
+        runs.append(_run_entry(run, name, root, split, workers, manifest))
     pairs = [paired_auc_tests(a, b, n_resamples=n_resamples, seed=seed) for a, b in itertools.combinations(runs, 2)]
     result = {
         "split": split,
@@ -253,14 +242,6 @@ def compare_runs(
 # --- output -------------------------------------------------------------------------------------------------------
 
 
-def _ci(entry: dict | None) -> str:
-    if not entry or entry.get("point") is None:
-        return "n/a"
-    if entry.get("low") is None:
-        return f"{entry['point']:.3f} [CI n/a]"
-    return f"{entry['point']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
-
-
 def _num(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
@@ -275,8 +256,8 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         latency = r["latency"]
         rows.append([
             r["name"], str(r["model"]), _num(r["parameters"], ","), _num(r["training_seconds"], ".1f"),
-            _num(r["mean_epoch_seconds"], ".2f"), _ci(r["val_auc"]), _ci(r["test_auc"]), _ci(r["sensitivity"]),
-            _ci(r["specificity"]),
+            _num(r["mean_epoch_seconds"], ".2f"),
+            *(format_interval(r[key]) for key in ("val_auc", "test_auc", "sensitivity", "specificity")),
             "argmax" if r["threshold"] is None else f"{r['threshold']:.3f} ({r['operating_point']})",
             "n/a" if latency["mean_ms"] is None else f"{latency['mean_ms']:.2f} ± {latency['std_ms']:.2f}",
             "LEAKY" if r["leaky"] else "no",

@@ -36,13 +36,15 @@ from rich.table import Table
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.compare import compare_runs, pair_sentences
 from bonefrac.config import build_config
-from bonefrac.data.audit import audit_manifest, console_tables, write_html, write_json
-from bonefrac.data.dataset import SPLITS, scan_folder, write_manifest
+from bonefrac.console import progress as step_progress
+from bonefrac.data.audit import AuditReport, audit_manifest, console_tables, write_html, write_json
+from bonefrac.data.dataset import SPLITS, Manifest, scan_folder, write_manifest
 from bonefrac.data.synth import generate_dataset
 from bonefrac.errors import BonefracError, DataLeakageError, DatasetError
 from bonefrac.evaluate import evaluate_run
+from bonefrac.metrics import format_interval
 from bonefrac.report import write_report
-from bonefrac.train import fit, step_progress
+from bonefrac.train import fit
 
 # The real demo's sizes (measured in docs/PERFORMANCE.md); tests pass tiny ones.
 N_PHANTOMS = 800
@@ -127,12 +129,14 @@ def run_demo(
     seed: int = 0,
     console: Console | None = None,
     progress: bool = True,
+    verbose: bool = False,
 ) -> DemoResult:
     """Run the whole pipeline into `out` and print a summary; returns what was written.
 
     data: root/{train,val,test}/<class>/; None: generate `n_phantoms` SYNTHETIC phantoms into out/phantoms.
     out: a new or empty folder, or one an earlier demo wrote (its folders are replaced; out/cache is kept).
     progress: progress bars and training lines on the terminal (stage lines and the summary always print).
+    verbose: also Lightning's own banners and model summaries.
     Raises DatasetError (no train/val/test in `data`), DataLeakageError (splits share duplicates and not
     allow_leakage), and whatever a step raises.
     """
@@ -160,7 +164,8 @@ def run_demo(
     synthetic = (root / "SYNTHETIC_DATA.txt").exists()
 
     with _stage(console, "audit", seconds):
-        audit = _audit(root, out / "audit", console, allow_leakage=allow_leakage, progress=progress)
+        # The one scan and audit of the folder: training, evaluation and the comparison reuse them.
+        manifest, audit = _audit(root, out / "audit", console, allow_leakage=allow_leakage, progress=progress)
 
     shared = {
         "data.root": str(root),
@@ -175,28 +180,29 @@ def run_demo(
         run_dir = out / "runs" / model.run_name
         with _stage(console, f"train {model.run_name}", seconds):
             console.print(f"{model.description}; temperature and threshold then fitted on val", highlight=False)
-            fit(build_config(overrides=shared | model.overrides), run_dir, progress=progress)
+            fit(build_config(overrides=shared | model.overrides), run_dir, progress=progress, verbose=verbose,
+                manifest=manifest, audit=audit)
         with _stage(console, f"evaluate {model.run_name}", seconds):
             console.print("val and test metrics with 95 % CIs, plots, report.html", highlight=False)
             with step_progress(f"{model.run_name}: val images", progress) as update:
-                evaluate_run(run_dir, root, "val", progress=update)
+                evaluate_run(run_dir, root, "val", manifest=manifest, progress=update)
             with step_progress(f"{model.run_name}: test images", progress) as update:
-                metrics = evaluate_run(run_dir, root, "test", progress=update).metrics
-            report = write_report(run_dir, root)
+                metrics = evaluate_run(run_dir, root, "test", manifest=manifest, progress=update).metrics
+            page = write_report(run_dir, root)
         runs.append(DemoRun(
             name=model.run_name,
             description=model.description,
             run_dir=run_dir,
-            report=report,
+            report=page,
             metrics={key: metrics["metrics"][key] for key, _ in HEADLINE if key in metrics["metrics"]},
             threshold=metrics["threshold"],
             operating_point=metrics["operating_point"],
         ))
 
     with _stage(console, "compare", seconds):
-        comparison = compare_runs([run.run_dir for run in runs], root, "test", out / "compare")
+        comparison = compare_runs([run.run_dir for run in runs], root, "test", out / "compare", manifest=manifest)
     seconds["total"] = round(time.perf_counter() - started, 1)
-    result = DemoResult(root, synthetic, audit, runs, out / "compare", pair_sentences(comparison), seconds)
+    result = DemoResult(root, synthetic, out / "audit", runs, out / "compare", pair_sentences(comparison), seconds)
     (out / DEMO_FILE).write_text(json.dumps(_to_json(result), indent=2))
     for renderable in summary(result):
         console.print(renderable, highlight=False, soft_wrap=True)
@@ -229,14 +235,6 @@ def summary(result: DemoResult) -> list:
     return lines
 
 
-def format_interval(entry: dict | None) -> str:
-    """'0.912 [0.861, 0.955]' from a metrics.json entry."""
-    if not entry or entry["point"] is None:
-        return "n/a"
-    ci = "CI n/a" if entry["low"] is None else f"{entry['low']:.3f}, {entry['high']:.3f}"
-    return f"{entry['point']:.3f} [{ci}]"
-
-
 # --- steps ----------------------------------------------------------------------------------------------------------
 
 
@@ -252,8 +250,11 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _audit(root: Path, out: Path, console: Console, *, allow_leakage: bool, progress: bool) -> Path:
-    """Scan and audit `root` into out/ (audit.json, audit.html, manifest.csv); print the audit's tables.
+def _audit(
+    root: Path, out: Path, console: Console, *, allow_leakage: bool, progress: bool
+) -> tuple[Manifest, AuditReport]:
+    """Scan and audit `root` into out/ (audit.json, audit.html, manifest.csv); print the audit's tables; return
+    the scan and the audit.
 
     Raises DatasetError when a split is missing, DataLeakageError when splits share duplicates (unless allowed).
     """
@@ -280,7 +281,7 @@ def _audit(root: Path, out: Path, console: Console, *, allow_leakage: bool, prog
             f"{'; '.join(leaks)} (details: {page}). Re-split group-aware with `bonefrac data split {root} "
             "NEW_FOLDER`, or run the demo anyway with --allow-leakage (every metric is then marked leaky)."
         )
-    return out
+    return manifest, report
 
 
 @contextmanager

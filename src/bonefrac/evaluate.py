@@ -1,9 +1,12 @@
 """Evaluation of a run directory: predictions on a split, calibration on val, metrics with CIs, plots, strata.
 
-    load_run(run_dir)                      the trained network, its config, labels and positive class
-    predict_split(run_dir, data, split)    logits per readable file of one split (unreadable files are skipped)
-    calibrate_run(run_dir, data)           temperature and thresholds fitted on VAL -> run_dir/calibration.json
-    evaluate_run(run_dir, data, split)     run_dir/eval/<split>/: predictions.csv, metrics.json, plots
+    predict_split(run, data, split)    logits per readable file of one split (unreadable files are skipped)
+    calibrate_run(run, data)           temperature and thresholds fitted on VAL -> RUN/calibration.json
+    evaluate_run(run, data, split)     RUN/eval/<split>/: predictions.csv, metrics.json, plots
+
+`run` is a run directory or a `run.Run`; the data folder is scanned once per call, or not at all when the caller
+passes the `manifest` it already has (train.fit, the demo), and the network is loaded from the run unless the
+caller passes the one it holds.
 
 Honesty rules (docs/ARCHITECTURE.md): the temperature and the threshold come from the val split only, so the test
 set never tunes what it judges; every metric has n files, n groups and a 95 % bootstrap CI that resamples groups
@@ -23,7 +26,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -36,61 +38,34 @@ from bonefrac.calibration import (
     fit_temperature,
     negative_log_likelihood,
 )
-from bonefrac.config import RunConfig, from_yaml
-from bonefrac.data.audit import AuditReport, audit_manifest
+from bonefrac.data.audit import AUDIT_FILE, AuditReport, audit_manifest, leak_line
 from bonefrac.data.cache import CachedImageDataset, ImageCache
 from bonefrac.data.dataset import (
     Manifest,
     ManifestRow,
     manifest_groups,
     manifest_key,
-    positive_name,
     read_data_manifest,
     scan_folder,
 )
-from bonefrac.data.transforms import EvalPreset
 from bonefrac.errors import BonefracError, DatasetError
-from bonefrac.metrics import Interval, bootstrap_ci, classification_metrics, classification_report_text
-from bonefrac.models import create_model, model_spec
+from bonefrac.metrics import (
+    Interval,
+    bootstrap_ci,
+    classification_metrics,
+    classification_report_text,
+    format_interval,
+)
+from bonefrac.run import Run
 from bonefrac.tta import tta_logits
 
 N_RESAMPLES = 1000
 OPERATING_POINTS = ("default", "youden", "sensitivity")  # how --operating-point names calibration.json's thresholds
 STRATUM_AUC_SPREAD = 0.1  # stratum AUCs further apart than this suggest the model learned the stratum
 SIZE_BUCKETS = ((256, "<=256"), (512, "257-512"), (1024, "513-1024"), (2048, "1025-2048"))  # longer side, px
-CALIBRATION_FILE = "calibration.json"
 
 
 # --- a run and its predictions ---------------------------------------------------------------------------------
-
-
-def load_run(run_dir: str | Path) -> tuple[nn.Module, RunConfig, list[str], int]:
-    """(model in eval mode on the CPU, config, labels, index of the positive class) from a run directory.
-
-    The network is rebuilt from config.yaml with random weights (no download), then model.safetensors is loaded
-    strictly: a missing or unexpected tensor means the file is not this run's, and is an error.
-    """
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", "labels.json", "model.safetensors"):
-        if not (run_dir / name).is_file():
-            raise BonefracError(f"{run_dir}: not a finished run directory (no {name}); train one with bonefrac train")
-    config = from_yaml((run_dir / "config.yaml").read_text(), source=str(run_dir / "config.yaml"))
-    meta = json.loads((run_dir / "labels.json").read_text())
-    labels = list(meta["labels"])
-    positive = labels.index(meta["positive_label"]) if meta.get("positive_label") in labels else 1
-    model = create_model(
-        config.model.name,
-        num_classes=len(labels),
-        pretrained=False,
-        in_chans=config.data.channels,
-        drop_rate=config.model.drop_rate,
-    )
-    state = safetensors.torch.load_file(str(run_dir / "model.safetensors"), device="cpu")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise BonefracError(f"{run_dir / 'model.safetensors'} does not fit model {config.model.name}: {err}") from None
-    return model.eval(), config, labels, positive
 
 
 @dataclass
@@ -127,73 +102,52 @@ class SplitPredictions:
 
 
 def predict_split(
-    run_dir: str | Path,
-    data_root: str | Path,
-    split: str,
+    run: Run | str | Path,
+    data_root: str | Path | None = None,
+    split: str = "test",
     *,
+    manifest: Manifest | None = None,
+    model: nn.Module | None = None,
     batch_size: int = 64,
     workers: int = 0,
     tta: bool = False,
     cache_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SplitPredictions:
-    """Logits of the run's model on every readable file of data_root/<split>/, preprocessed as in training.
+    """Logits of the run's network on every readable file of <data>/<split>/, preprocessed as in training.
 
-    tta: average the logits over the views of bonefrac.tta (mirror x zoom 1.0/1.1). Unreadable files are listed in
-    `skipped`, never raised.
+    data_root: default the run's own data folder (not scanned when `manifest` is given). model: the run's network
+    already in memory (default: loaded from the run). tta: average the logits over the views of bonefrac.tta
+    (mirror x zoom 1.0/1.1). Unreadable files are listed in `skipped`, never raised.
     """
-    model, config, labels, positive = load_run(run_dir)
-    manifest = scan_folder(data_root)
-    return _predict(
-        model, config, labels, positive, manifest, split,
-        batch_size=batch_size, workers=workers, tta=tta, cache_dir=cache_dir, progress=progress,
-    )
-
-
-def _predict(
-    model: nn.Module,
-    config: RunConfig,
-    labels: list[str],
-    positive: int,
-    manifest: Manifest,
-    split: str,
-    *,
-    batch_size: int,
-    workers: int,
-    tta: bool,
-    cache_dir: str | Path | None,
-    progress: Callable[[int, int], None] | None,
-) -> SplitPredictions:
+    run = Run.of(run)
+    manifest = manifest or scan_folder(_data_root(run, data_root))
     rows = [row for row in manifest.rows if row.split == split]
     skipped = [{"path": p.path, "reason": p.reason} for p in manifest.problems if _split_of(p.path) == split]
     if not rows:
         found = ", ".join(sorted({row.split for row in manifest.rows if row.split})) or "none"
         raise DatasetError(f"{manifest.root}: no readable images in split {split!r} (splits found: {found})")
-    unknown = sorted({row.label for row in rows} - set(labels))
+    unknown = sorted({row.label for row in rows} - set(run.labels))
     if unknown:
-        raise DatasetError(f"{manifest.root}/{split}: classes {unknown} are not among the run's labels {labels}")
+        raise DatasetError(f"{manifest.root}/{split}: classes {unknown} are not among the run's labels {run.labels}")
     cache = ImageCache.build(
         [manifest.root / row.path for row in rows],
         [row.md5 for row in rows],
-        image_size=config.data.image_size,
-        cache_dir=Path(cache_dir or config.data.cache_dir).expanduser(),
+        image_size=run.preprocessing.image_size,
+        cache_dir=Path(cache_dir or run.config.data.cache_dir).expanduser(),
         workers=max(1, workers),
         progress=progress,
         paths_for_errors=[row.path for row in rows],
     )
     skipped += [{"path": row.path, "reason": cache.failures[row.md5]} for row in rows if row.md5 in cache.failures]
     rows = [row for row in rows if row.md5 not in cache.failures]
-    index = {label: i for i, label in enumerate(labels)}
-    spec = model_spec(config.model.name)
+    index = {label: i for i, label in enumerate(run.labels)}
     dataset = CachedImageDataset(
-        cache,
-        [row.md5 for row in rows],
-        [index[row.label] for row in rows],
-        EvalPreset(mean=spec.mean, std=spec.std, channels=config.data.channels),
+        cache, [row.md5 for row in rows], [index[row.label] for row in rows], run.preprocessing.eval_preset()
     )
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
+    model = (model or run.network()).to(device).eval()
     outputs = []
     with torch.inference_mode():
         for images, _ in loader:
@@ -203,8 +157,8 @@ def _predict(
     data_groups = manifest_groups(manifest.root, rows)
     return SplitPredictions(
         split=split,
-        labels=labels,
-        positive=positive,
+        labels=run.labels,
+        positive=run.positive,
         files=[row.path for row in rows],
         y_true=np.array(dataset.targets, dtype=int),
         groups=[data_groups.get(row.path, "") for row in rows] if data_groups else [""] * len(rows),
@@ -212,6 +166,11 @@ def _predict(
         skipped=skipped,
         rows=rows,
     )
+
+
+def _data_root(run: Run, data_root: str | Path | None) -> Path:
+    """The data folder given, else the run's own."""
+    return Path(data_root or run.config.data.root).expanduser().resolve()
 
 
 def _split_of(path: str) -> str:
@@ -251,9 +210,11 @@ def _threshold_key(operating_point: str, min_sensitivity: float) -> str:
 
 
 def calibrate_run(
-    run_dir: str | Path,
+    run: Run | str | Path,
     data_root: str | Path | None = None,
     *,
+    manifest: Manifest | None = None,
+    model: nn.Module | None = None,
     min_sensitivity: float = 0.95,
     operating_point: str = "sensitivity",
     batch_size: int = 64,
@@ -261,28 +222,26 @@ def calibrate_run(
     cache_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Fit the temperature and choose thresholds on the VAL split; write run_dir/calibration.json and return it.
+    """Fit the temperature and choose thresholds on the VAL split; write RUN/calibration.json and return it.
 
-    data_root: default the run's own data folder. Only val is read, so nothing about the test split can move
-    the result. The thresholds are chosen on temperature-scaled probabilities, the ones every later prediction
-    uses. operating_point: which threshold is used from now on ("sensitivity": the highest threshold whose val
-    sensitivity is at least min_sensitivity, since a screening aid must miss few fractures).
-    Train.fit can call this at its end: `calibrate_run(run_dir, config.data.root, workers=config.data.workers)`.
+    data_root: default the run's own data folder (manifest: its scan, when the caller has it). Only val is read, so
+    nothing about the test split can move the result. The thresholds are chosen on temperature-scaled
+    probabilities, the ones every later prediction uses. operating_point: which threshold is used from now on
+    ("sensitivity": the highest threshold whose val sensitivity is at least min_sensitivity, since a screening aid
+    must miss few fractures).
     """
-    run_dir = Path(run_dir)
-    model, config, labels, positive = load_run(run_dir)
-    root = Path(data_root or config.data.root).expanduser().resolve()
+    run = Run.of(run)
     chosen = _threshold_key(operating_point, min_sensitivity)
-    manifest = scan_folder(root)
-    val = _predict(
-        model, config, labels, positive, manifest, "val",
-        batch_size=batch_size, workers=workers, tta=False, cache_dir=cache_dir, progress=progress,
-    )
+    manifest = manifest or scan_folder(_data_root(run, data_root))
+    root = manifest.root
+    val = predict_split(run, split="val", manifest=manifest, model=model, batch_size=batch_size, workers=workers,
+                        cache_dir=cache_dir, progress=progress)
     if len(set(val.y_true.tolist())) < 2:
         raise DatasetError(f"{root}/val: calibration needs val images of at least two classes")
     temperature = fit_temperature(val.logits, val.y_true)
     proba = val.probabilities(temperature)
     groups = _groups_or_files(val)
+    positive = run.positive
     result: dict = {
         "temperature": temperature,
         "fitted_on": "val",
@@ -290,8 +249,8 @@ def calibrate_run(
         "n_files": len(val.files),
         "n_groups": len(set(groups)),
         "groups_from": "manifest.csv" if all(val.groups) else "files (no group column)",
-        "labels": labels,
-        "positive_label": positive_name(labels, positive),
+        "labels": run.labels,
+        "positive_label": run.positive_label,
         "nll": {"before": negative_log_likelihood(val.logits, val.y_true),
                 "after": negative_log_likelihood(val.logits, val.y_true, temperature)},
         "ece": {"before": expected_calibration_error(val.y_true, val.probabilities()),
@@ -300,7 +259,7 @@ def calibrate_run(
         "synthetic_data": (root / "SYNTHETIC_DATA.txt").exists(),
         "disclaimer": DISCLAIMER,
     }
-    if len(labels) == 2:
+    if run.binary:
         thresholds = choose_thresholds(val.y_true == positive, proba[:, positive], min_sensitivity=min_sensitivity)
         result |= {
             "min_sensitivity": min_sensitivity,
@@ -310,14 +269,8 @@ def calibrate_run(
         }
     else:  # multi-class predictions are the argmax of the calibrated probabilities
         result |= {"thresholds": {}, "operating_point": "argmax", "threshold": None}
-    (run_dir / CALIBRATION_FILE).write_text(json.dumps(result, indent=2))
+    run.save_calibration(result)
     return result
-
-
-def read_calibration(run_dir: str | Path) -> dict | None:
-    """run_dir/calibration.json, or None when the run was not calibrated."""
-    path = Path(run_dir) / CALIBRATION_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _groups_or_files(predictions: SplitPredictions) -> list[str]:
@@ -341,14 +294,7 @@ class Leakage:
         return bool(self.lines)
 
 
-def _leak_line(entry: dict) -> str:
-    return (
-        f"{entry['files']} of {entry['total']} {entry['split']} files have a duplicate in {entry['other']} "
-        f"({entry['exact']} byte-identical, {entry['files'] - entry['exact']} near)"
-    )
-
-
-def check_leakage(run_dir: Path, config: RunConfig, manifest: Manifest, split: str, *, workers: int = 1) -> Leakage:
+def check_leakage(run: Run, manifest: Manifest, split: str, *, workers: int = 1) -> Leakage:
     """Duplicate groups shared by `split` and the training split.
 
     The run's audit.json answers when it audited this same folder with the same file counts; otherwise the train
@@ -357,22 +303,21 @@ def check_leakage(run_dir: Path, config: RunConfig, manifest: Manifest, split: s
     if split == "train":
         return Leakage([f"evaluating the training split itself ({len(manifest.rows)} files seen in training)"], {},
                        "the split")
-    stored = run_dir / "audit.json"
+    audit = run.audit()
     counts = Manifest(manifest.root, manifest.labels, manifest.rows).counts()
-    if stored.is_file():
-        audit = json.loads(stored.read_text())
+    if audit is not None:
         same_root = Path(audit.get("root", "")).resolve() == Path(manifest.root).resolve()
         audited = audit.get("counts", {})
         if same_root and all(audited.get(s) == counts.get(s) for s in ("train", split)):
             entries = [e for e in audit.get("leakage", []) if e["split"] == split and e["other"] == "train"]
             group_of = {path: g["group"] for g in audit.get("groups", []) for path in g["paths"]}
-            return Leakage([_leak_line(e) for e in entries if e["files"]], group_of, str(stored))
+            return Leakage([leak_line(e) for e in entries if e["files"]], group_of, f"the run's {AUDIT_FILE}")
     subset = Manifest(manifest.root, manifest.labels, [r for r in manifest.rows if r.split in ("train", split)])
     report: AuditReport = audit_manifest(subset, workers=workers)
     entries = [e for e in report.leakage if e["split"] == split and e["other"] == "train"]
     sizes = Counter(report.group_of.values())
     group_of = {path: g for path, g in report.group_of.items() if sizes[g] > 1}
-    return Leakage([_leak_line(e) for e in entries if e["files"]], group_of, "a fresh audit of train and " + split)
+    return Leakage([leak_line(e) for e in entries if e["files"]], group_of, "a fresh audit of train and " + split)
 
 
 def _manifest_group_leakage(manifest: Manifest, split: str) -> list[str]:
@@ -426,19 +371,13 @@ def _strata_table(
     return table
 
 
-def _fmt_interval(entry: dict | None) -> str:
-    if not entry or entry["point"] is None:
-        return "n/a"
-    if entry["low"] is None:
-        return f"{entry['point']:.3f} [CI n/a]"
-    return f"{entry['point']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
-
-
 def evaluate_run(
-    run_dir: str | Path,
+    run: Run | str | Path,
     data_root: str | Path | None = None,
     split: str = "test",
     *,
+    manifest: Manifest | None = None,
+    model: nn.Module | None = None,
     strata: Sequence[str] = (),
     batch_size: int = 64,
     workers: int = 0,
@@ -448,23 +387,19 @@ def evaluate_run(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Evaluation:
-    """Predict `split`, compute every metric with its 95 % CI, and write run_dir/eval/<split>/.
+    """Predict `split`, compute every metric with its 95 % CI, and write RUN/eval/<split>/.
 
-    Probabilities are temperature-scaled and predictions use the chosen threshold when calibration.json exists
-    (else T = 1 and 0.5, said in metrics.json). CIs resample groups: the data folder's manifest.csv `group` column
-    when it has one, else the audit's duplicate groups (a file without duplicates is its own group).
+    Probabilities are temperature-scaled and predictions use the run's decision rule (run.Calibration: the
+    threshold chosen on val, or T = 1 and 0.5 when the run is not calibrated, said in metrics.json). CIs resample
+    groups: the data folder's manifest.csv `group` column when it has one, else the audit's duplicate groups (a
+    file without duplicates is its own group).
     """
-    from bonefrac import plots  # matplotlib only when plotting
-
-    run_dir = Path(run_dir)
-    model, config, labels, positive = load_run(run_dir)
-    root = Path(data_root or config.data.root).expanduser().resolve()
-    manifest = scan_folder(root)
-    predictions = _predict(
-        model, config, labels, positive, manifest, split,
-        batch_size=batch_size, workers=workers, tta=tta, cache_dir=cache_dir, progress=progress,
-    )
-    leakage = check_leakage(run_dir, config, manifest, split, workers=max(1, workers))
+    run = Run.of(run)
+    manifest = manifest or scan_folder(_data_root(run, data_root))
+    root = manifest.root
+    predictions = predict_split(run, split=split, manifest=manifest, model=model, batch_size=batch_size,
+                                workers=workers, tta=tta, cache_dir=cache_dir, progress=progress)
+    leakage = check_leakage(run, manifest, split, workers=max(1, workers))
     leak_lines = leakage.lines + _manifest_group_leakage(manifest, split)
     leaky = bool(leak_lines)
     if all(predictions.groups):
@@ -473,37 +408,16 @@ def evaluate_run(
         groups = [leakage.group_of.get(path, f"file:{path}") for path in predictions.files]
         groups_from = f"duplicate groups of the audit ({leakage.source})"
 
-    calibration = read_calibration(run_dir)
-    temperature = calibration["temperature"] if calibration else 1.0
-    binary = len(labels) == 2
-    threshold = (calibration or {}).get("threshold") if binary else None
-    threshold = 0.5 if binary and threshold is None else threshold
-    operating_point = (calibration or {}).get("operating_point", "default" if binary else "argmax")
-    proba = predictions.probabilities(temperature)
-    metric_fn = partial(classification_metrics, labels=labels, positive=positive, threshold=threshold)
-    group_array = np.array(groups)
-    intervals = bootstrap_ci(predictions.y_true, proba, metric_fn, groups=group_array, n_resamples=n_resamples,
-                             seed=seed)
+    calibration = run.calibration
+    proba = predictions.probabilities(calibration.temperature)
+    metric_fn = partial(classification_metrics, labels=run.labels, positive=run.positive,
+                        threshold=calibration.threshold)
+    intervals = bootstrap_ci(predictions.y_true, proba, metric_fn, groups=np.array(groups),
+                             n_resamples=n_resamples, seed=seed)
     n_files, n_groups = len(predictions.files), len(set(groups))
-    synthetic = (root / "SYNTHETIC_DATA.txt").exists()
-
-    strata_tables, warnings = {}, []
-    for column in strata:
-        values = stratum_values(root, predictions.rows, column)
-        table = _strata_table(predictions, proba, groups, values, metric_fn, seed=seed)
-        strata_tables[column] = table
-        aucs = {v: e["roc_auc"]["point"] for v, e in table.items() if e.get("roc_auc", {}).get("point") is not None}
-        if len(aucs) > 1 and max(aucs.values()) - min(aucs.values()) > STRATUM_AUC_SPREAD:
-            warnings.append(
-                f"{column}: stratum AUCs differ by {max(aucs.values()) - min(aucs.values()):.3f} (> "
-                f"{STRATUM_AUC_SPREAD}): {', '.join(f'{v} {a:.3f}' for v, a in aucs.items())} -- the model may "
-                f"have learned the {column}, not the fracture (small strata are noisy: see their CIs)"
-            )
-
-    y_pred = (
-        np.where(proba[:, positive] >= threshold, positive, 1 - positive) if binary else proba.argmax(axis=1)
-    )
-    out_dir = run_dir / "eval" / split
+    strata_tables, warnings = _strata(root, predictions, proba, groups, strata, metric_fn, seed=seed)
+    y_pred = run.decide(proba)
+    out_dir = run.eval_dir(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_predictions(out_dir / "predictions.csv", predictions, proba, y_pred, groups)
     metrics = {
@@ -511,19 +425,19 @@ def evaluate_run(
         "data_root": str(root),
         "n_files": n_files,
         "n_groups": n_groups,
-        "support": {label: int(np.sum(predictions.y_true == k)) for k, label in enumerate(labels)},
+        "support": {label: int(np.sum(predictions.y_true == k)) for k, label in enumerate(run.labels)},
         "ci": f"95 % percentile bootstrap, {n_resamples} resamples of "
               + ("groups" if n_groups < n_files else "files") + f" (seed {seed})",
         "groups_from": groups_from,
-        "calibrated": calibration is not None,
-        "temperature": temperature,
-        "operating_point": operating_point,
-        "threshold": threshold,
-        "positive_label": positive_name(labels, positive),
+        "calibrated": calibration.fitted,
+        "temperature": calibration.temperature,
+        "operating_point": calibration.operating_point,
+        "threshold": calibration.threshold,
+        "positive_label": run.positive_label,
         "tta": tta,
         "leaky": leaky,
         "leakage": leak_lines,
-        "synthetic_data": synthetic,
+        "synthetic_data": (root / "SYNTHETIC_DATA.txt").exists(),
         "skipped_files": predictions.skipped,
         "metrics": {key: _interval_dict(value, n_files, n_groups, leaky) for key, value in intervals.items()},
         "strata": strata_tables,
@@ -534,9 +448,38 @@ def evaluate_run(
         for entry in metrics["metrics"].values():
             entry["leakage"] = "; ".join(leak_lines)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _plot_evaluation(out_dir, metrics, predictions, proba, y_pred, intervals)
+    return Evaluation(out_dir, metrics, _report_text(metrics, intervals, run.labels))
 
-    title = f"{split}" + (" - SYNTHETIC data" if synthetic else "") + (" - LEAKY" if leaky else "")
-    y = predictions.y_true
+
+def _strata(
+    root: Path, predictions: SplitPredictions, proba: np.ndarray, groups: list[str], columns: Sequence[str],
+    metric_fn, *, seed: int,
+) -> tuple[dict, list[str]]:
+    """({column: per-value table}, warnings where stratum AUCs differ by more than STRATUM_AUC_SPREAD)."""
+    tables, warnings = {}, []
+    for column in columns:
+        values = stratum_values(root, predictions.rows, column)
+        table = _strata_table(predictions, proba, groups, values, metric_fn, seed=seed)
+        tables[column] = table
+        aucs = {v: e["roc_auc"]["point"] for v, e in table.items() if e.get("roc_auc", {}).get("point") is not None}
+        if len(aucs) > 1 and max(aucs.values()) - min(aucs.values()) > STRATUM_AUC_SPREAD:
+            warnings.append(
+                f"{column}: stratum AUCs differ by {max(aucs.values()) - min(aucs.values()):.3f} (> "
+                f"{STRATUM_AUC_SPREAD}): {', '.join(f'{v} {a:.3f}' for v, a in aucs.items())} -- the model may "
+                f"have learned the {column}, not the fracture (small strata are noisy: see their CIs)"
+            )
+    return tables, warnings
+
+
+def _plot_evaluation(out_dir: Path, metrics: dict, predictions: SplitPredictions, proba: np.ndarray,
+                     y_pred: np.ndarray, intervals: dict[str, Interval]) -> None:
+    """The evaluation's PNGs in out_dir: confusion matrix, ROC, PR, reliability, score histograms."""
+    from bonefrac import plots  # matplotlib only when plotting
+
+    title = metrics["split"] + (" - SYNTHETIC data" if metrics["synthetic_data"] else "") + (
+        " - LEAKY" if metrics["leaky"] else "")
+    y, labels, positive, threshold = predictions.y_true, predictions.labels, predictions.positive, metrics["threshold"]
     plot_intervals = {key: tuple(value) for key, value in intervals.items()}
     plots.plot_confusion_matrix(
         y, y_pred, labels, title=f"Confusion matrix, {title}", path=out_dir / "confusion_matrix.png"
@@ -545,11 +488,10 @@ def evaluate_run(
                    title=f"ROC, {title}", path=out_dir / "roc.png")
     plots.plot_precision_recall(y, proba, labels, positive=positive, intervals=plot_intervals,
                                 title=f"Precision-recall, {title}", path=out_dir / "pr.png")
-    plots.plot_reliability(y, proba, uncalibrated=predictions.probabilities() if calibration else None,
+    plots.plot_reliability(y, proba, uncalibrated=predictions.probabilities() if metrics["calibrated"] else None,
                            title=f"Reliability, {title}", path=out_dir / "reliability.png")
     plots.plot_score_histograms(y, proba, labels, positive=positive, threshold=threshold,
                                 title=f"Scores, {title}", path=out_dir / "score_histograms.png")
-    return Evaluation(out_dir, metrics, _report_text(metrics, intervals, labels))
 
 
 def _write_predictions(path: Path, predictions: SplitPredictions, proba: np.ndarray, y_pred: np.ndarray,
@@ -584,8 +526,8 @@ def _report_text(metrics: dict, intervals: dict[str, Interval], labels: list[str
         where = "chosen on val" if metrics["calibrated"] else "default, not calibrated: run bonefrac calibrate"
         lines.append(
             f"at threshold {metrics['threshold']:.4f} ({metrics['operating_point']}, {where}; T = "
-            f"{metrics['temperature']:.3f}): sensitivity {_fmt_interval(m.get('sensitivity'))}, "
-            f"specificity {_fmt_interval(m.get('specificity'))} for {metrics['positive_label']}"
+            f"{metrics['temperature']:.3f}): sensitivity {format_interval(m.get('sensitivity'))}, "
+            f"specificity {format_interval(m.get('specificity'))} for {metrics['positive_label']}"
         )
     for column, table in metrics["strata"].items():
         lines.append("")
@@ -596,8 +538,8 @@ def _report_text(metrics: dict, intervals: dict[str, Interval], labels: list[str
         for value, entry in table.items():
             lines.append(
                 f"{value:<{width}}  {entry['n_files']:>5}  {entry['n_groups']:>6}  "
-                f"{_fmt_interval(entry.get('roc_auc')):<22}  {_fmt_interval(entry.get('sensitivity')):<22}  "
-                f"{_fmt_interval(entry.get('specificity'))}"
+                f"{format_interval(entry.get('roc_auc')):<22}  {format_interval(entry.get('sensitivity')):<22}  "
+                f"{format_interval(entry.get('specificity'))}"
             )
     for warning in metrics["warnings"]:
         lines.append(f"WARNING {warning}")

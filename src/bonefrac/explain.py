@@ -38,7 +38,7 @@ from bonefrac.calibration import apply_temperature
 from bonefrac.data.io import read_image
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.models import feature_layer
-from bonefrac.predict import Predictor, expand_paths, preprocess
+from bonefrac.predict import Predictor, expand_paths
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}
 COLORMAP = "jet"
@@ -79,7 +79,7 @@ class Explainer:
         self.method = method
         self.model = copy.deepcopy(predictor.model).eval()
         self.model.requires_grad_(True)  # gradients must reach the target layer, even from a frozen backbone
-        self.layer = feature_layer(self.model, predictor.config.model.name)
+        self.layer = feature_layer(self.model, predictor.run.config.model.name)
         self._lock = threading.Lock()
 
     def explain(self, pixels: np.ndarray, target: str | None = None) -> Explanation:
@@ -88,7 +88,7 @@ class Explainer:
         p = self.predictor
         if target is not None and target not in p.labels:
             raise BonefracError(f"explain target {target!r} is not one of the run's labels: {', '.join(p.labels)}")
-        batch = preprocess(pixels, p.image_size, p.preset).unsqueeze(0)
+        batch = p.run.preprocessing(pixels).unsqueeze(0)
         with self._lock:
             with torch.no_grad():
                 logits = self.model(batch).float().numpy()

@@ -14,6 +14,7 @@ Pure functions, arrays in and numbers out; loading a run directory is the caller
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -237,6 +238,34 @@ def bootstrap_ci(
 
 
 # --- report -------------------------------------------------------------------------------------------------------
+
+# The headline metrics in the order reports, the model card and the API show them, with their names in words.
+METRIC_NAMES = (
+    ("roc_auc", "ROC AUC"),
+    ("pr_auc", "PR AUC (average precision)"),
+    ("sensitivity", "sensitivity"),
+    ("specificity", "specificity"),
+    ("accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("f1/macro", "F1, macro average"),
+    ("cohen_kappa", "Cohen's kappa"),
+    ("brier", "Brier score (lower is better)"),
+    ("ece", "expected calibration error (lower is better)"),
+)
+
+
+def format_number(value: float | None, digits: int = 4) -> str:
+    """A metric for a sentence or a log line: 'n/a' when it is undefined (None or NaN)."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def format_interval(entry: Mapping | None, digits: int = 3) -> str:
+    """A metrics.json entry as '0.912 [0.861, 0.955]' ('[CI n/a]' without an interval, 'n/a' without a value)."""
+    if not entry or entry.get("point") is None:
+        return "n/a"
+    if entry.get("low") is None:
+        return f"{entry['point']:.{digits}f} [CI n/a]"
+    return f"{entry['point']:.{digits}f} [{entry['low']:.{digits}f}, {entry['high']:.{digits}f}]"
 
 
 def classification_report_text(

@@ -1,4 +1,4 @@
-"""Evaluation figures: confusion matrix, ROC, precision-recall, reliability diagram, score histograms.
+"""Figures: learning curves, and for evaluation confusion matrix, ROC, precision-recall, reliability, score histograms.
 
 Each function takes arrays, returns a matplotlib Figure drawn on the Agg canvas (no display, no pyplot state to
 leak between calls) and writes it when given a path (the format follows the suffix). Every title states n, so a
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from bonefrac.calibration import expected_calibration_error, reliability_curve
@@ -248,4 +249,26 @@ def plot_score_histograms(
         ax.legend(fontsize=7)
     axes[0].set_ylabel("cases")
     figure.suptitle(f"{title} ({_n_text(y_true, labels, None)})", fontsize=10)
+    return _finish(figure, path)
+
+
+def plot_learning_curves(
+    history: Sequence[Mapping[str, float]], path: str | Path, *, notes: Sequence[str] = ()
+) -> Figure:
+    """Loss and accuracy per epoch, train vs val (and val AUROC); `notes` go in the title."""
+    figure = _figure(10, 4)
+    loss, accuracy = figure.subplots(1, 2)
+    epochs = [row["epoch"] for row in history]
+    for axes, metric, title in ((loss, "loss", "loss"), (accuracy, "acc", "accuracy and val AUROC")):
+        axes.plot(epochs, [row[f"train_{metric}"] for row in history], "o-", label="train")
+        axes.plot(epochs, [row[f"val_{metric}"] for row in history], "o-", label="val")
+        axes.set(title=title, xlabel="epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+    accuracy.plot(epochs, [row["val_auroc"] for row in history], "s--", label="val AUROC")
+    accuracy.set_ylim(0, 1.02)
+    loss.legend()
+    accuracy.legend()
+    if notes:
+        figure.suptitle("; ".join(notes))
     return _finish(figure, path)

@@ -9,20 +9,19 @@
     expand_paths(paths)                  what predict_paths reads, and how many non-image files it passed over
     write_predictions(rows, path)        CSV or JSON by the file's suffix
 
-Every file goes the way of training and evaluation: `read_image` -> `letterbox` to the run's image size ->
-`EvalPreset` with the model's mean/std (`preprocess`, the one copy used here and by `export`). A file that cannot be
-read becomes a row with its `ImageReadError` reason, never an exception: a folder with one broken file still gets
-predictions for the others. Every readable file is also judged by the out-of-distribution guard (`bonefrac.ood`): a
-file that does not look like a radiograph keeps its probabilities but gets accepted=False and the reason.
-Probabilities are softmax(logits / T) with T from calibration.json; the binary decision
-is p(positive) >= the threshold chosen on val (0.5 when the run is not calibrated), multi-class the argmax.
+Every file goes the way of training and evaluation: `read_image`, then the run's stored `Preprocessing` (letterbox
+to its image size, its mean/std: run.py, the one definition used here, by evaluate, export, explain and serve). A
+file that cannot be read becomes a row with its `ImageReadError` reason, never an exception: a folder with one broken
+file still gets predictions for the others. Every readable file is also judged by the out-of-distribution guard
+(`bonefrac.ood`): a file that does not look like a radiograph keeps its probabilities but gets accepted=False and the
+reason. Probabilities are softmax(logits / T) and the decision is the run's (`Run.decide`: p(positive) >= the
+threshold chosen on val, 0.5 when the run is not calibrated; multi-class the argmax).
 """
 
 from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import json
 import os
 import warnings
@@ -35,40 +34,13 @@ import torch
 
 from bonefrac.calibration import apply_temperature
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format
-from bonefrac.data.transforms import EvalPreset, letterbox
 from bonefrac.errors import BonefracError, ImageReadError
-from bonefrac.evaluate import load_run, read_calibration
-from bonefrac.models import model_spec
 from bonefrac.ood import OODVerdict, check_radiograph
+from bonefrac.run import ONNX_FILE, Run
 from bonefrac.tta import tta_logits
 
 BACKENDS = ("auto", "torch", "onnx")
-ONNX_FILE = "model.onnx"
-PREPROCESSING_FILE = "preprocessing.json"
 _GLOB_CHARS = frozenset("*?[")
-
-
-# --- preprocessing, shared with export ---------------------------------------------------------------------------
-
-
-def eval_preset(config) -> EvalPreset:
-    """The run's evaluation transform: uint8 (S, S) -> normalised float32 (C, S, S), as in training and evaluate."""
-    spec = model_spec(config.model.name)
-    return EvalPreset(mean=spec.mean, std=spec.std, channels=config.data.channels)
-
-
-def preprocess(pixels: np.ndarray, image_size: int, preset: EvalPreset) -> torch.Tensor:
-    """`read_image`'s float32 (H, W) in [0, 1] -> the network's input (C, S, S): letterbox, then the eval preset."""
-    return preset(letterbox(pixels, image_size))
-
-
-def weights_digest(run_dir: str | Path) -> str:
-    """sha256 of RUN/model.safetensors: preprocessing.json stores it, so a model.onnx older than the weights shows."""
-    digest = hashlib.sha256()
-    with open(Path(run_dir) / "model.safetensors", "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- which files ---------------------------------------------------------------------------------------------------
@@ -187,49 +159,43 @@ class PredictionResult:
 
 
 class Predictor:
-    """A run's model with its preprocessing, temperature and operating point, ready for image files.
+    """A run's model with its preprocessing, temperature and decision rule, ready for image files.
 
     backend: "onnx" (onnxruntime on RUN/model.onnx, made by `bonefrac export`), "torch", or "auto" (onnx when
     model.onnx exists and was exported from the current weights, else torch).
     """
 
-    def __init__(self, run_dir: str | Path, backend: str = "auto", *, batch_size: int = 32, tta: bool = False):
+    def __init__(self, run: Run | str | Path, backend: str = "auto", *, batch_size: int = 32, tta: bool = False):
         if backend not in BACKENDS:
             raise BonefracError(f"backend {backend!r}: choose from {', '.join(BACKENDS)}")
-        self.run_dir = Path(run_dir)
-        self.model, self.config, self.labels, self.positive = load_run(self.run_dir)
-        self.image_size = self.config.data.image_size
-        self.preset = eval_preset(self.config)
+        self.run = Run.of(run)
+        self.model = self.run.network()
         self.batch_size = max(1, batch_size)
         self.tta = tta
-        calibration = read_calibration(self.run_dir) or {}
-        self.temperature = float(calibration.get("temperature", 1.0))
-        binary = len(self.labels) == 2
-        threshold = calibration.get("threshold") if binary else None
-        self.threshold = 0.5 if binary and threshold is None else threshold
-        self.operating_point = calibration.get("operating_point", "default" if binary else "argmax")
-        self.calibrated = bool(calibration)
         self.backend = self._choose_backend(backend)
         self._session = None
         if self.backend == "onnx":
             import onnxruntime
 
             self._session = onnxruntime.InferenceSession(
-                str(self.run_dir / ONNX_FILE), providers=["CPUExecutionProvider"]
+                str(self.run.path / ONNX_FILE), providers=["CPUExecutionProvider"]
             )
             self._input_name = self._session.get_inputs()[0].name
 
+    # What the run says, named as the callers (serve, explain, the CLI) use it.
+    run_dir = property(lambda self: self.run.path)
+    labels = property(lambda self: self.run.labels)
+    positive = property(lambda self: self.run.positive)
+    image_size = property(lambda self: self.run.preprocessing.image_size)
+    temperature = property(lambda self: self.run.calibration.temperature)
+    threshold = property(lambda self: self.run.calibration.threshold)
+    operating_point = property(lambda self: self.run.calibration.operating_point)
+    calibrated = property(lambda self: self.run.calibration.fitted)
+
     def _choose_backend(self, backend: str) -> str:
-        onnx_path, meta_path = self.run_dir / ONNX_FILE, self.run_dir / PREPROCESSING_FILE
         if backend == "torch":
             return "torch"
-        problem = None
-        if not onnx_path.is_file():
-            problem = f"{onnx_path} not found; make it with bonefrac export {self.run_dir} --format onnx"
-        elif not meta_path.is_file():
-            problem = f"{meta_path} not found; export again with bonefrac export {self.run_dir} --format onnx"
-        elif json.loads(meta_path.read_text()).get("weights_sha256") != weights_digest(self.run_dir):
-            problem = f"{onnx_path} was exported from other weights than model.safetensors; export again"
+        problem = self.run.onnx_problem()
         if problem is None:
             return "onnx"
         if backend == "onnx":
@@ -248,12 +214,8 @@ class Predictor:
             return self.model(batch).float().numpy()
 
     def decide(self, probabilities: np.ndarray) -> str:
-        """The class named for one file's calibrated probabilities: the threshold on the positive class, or argmax."""
-        if self.threshold is not None:
-            chosen = self.positive if probabilities[self.positive] >= self.threshold else 1 - self.positive
-        else:
-            chosen = int(np.argmax(probabilities))
-        return self.labels[chosen]
+        """The class named for one file's calibrated probabilities (Run.decide)."""
+        return self.labels[int(self.run.decide(np.asarray(probabilities)[None])[0])]
 
     def prepare(self, source: ImageSource, name: str | None = None) -> PreparedImage:
         """Read a file (or an upload's bytes, named `name`), judge it with the OOD guard and preprocess it.
@@ -267,7 +229,7 @@ class Predictor:
             pixels, info = read_image(source, name=name)
         file = (name or "upload") if isinstance(source, bytes) else str(source)
         verdict = check_radiograph(pixels, info, path=source)
-        return PreparedImage(file, pixels, info, verdict, preprocess(pixels, self.image_size, self.preset))
+        return PreparedImage(file, pixels, info, verdict, self.run.preprocessing(pixels))
 
     def predict_prepared(self, images: Sequence[PreparedImage]) -> list[PredictionRow]:
         """One batch through the network: calibrated probabilities, the decision and the OOD verdict per image."""

@@ -29,24 +29,25 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc, multiclass_accuracy, multiclass_auroc
 
-from bonefrac import DISCLAIMER, __version__
-from bonefrac.config import ConfigError, RunConfig
+from bonefrac.config import ConfigError
+from bonefrac.console import progress as progress_bar
 from bonefrac.data.audit import AuditReport
 from bonefrac.data.cache import CACHE_VERSION, CachedImageDataset, ImageCache
-from bonefrac.data.dataset import positive_name
-from bonefrac.data.transforms import EvalPreset
+from bonefrac.data.trainset import TrainingData, summary_fields
+from bonefrac.metrics import format_number
 from bonefrac.models import create_model, model_spec, num_parameters
+from bonefrac.plots import plot_learning_curves
+from bonefrac.run import CURVES_FILE, Run
 
 log = logging.getLogger("bonefrac.probe")
 
@@ -264,24 +265,22 @@ def _auroc(logits: torch.Tensor, targets: torch.Tensor, num_classes: int, positi
     return float(multiclass_auroc(probabilities, targets, num_classes, average="macro"))
 
 
-def train_probe(config: RunConfig, data, report: AuditReport, run_dir: Path, *, progress: bool = True) -> dict:
-    """Fit a linear probe on `data` (train.TrainingData) and write its model.safetensors and metrics.csv into
-    run_dir; returns the summary (summary.json's content, without the wall time).
+def train_probe(run: Run, data: TrainingData, audit: AuditReport, *, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Fit a linear probe on `data` and write its model.safetensors, metrics.csv and learning curves into the run;
+    returns (the network, backbone + fitted head, in eval mode; the summary, summary.json's content).
 
-    Called by `train.fit`, which has scanned, audited and cached the images and writes config.yaml, labels.json,
-    audit.json and run.log around it.
+    Called by `train.fit`, which has scanned, audited and cached the images, made the run and writes summary.json
+    and calibrates around it.
     """
-    # Imported here: train imports this module inside fit.
-    from bonefrac.train import _fmt, _leak_lines, plot_learning_curves, step_progress, write_metrics_csv
-
     started = time.perf_counter()
+    config = run.config
     spec = model_spec(config.model.name)
     num_classes = len(data.labels)
     model = create_model(
         config.model.name,
         num_classes=num_classes,
         pretrained=config.model.pretrained,
-        in_chans=config.data.channels,
+        in_chans=run.preprocessing.channels,
         weights=config.model.weights,
         drop_rate=config.model.drop_rate,
     )
@@ -301,22 +300,16 @@ def train_probe(config: RunConfig, data, report: AuditReport, run_dir: Path, *, 
         "source": str(config.model.weights) if config.model.weights else f"pretrained={config.model.pretrained}",
         "sha256": weights_identity(model),
     }
-    preprocessing = {
-        "image_size": config.data.image_size,
-        "channels": config.data.channels,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "image_cache_version": CACHE_VERSION,
-    }
+    preprocessing = {**asdict(run.preprocessing), "image_cache_version": CACHE_VERSION}
     train_md5s, val_md5s = _md5s(data.train), _md5s(data.val)
-    with step_progress("computing backbone features", progress) as update:
+    with progress_bar("computing backbone features", progress) as update:
         features, reused = cached_features(
             model,
             data.train.cache,
             [*train_md5s, *val_md5s],
             key_parts={"model": config.model.name, "weights": weights_id, "preprocessing": preprocessing},
             cache_dir=Path(config.data.cache_dir),
-            transform=EvalPreset(mean=spec.mean, std=spec.std, channels=config.data.channels),
+            transform=run.preprocessing.eval_preset(),
             batch_size=config.data.batch_size,
             workers=config.data.workers,
             progress=update,
@@ -352,7 +345,7 @@ def train_probe(config: RunConfig, data, report: AuditReport, run_dir: Path, *, 
             "L2 penalty %g: val loss %.4f, val AUROC %s%s",
             candidate["penalty"],
             candidate["val_loss"],
-            _fmt(candidate["val_auroc"]),
+            format_number(candidate["val_auroc"]),
             "  <- chosen (lowest val loss)" if candidate["penalty"] == fitted.penalty else "",
         )
 
@@ -360,31 +353,17 @@ def train_probe(config: RunConfig, data, report: AuditReport, run_dir: Path, *, 
     head.weight.data.copy_(fitted.weight)
     head.bias.data.copy_(fitted.bias)
     model.set_submodule(spec.classifier, head)
-    weights = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
     best = fitted.history[-1]
-    metadata = {
-        "model": config.model.name,
-        "labels": json.dumps(list(data.labels)),
-        "epoch": str(best["epoch"]),
-        "bonefrac": __version__,
-        "strategy": "linear-probe",
-    }
-    safetensors.torch.save_file(weights, str(run_dir / "model.safetensors"), metadata=metadata)
-    write_metrics_csv(fitted.history, run_dir / "metrics.csv")
+    run.save_weights(model.state_dict(), epoch=best["epoch"], strategy="linear-probe")
+    run.write_history(fitted.history)
     notes = ["linear probe", f"L2 {fitted.penalty:g} chosen on val"]
-    notes += ["SYNTHETIC phantom data"] * data.synthetic + ["LEAKY splits: val overstates"] * report.leaky
-    plot_learning_curves(fitted.history, run_dir / "learning_curves.png", notes=notes)
+    notes += ["SYNTHETIC phantom data"] * data.synthetic + ["LEAKY splits: val overstates"] * audit.leaky
+    plot_learning_curves(fitted.history, run.path / CURVES_FILE, notes=notes)
     log.info("no checkpoints/: a probe is not resumable, it is re-run (its features come from the cache)")
-    return {
-        "bonefrac_version": __version__,
-        "disclaimer": DISCLAIMER,
-        "strategy": "linear-probe",
-        "synthetic_data": data.synthetic,
-        "model": config.model.name,
+    summary = {
+        **summary_fields(config, data, audit),
         "parameters": num_parameters(model),
         "trainable_parameters": head.weight.numel() + head.bias.numel(),
-        "labels": data.labels,
-        "positive_label": positive_name(data.labels, data.positive),
         "epochs_completed": len(fitted.history),
         "best_epoch": best["epoch"],
         "best_val_auroc": best["val_auroc"],
@@ -393,12 +372,7 @@ def train_probe(config: RunConfig, data, report: AuditReport, run_dir: Path, *, 
         "training_seconds": round(time.perf_counter() - started, 2),
         "resumed": False,
         "stopped_early": False,
-        "leaky": report.leaky,
-        "leakage": _leak_lines(report),
-        "skipped_files": data.skipped,
-        "data": data.counts,
         "device": "cpu",
-        "precision": "32",
         "probe": {
             "penalty": fitted.penalty,
             "selected_on": "val loss",
@@ -409,6 +383,7 @@ def train_probe(config: RunConfig, data, report: AuditReport, run_dir: Path, *, 
             "feature_seconds": round(feature_seconds, 2),
         },
     }
+    return model.eval(), summary
 
 
 def _md5s(dataset: CachedImageDataset) -> list[str]:

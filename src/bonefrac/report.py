@@ -1,9 +1,9 @@
 """One self-contained HTML page describing a run: data, training, evaluation, calibration and a model card.
 
-    write_report(run_dir, data_root=None)   -> run_dir/report.html
+    write_report(run, data_root=None)   -> RUN/report.html
 
-Everything the page shows is read from the run directory (summary.json, audit.json, metrics.csv,
-learning_curves.png, calibration.json, eval/<split>/) plus a few thumbnails from the data folder. Every image is
+Everything the page shows is read through the run (run.Run: summary, audit, metrics.csv, learning curves,
+calibration, eval/<split>/) plus a few thumbnails from the data folder. Every image is
 embedded as a base64 PNG and there is no external CSS, script or font, so the file can be mailed or archived and
 still open as it was written. The research-only disclaimer comes first, and the leakage, synthetic-data and strata
 warnings come before the numbers they qualify.
@@ -15,7 +15,6 @@ import base64
 import csv
 import html
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,9 +22,12 @@ import numpy as np
 from PIL import Image
 
 from bonefrac import DISCLAIMER, __version__
+from bonefrac.data.audit import leak_line
 from bonefrac.data.dataset import find_layout
 from bonefrac.data.io import read_image
 from bonefrac.errors import BonefracError, ImageReadError
+from bonefrac.metrics import METRIC_NAMES
+from bonefrac.run import CONFIG_FILE, CURVES_FILE, REPORT_FILE, Run
 
 SAMPLES_PER_CLASS = 4
 THUMBNAIL_SIDE = 112
@@ -35,19 +37,6 @@ EVAL_PLOTS = (
     ("confusion_matrix.png", "Confusion matrix: counts, and shares of each true class"),
     ("reliability.png", "Reliability diagram: predicted probability against observed frequency"),
     ("score_histograms.png", "Score histograms per true class, with the threshold"),
-)
-# The metrics shown in the report's tables, in order, with their names in words.
-METRIC_NAMES = (
-    ("roc_auc", "ROC AUC"),
-    ("pr_auc", "PR AUC (average precision)"),
-    ("sensitivity", "sensitivity"),
-    ("specificity", "specificity"),
-    ("accuracy", "accuracy"),
-    ("balanced_accuracy", "balanced accuracy"),
-    ("f1/macro", "F1, macro average"),
-    ("cohen_kappa", "Cohen's kappa"),
-    ("brier", "Brier score (lower is better)"),
-    ("ece", "expected calibration error (lower is better)"),
 )
 SMALL_TEST_SET = 200  # fewer evaluated files than this: say the CIs are wide for a reason
 STYLE = (
@@ -101,10 +90,6 @@ def _interval(entry: dict | None) -> tuple[str, str]:
     return f"{entry['point']:.3f}", ci
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def thumbnail_uri(path: Path, side: int = THUMBNAIL_SIDE) -> str | None:
     """A grayscale PNG thumbnail of any readable image as a data URI; None when the file cannot be read."""
     try:
@@ -154,8 +139,7 @@ def _audit_section(audit: dict | None) -> str:
         parts.append(f"<p>{esc(split or 'all')}: {esc(shares)}</p>")
     parts.append("<h3>Leakage between splits</h3>")
     for entry in audit.get("leakage", []):
-        line = (f"{entry['files']} of {entry['total']} {entry['split']} files have a duplicate in {entry['other']} "
-                f"({entry['exact']} byte-identical, {entry['files'] - entry['exact']} near)")
+        line = leak_line(entry)
         parts.append(f"<p class='{'bad' if entry['files'] else 'ok'}'>{esc(line)}</p>")
     if not audit.get("leakage"):
         parts.append("<p>No splits: nothing to leak between.</p>")
@@ -195,7 +179,7 @@ def _samples_section(root: Path | None, synthetic: bool) -> str:
     return "".join(parts)
 
 
-def _training_section(run_dir: Path, summary: dict | None) -> str:
+def _training_section(run: Run, summary: dict | None) -> str:
     parts = ["<h2 id='training'>Training</h2>"]
     if summary:
         auroc = summary.get("best_val_auroc")
@@ -206,11 +190,8 @@ def _training_section(run_dir: Path, summary: dict | None) -> str:
             f"{'n/a' if auroc is None else f'{auroc:.3f}'}; {summary.get('training_seconds', 0):.0f} s of training "
             f"on {esc(str(summary.get('device')))}.</p>"
         )
-    history = []
-    if (run_dir / "metrics.csv").is_file():
-        with open(run_dir / "metrics.csv", newline="") as handle:
-            history = list(csv.DictReader(handle))
-    parts.append(_image(run_dir / "learning_curves.png", "Learning curves: loss, accuracy and val AUROC per epoch",
+    history = run.history()
+    parts.append(_image(run.path / CURVES_FILE, "Learning curves: loss, accuracy and val AUROC per epoch",
                         "Train and val loss, accuracy and val AUROC per epoch"))
     if history:
         columns = [c for c in ("epoch", "train_loss", "val_loss", "train_acc", "val_acc", "val_auroc",
@@ -244,7 +225,7 @@ def _strata_table(column: str, table: dict) -> str:
                   rows, f"Per {column}")
 
 
-def _evaluation_section(evals: dict[str, dict], run_dir: Path) -> str:
+def _evaluation_section(evals: dict[str, dict], run: Run) -> str:
     parts = ["<h2 id='evaluation'>Evaluation</h2>"]
     if not evals:
         return parts[0] + "<p>Not evaluated yet: run <code>bonefrac evaluate RUN --split test</code>.</p>"
@@ -270,8 +251,8 @@ def _evaluation_section(evals: dict[str, dict], run_dir: Path) -> str:
         for warning in metrics.get("warnings", []):
             parts.append(f"<p class='bad'>WARNING {esc(warning)}</p>")
         for name, alt in EVAL_PLOTS:
-            if (run_dir / "eval" / split / name).is_file():
-                parts.append(_image(run_dir / "eval" / split / name, f"{alt} ({split} split)"))
+            if (run.eval_dir(split) / name).is_file():
+                parts.append(_image(run.eval_dir(split) / name, f"{alt} ({split} split)"))
     return "".join(parts)
 
 
@@ -297,7 +278,7 @@ def _calibration_section(calibration: dict | None) -> str:
     return "".join(parts)
 
 
-def _model_card(run_dir: Path, summary: dict | None, audit: dict | None, evals: dict[str, dict],
+def _model_card(run: Run, summary: dict | None, audit: dict | None, evals: dict[str, dict],
                 calibration: dict | None, root: Path | None, synthetic: bool) -> str:
     summary = summary or {}
     test = evals.get("test") or (next(iter(evals.values())) if evals else None)
@@ -349,7 +330,7 @@ def _model_card(run_dir: Path, summary: dict | None, audit: dict | None, evals: 
         limits.append("Trained and evaluated on SYNTHETIC phantoms: says nothing about real radiographs.")
     limits.append("Confounders in the audit (image size, file size, source) can be learned instead of the fracture.")
     parts.append("<h3>Limitations</h3><ul>" + "".join(f"<li>{esc(x)}</li>" for x in limits) + "</ul>")
-    config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
+    config = (run.path / CONFIG_FILE).read_text()
     parts.append(
         "<h3>How to reproduce</h3><p><code>bonefrac train DATA --config RUN/config.yaml --out NEW_RUN</code>, then "
         "<code>bonefrac evaluate NEW_RUN --split test</code>. The config of this run "
@@ -376,7 +357,7 @@ def gallery_picks(predictions_csv: Path, positive: str, per_kind: int = GALLERY_
     return picks
 
 
-def _gradcam_section(run_dir: Path, evals: dict[str, dict], root: Path) -> str:
+def _gradcam_section(run: Run, evals: dict[str, dict], root: Path) -> str:
     """Grad-CAM overlays (for the positive class) on the evaluated split's telling cases, drawn on the originals."""
     parts = [
         "<h2 id='gradcam'>Grad-CAM gallery</h2>",
@@ -384,19 +365,19 @@ def _gradcam_section(run_dir: Path, evals: dict[str, dict], root: Path) -> str:
         "original image (red = moved the score most). A heatmap shows what drove the score, not where a fracture "
         "is, and it is not a diagnosis. Made with <code>bonefrac explain</code>.</p>",
     ]
-    split = next((s for s in ("test", "val", *evals) if (run_dir / "eval" / s / "predictions.csv").is_file()), None)
+    split = next((s for s in ("test", "val", *evals) if (run.eval_dir(s) / "predictions.csv").is_file()), None)
     if split is None:
         return "".join(parts) + "<p>No evaluated split yet: run <code>bonefrac evaluate</code> first.</p>"
     from bonefrac.explain import Explainer, overlay_rgb
     from bonefrac.predict import Predictor
 
     try:
-        explainer = Explainer(Predictor(run_dir, backend="torch"))
+        explainer = Explainer(Predictor(run, backend="torch"))
     except BonefracError as err:
         return "".join(parts) + f"<p>No gallery: {esc(str(err))}</p>"
     positive = explainer.predictor.labels[explainer.predictor.positive]
     cells: dict[str, list[str]] = {}
-    for kind, row in gallery_picks(run_dir / "eval" / split / "predictions.csv", positive):
+    for kind, row in gallery_picks(run.eval_dir(split) / "predictions.csv", positive):
         try:
             side = 2 * max(GALLERY_SIDE, explainer.predictor.image_size)
             pixels, _ = read_image(root / row["file"], max_side=side)
@@ -424,33 +405,20 @@ def _gradcam_section(run_dir: Path, evals: dict[str, dict], root: Path) -> str:
 # --- the page -------------------------------------------------------------------------------------------------------
 
 
-def eval_splits(run_dir: Path) -> dict[str, dict]:
-    """metrics.json of every eval/<split>/, val and test first."""
-    folder = run_dir / "eval"
-    found = {p.parent.name: p for p in folder.glob("*/metrics.json")} if folder.is_dir() else {}
-    order = sorted(found, key=lambda s: ({"train": 0, "val": 1, "test": 2}.get(s, 3), s))
-    return {split: json.loads(found[split].read_text()) for split in order}
-
-
-def write_report(run_dir: str | Path, data_root: str | Path | None = None) -> Path:
-    """Write run_dir/report.html (one self-contained file) and return its path.
+def write_report(run: Run | str | Path, data_root: str | Path | None = None) -> Path:
+    """Write RUN/report.html (one self-contained file) and return its path.
 
     data_root: where the sample thumbnails come from; default the run's own data folder (config.yaml).
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise BonefracError(f"{run_dir}: not a run directory (no config.yaml); train one with bonefrac train")
-    from bonefrac.config import from_yaml
-
-    config = from_yaml((run_dir / "config.yaml").read_text(), source=str(run_dir / "config.yaml"))
-    root = Path(data_root or config.data.root).expanduser()
+    run = Run.of(run)
+    root = Path(data_root or run.config.data.root).expanduser()
     root = root.resolve() if root.exists() else root
-    summary = read_json(run_dir / "summary.json")
-    audit = read_json(run_dir / "audit.json")
-    calibration = read_json(run_dir / "calibration.json")
-    evals = eval_splits(run_dir)
+    summary = run.summary()
+    audit = run.audit()
+    calibration = run.calibration.record if run.calibration.fitted else None
+    evals = run.evaluations()
     synthetic = bool((root / "SYNTHETIC_DATA.txt").exists() or (summary or {}).get("synthetic_data"))
-    name = run_dir.resolve().name
+    name = run.path.resolve().name
     nav = [("audit", "Data audit"), ("samples", "Sample images"), ("training", "Training"),
            ("evaluation", "Evaluation"), ("calibration", "Calibration"), ("gradcam", "Grad-CAM"),
            ("model-card", "Model card")]
@@ -470,12 +438,12 @@ def write_report(run_dir: str | Path, data_root: str | Path | None = None) -> Pa
     parts += [
         _audit_section(audit),
         _samples_section(root, synthetic),
-        _training_section(run_dir, summary),
-        _evaluation_section(evals, run_dir),
+        _training_section(run, summary),
+        _evaluation_section(evals, run),
         _calibration_section(calibration),
-        _gradcam_section(run_dir, evals, root),
-        _model_card(run_dir, summary, audit, evals, calibration, root, synthetic),
-        f"</main><footer><p>Written by bonefrac {esc(__version__)} from <code>{esc(str(run_dir))}</code>. "
+        _gradcam_section(run, evals, root),
+        _model_card(run, summary, audit, evals, calibration, root, synthetic),
+        f"</main><footer><p>Written by bonefrac {esc(__version__)} from <code>{esc(str(run.path))}</code>. "
         f"{esc(DISCLAIMER)}</p></footer>",
     ]
     page = (
@@ -483,6 +451,6 @@ def write_report(run_dir: str | Path, data_root: str | Path | None = None) -> Pa
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>bonefrac report: {esc(name)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
     )
-    out = run_dir / "report.html"
+    out = run.path / REPORT_FILE
     out.write_text(page, encoding="utf-8")
     return out

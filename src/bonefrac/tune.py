@@ -239,16 +239,27 @@ def tune(
         load_if_exists=True,
     )
     _check_base(study, base)
+    scanned: list = []  # the data folder's (manifest, audit), made by the first trial this worker runs
 
     def objective(trial: optuna.Trial) -> float:
-        return _run_trial(trial, base, SPACES[family], out)
+        if not scanned:
+            from bonefrac.data.trainset import scan_and_audit  # torch: only when a trial runs
+
+            scanned.extend(scan_and_audit(base, None, progress=False))
+        return _run_trial(trial, base, SPACES[family], out, data=tuple(scanned))
 
     _work(study, rdb, objective, n_trials=n_trials, timeout=timeout, wait=heartbeat, report=report or log.info)
     return write_results(study, out, base, n_trials=n_trials, family=family)
 
 
-def _run_trial(trial: optuna.Trial, base: RunConfig, space: Mapping[str, BaseDistribution], out: Path) -> float:
-    """Train one trial's config into trials/trial-NNNN; its best val AUROC (TrialPruned when pruned)."""
+def _run_trial(
+    trial: optuna.Trial, base: RunConfig, space: Mapping[str, BaseDistribution], out: Path, *, data: tuple
+) -> float:
+    """Train one trial's config into trials/trial-NNNN; its best val AUROC (TrialPruned when pruned).
+
+    data: the data folder's (manifest, audit), scanned and hashed once for every trial of this worker.
+    """
+    from bonefrac.run import Run
     from bonefrac.train import fit  # imports torch and Lightning: not needed to read a study's results
 
     params = {key: _suggest(trial, key, distribution) for key, distribution in space.items()}
@@ -257,8 +268,9 @@ def _run_trial(trial: optuna.Trial, base: RunConfig, space: Mapping[str, BaseDis
     trial.set_user_attr("run_dir", str(run_dir))
     probe = config.train.strategy == "linear-probe"
     callbacks = [] if probe else [PyTorchLightningPruningCallback(trial, monitor="val_auroc")]
-    fit(config, run_dir, progress=False, callbacks=callbacks)
-    value = json.loads((run_dir / "summary.json").read_text())["best_val_auroc"]
+    manifest, audit = data
+    fit(config, run_dir, progress=False, callbacks=callbacks, manifest=manifest, audit=audit)
+    value = Run.load(run_dir).summary()["best_val_auroc"]
     if value is None or math.isnan(value):
         raise DatasetError(f"{run_dir}: val AUROC is not defined (val lacks a class)")
     return float(value)

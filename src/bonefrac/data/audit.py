@@ -49,6 +49,7 @@ NEAR_DUPLICATE_BITS = 24
 CONFIRM_DHASH_BITS = 32
 HASHERS = (imagehash.phash, imagehash.dhash)
 CONFOUNDING_AUC = 0.7
+AUDIT_FILE = "audit.json"  # what write_json writes; a run directory keeps its training audit under this name
 
 
 def _dihedral(image: Image.Image) -> list[Image.Image]:
@@ -247,12 +248,16 @@ class AuditReport:
         return data
 
     def leakage_lines(self) -> list[str]:
-        """The sentences a user needs: '491 of 506 test files have a duplicate in train'."""
-        return [
-            f"{e['files']} of {e['total']} {e['split']} files have a duplicate in {e['other']} "
-            f"({e['exact']} byte-identical, {e['files'] - e['exact']} near)"
-            for e in self.leakage
-        ]
+        """The sentences a user needs, one per split pair (leak_line)."""
+        return [leak_line(entry) for entry in self.leakage]
+
+
+def leak_line(entry: dict) -> str:
+    """An audit.json leakage entry as a sentence: '491 of 506 test files have a duplicate in train (...)'."""
+    return (
+        f"{entry['files']} of {entry['total']} {entry['split']} files have a duplicate in {entry['other']} "
+        f"({entry['exact']} byte-identical, {entry['files'] - entry['exact']} near)"
+    )
 
 
 def _leakage(manifest: Manifest, group: np.ndarray) -> list[dict]:
@@ -349,7 +354,8 @@ def audit_folder(root: str | Path, **kwargs) -> AuditReport:
 
 
 def write_json(report: AuditReport, out_dir: str | Path) -> Path:
-    out = Path(out_dir) / "audit.json"
+    """out_dir/audit.json (AUDIT_FILE)."""
+    out = Path(out_dir) / AUDIT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report.to_dict(), indent=2))
     return out

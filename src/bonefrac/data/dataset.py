@@ -246,6 +246,18 @@ def manifest_groups(root: str | Path, rows: Sequence[ManifestRow]) -> dict[str, 
     return out
 
 
+# Labels that name the absence of a finding; the other class of a binary task is the positive one.
+NEGATIVE_LABELS = ("not_fractured", "normal", "negative")
+
+
+def positive_index(labels: Sequence[str]) -> int:
+    """Index of the positive class of a binary task: the label that does not name a negative, else labels[1]."""
+    negatives = [i for i, label in enumerate(labels) if label in NEGATIVE_LABELS]
+    if len(labels) == 2 and len(negatives) == 1:
+        return 1 - negatives[0]
+    return 1
+
+
 def positive_name(labels: Sequence[str], positive: int) -> str | None:
     """The positive class as run files and answers name it: labels[positive] for two classes; None for N classes,
     where every answer is the most probable class and no class is "the positive one"."""

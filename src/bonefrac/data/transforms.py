@@ -78,7 +78,7 @@ class RandomCLAHE:
         return f"{type(self).__name__}(p={self.p}, clip_limit={self.clip_limit}, tiles={self.tiles})"
 
 
-def _channel_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[list[float], list[float]]:
+def channel_stats(mean: Sequence[float], std: Sequence[float], channels: int) -> tuple[list[float], list[float]]:
     """The model's mean/std for `channels` inputs: one channel gets their average (its first conv is the RGB sum)."""
     if channels == 3:
         return list(mean), list(std)
@@ -93,7 +93,7 @@ def _compose(augmentations: Sequence[Callable], *, mean: Sequence[float], std: S
     The augmentations run on the single gray channel in float32 [0, 1] (a third of the work of running them on
     RGB, and no rounding back to uint8 after each warp); the gray channel is copied to 3 only at the end.
     """
-    mean, std = _channel_stats(mean, std, channels)
+    mean, std = channel_stats(mean, std, channels)
     return v2.Compose(
         [
             v2.ToImage(),

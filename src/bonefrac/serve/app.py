@@ -43,11 +43,10 @@ from fastapi_offline import FastAPIOffline
 from PIL import Image
 
 from bonefrac import DISCLAIMER, __version__
-from bonefrac.data.dataset import positive_name
 from bonefrac.data.io import sniff_format
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.explain import Explainer, gray_uint8, heatmap_rgba, overlay_rgb, png_bytes
-from bonefrac.predict import BACKENDS, PredictionRow, Predictor, PreparedImage, preprocess
+from bonefrac.predict import BACKENDS, PredictionRow, Predictor, PreparedImage
 from bonefrac.serve.card import model_card
 from bonefrac.serve.uploads import TimeoutMiddleware, Upload, UploadError, read_uploads
 
@@ -120,7 +119,7 @@ class Service:
     def warm_up(self) -> None:
         """One prediction on a blank image, so the first user does not pay for lazy initialisation."""
         p = self.predictor
-        p.logits(preprocess(np.zeros((p.image_size, p.image_size), np.float32), p.image_size, p.preset)[None])
+        p.logits(p.run.preprocessing(np.zeros((p.image_size, p.image_size), np.float32))[None])
         self.ready = True
 
     def prepare(self, upload: Upload) -> PreparedImage:
@@ -146,7 +145,7 @@ class Service:
             "ood_score": row.ood_score,
             "ood_reason": row.ood_reason,
             "probabilities": row.probabilities,
-            "positive_label": positive_name(self.predictor.labels, self.predictor.positive),
+            "positive_label": self.predictor.run.positive_label,
             "probability": row.probabilities[positive] if row.threshold is not None else None,
             "prediction": row.prediction,
             "decision": decision_words(row, positive),

@@ -1,9 +1,9 @@
 """The model card the API and the page show: what the run is, how well it did, on what data, what its threshold means.
 
-Everything is read from the run directory, from the same files and with the same helpers as `bonefrac report`'s
-model card (summary.json, audit.json, calibration.json, eval/<split>/metrics.json), so the page and the report
-cannot tell two stories. Only the headline metrics of report.METRIC_NAMES are passed on, each with its 95 % CI
-and n; the full tables stay in metrics.json and report.html.
+Everything is read through the run (run.Run: summary, audit, calibration, eval/<split>/metrics.json), as
+`bonefrac report`'s model card reads it, so the page and the report cannot tell two stories. Only the headline
+metrics of metrics.METRIC_NAMES are passed on, each with its 95 % CI and n; the full tables stay in metrics.json
+and report.html.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from bonefrac import DISCLAIMER, __version__
-from bonefrac.data.dataset import positive_name
+from bonefrac.metrics import METRIC_NAMES
 from bonefrac.predict import Predictor
-from bonefrac.report import METRIC_NAMES, eval_splits, read_json
+from bonefrac.run import Calibration
 
 INTENDED_USE = (
     "A research tool and, at most, a second-opinion aid for a clinician who reads the radiograph themselves. "
@@ -21,15 +21,15 @@ INTENDED_USE = (
 )
 
 
-def threshold_meaning(predictor: Predictor, calibration: dict | None) -> str:
+def threshold_meaning(calibration: Calibration) -> str:
     """What the decision threshold is, in words: which operating point, fitted on which data, with what result."""
-    if predictor.threshold is None:
+    if calibration.threshold is None:
         return "multi-class: the decision is the class of highest calibrated probability"
-    if calibration is None:
+    if not calibration.fitted:
         return "0.5 on uncalibrated probabilities: the run was not calibrated (bonefrac calibrate RUN)"
-    point = predictor.operating_point
-    chosen = (calibration.get("thresholds") or {}).get(point, {})
-    on_val = f"on validation ({calibration.get('n_files', '?')} files"
+    point = calibration.operating_point
+    chosen = (calibration.record.get("thresholds") or {}).get(point, {})
+    on_val = f"on validation ({calibration.record.get('n_files', '?')} files"
     if "sensitivity" in chosen:
         on_val += f": sensitivity {chosen['sensitivity']:.3f}, specificity {chosen['specificity']:.3f}"
     on_val += ")"
@@ -42,12 +42,11 @@ def threshold_meaning(predictor: Predictor, calibration: dict | None) -> str:
 
 def model_card(predictor: Predictor) -> dict:
     """GET /v1/model: name, labels, threshold and its meaning, metrics with CIs per evaluated split, data, limits."""
-    run_dir = predictor.run_dir
-    summary = read_json(run_dir / "summary.json") or {}
-    audit = read_json(run_dir / "audit.json") or {}
-    calibration = read_json(run_dir / "calibration.json")
+    run = predictor.run
+    summary = run.summary() or {}
+    audit = run.audit() or {}
     evaluations = {}
-    for split, evaluation in eval_splits(run_dir).items():
+    for split, evaluation in run.evaluations().items():
         metrics = {
             key: {"name": name, **{k: evaluation["metrics"][key].get(k) for k in ("point", "low", "high")}}
             for key, name in METRIC_NAMES
@@ -63,20 +62,20 @@ def model_card(predictor: Predictor) -> dict:
         }
     synthetic = bool(summary.get("synthetic_data") or any(e["synthetic_data"] for e in evaluations.values()))
     return {
-        "name": Path(run_dir).resolve().name,
-        "model": predictor.config.model.name,
+        "name": Path(run.path).resolve().name,
+        "model": run.config.model.name,
         "image_size": predictor.image_size,
         "labels": predictor.labels,
-        "positive_label": positive_name(predictor.labels, predictor.positive),
+        "positive_label": run.positive_label,
         "backend": predictor.backend,
         "calibrated": predictor.calibrated,
         "temperature": predictor.temperature,
         "threshold": predictor.threshold,
         "operating_point": predictor.operating_point,
-        "threshold_meaning": threshold_meaning(predictor, calibration),
+        "threshold_meaning": threshold_meaning(run.calibration),
         "metrics": evaluations,
         "data": {
-            "root": str(predictor.config.data.root),
+            "root": str(run.config.data.root),
             "counts": audit.get("counts") or summary.get("data") or {},
             "synthetic": synthetic,
             "leaky": bool(summary.get("leaky")),

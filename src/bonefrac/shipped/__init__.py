@@ -1,9 +1,10 @@
 """The model that ships with bonefrac, so that `bonefrac predict IMAGE` and `bonefrac serve` work without training.
 
-It is an ordinary run directory (config.yaml, labels.json, model.safetensors, calibration.json, summary.json,
-eval/<split>/metrics.json) installed as package data, plus MODEL_CARD.md: what it was trained on, how it was chosen,
-its test metrics with 95 % CIs and what it cannot do. It was trained by benchmarks/real_accuracy.py on the real
-radiographs of bone-xray-grouped (docs/RESULTS.md) and chosen among the candidates by val AUROC, never by test.
+It is an ordinary run directory (run.py: config.yaml, labels.json, preprocessing.json, model.safetensors,
+calibration.json, summary.json, eval/<split>/metrics.json) installed as package data, plus MODEL_CARD.md: what it
+was trained on, how it was chosen, its test metrics with 95 % CIs and what it cannot do. It was trained by
+benchmarks/real_accuracy.py on the real radiographs of bone-xray-grouped (docs/RESULTS.md) and chosen among the
+candidates by val AUROC, never by test.
 
     shipped_run()              the run directory (BonefracError when the package was installed without it)
     run_and_paths(items)       `[RUN] PATH...`: the first item when it is a run directory, else the shipped run
@@ -15,14 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bonefrac.errors import BonefracError
+from bonefrac.run import CALIBRATION_FILE, PREPROCESSING_FILE, REQUIRED_FILES, Run
 
 SHIPPED_NAME = "bone-xray-lite0"
-RUN_FILES = ("config.yaml", "labels.json", "model.safetensors", "calibration.json")
-
-
-def is_run_dir(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / "config.yaml").is_file() and (path / "model.safetensors").is_file()
+# A shipped model is a finished run that is calibrated and states its preprocessing (no derivation at load time).
+RUN_FILES = (*REQUIRED_FILES, PREPROCESSING_FILE, CALIBRATION_FILE)
 
 
 def shipped_run() -> Path:
@@ -40,7 +38,7 @@ def shipped_run() -> Path:
 def run_and_paths(items: Sequence[str]) -> tuple[Path, list[str]]:
     """Split `[RUN] PATH...`: a first item that is a run directory names the run; otherwise every item is an input
     and the shipped model is used."""
-    if items and is_run_dir(items[0]):
+    if items and Run.is_run_dir(items[0]):
         if len(items) == 1:
             raise BonefracError(f"{items[0]} is a run directory: give the images after it")
         return Path(items[0]), list(items[1:])
