@@ -58,3 +58,20 @@ def test_synth_then_split_from_the_command_line(tmp_path):
     split = run("data", "split", str(tmp_path / "ph"), str(tmp_path / "sp"), "--seed", "1", "--workers", "1")
     assert split.returncode == 0, split.stderr
     assert (tmp_path / "sp" / "split.csv").exists() and "Group-aware split" in split.stdout
+
+
+def test_an_error_off_a_terminal_is_one_line_however_long(tmp_path, capsys, monkeypatch):
+    # Off a terminal rich wrapped at $COLUMNS (else 80): a long path split the message in two, out of grep's reach.
+    monkeypatch.setenv("COLUMNS", "80")
+    nowhere = tmp_path / ("x" * 200)
+    assert main(["data", "audit", str(nowhere)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {nowhere}: not a folder\n" in err
+    assert err.endswith(f"\n{DISCLAIMER}\n")
+
+
+def test_a_result_off_a_terminal_is_one_line_however_long(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    out = tmp_path / ("y" * 200)
+    assert main(["data", "synth", str(out), "--n", "8", "--size", "32", "--workers", "1"]) == 0
+    assert f"8 SYNTHETIC phantom radiographs (binary labels, 32 px) in {out}\n" in capsys.readouterr().out

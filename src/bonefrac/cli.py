@@ -4,33 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from bonefrac import DISCLAIMER, __version__
+from bonefrac.console import console, progress, status
 from bonefrac.errors import BonefracError
 
 BACKENDS = ("auto", "torch", "onnx")  # bonefrac.predict.BACKENDS, without importing torch to build the parser
-
-console = Console()
-errors = Console(stderr=True)
-
-
-@contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar as a `progress(done, total)` callback, the form every library function takes."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=errors, transient=False) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 def default_out(root: str, what: str) -> Path:
@@ -43,8 +24,8 @@ def default_out(root: str, what: str) -> Path:
 def cmd_data_scan(args: argparse.Namespace) -> int:
     from bonefrac.data.dataset import scan_folder, write_manifest
 
-    with progress_bar("scanning") as progress:
-        manifest = scan_folder(args.root, progress=progress)
+    with progress("scanning") as update:
+        manifest = scan_folder(args.root, progress=update)
     out = Path(args.out or default_out(args.root, "scan"))
     path = write_manifest(manifest, out)
     console.print(
@@ -58,10 +39,10 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
     from bonefrac.data.audit import audit_manifest, console_tables, write_html, write_json
     from bonefrac.data.dataset import scan_folder, write_manifest
 
-    with progress_bar("scanning") as progress:
-        manifest = scan_folder(args.root, progress=progress)
-    with progress_bar("decoding and hashing") as progress:
-        report = audit_manifest(manifest, workers=args.workers, max_bits=args.max_bits, progress=progress)
+    with progress("scanning") as update:
+        manifest = scan_folder(args.root, progress=update)
+    with progress("decoding and hashing") as update:
+        report = audit_manifest(manifest, workers=args.workers, max_bits=args.max_bits, progress=update)
     for renderable in console_tables(report):
         console.print(renderable)
     out = Path(args.out or default_out(args.root, "audit"))
@@ -73,7 +54,7 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
 def cmd_data_split(args: argparse.Namespace) -> int:
     from bonefrac.data.split import split_folder
 
-    with progress_bar("auditing before the split") as progress:
+    with progress("auditing before the split") as update:
         split_csv, report, rows = split_folder(
             args.root,
             args.out,
@@ -82,7 +63,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
             group_csv=args.groups,
             csv_only=args.csv_only,
             workers=args.workers,
-            progress=progress,
+            progress=update,
         )
     from rich.table import Table
 
@@ -106,7 +87,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from bonefrac.data.synth import generate_dataset
 
-    with progress_bar(f"rendering {args.n} phantoms") as progress:
+    with progress(f"rendering {args.n} phantoms") as update:
         out = generate_dataset(
             args.out,
             n=args.n,
@@ -114,7 +95,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
             labels=args.labels,
             seed=args.seed,
             workers=args.workers,
-            progress=progress,
+            progress=update,
         )
     console.print(f"{args.n} SYNTHETIC phantom radiographs ({args.labels} labels, {args.size} px) in {out}")
     return 0
@@ -137,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = fit(config, out or Path("runs") / config.model.name, resume=args.resume)
     summary = json.loads((run_dir / "summary.json").read_text())
     auroc = summary["best_val_auroc"]
-    console.print(f"run directory: {run_dir}", soft_wrap=True)
+    console.print(f"run directory: {run_dir}")
     classes = (f"positive class {summary['positive_label']}" if summary["positive_label"]
                else f"{len(summary['labels'])} classes")
     console.print(
@@ -187,9 +168,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         console.print(
             f"best val AUROC {result.best_value:.4f} (trial {result.best_number}); train it: "
             f"bonefrac train {args.data} --config {result.best_config}",
-            highlight=False, soft_wrap=True,
+            highlight=False,
         )
-    console.print(f"written: {result.out_dir}/ (trials/, trials.csv, top_trials.md, plots)", soft_wrap=True)
+    console.print(f"written: {result.out_dir}/ (trials/, trials.csv, top_trials.md, plots)")
     return 0
 
 
@@ -230,7 +211,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bonefrac.evaluate import calibrate_run, format_calibration
 
-    with progress_bar("decoding val images") as progress:
+    with progress("decoding val images") as update:
         result = calibrate_run(
             args.run,
             args.data,
@@ -239,9 +220,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             cache_dir=args.cache_dir,
-            progress=progress,
+            progress=update,
         )
-    console.print(format_calibration(result), highlight=False, soft_wrap=True)
+    console.print(format_calibration(result), highlight=False)
     console.print(f"written: {Path(args.run) / 'calibration.json'}")
     return 0
 
@@ -249,7 +230,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bonefrac.evaluate import evaluate_run
 
-    with progress_bar(f"decoding {args.split} images") as progress:
+    with progress(f"decoding {args.split} images") as update:
         evaluation = evaluate_run(
             args.run,
             args.data,
@@ -259,12 +240,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             workers=args.workers,
             tta=args.tta,
             cache_dir=args.cache_dir,
-            progress=progress,
+            progress=update,
         )
     for line in evaluation.report.splitlines():
         loud = line.startswith(("LEAKY", "WARNING"))
-        console.print(f"[bold red]{line}[/bold red]" if loud else line, highlight=False, markup=loud, soft_wrap=True)
-    console.print(f"written: {evaluation.out_dir}/ (predictions.csv, metrics.json, plots)", soft_wrap=True)
+        console.print(f"[bold red]{line}[/bold red]" if loud else line, highlight=False, markup=loud)
+    console.print(f"written: {evaluation.out_dir}/ (predictions.csv, metrics.json, plots)")
     return 0
 
 
@@ -274,7 +255,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from bonefrac.compare import compare_runs, pair_sentences, table_rows
 
     result = compare_runs(args.runs, args.data, args.split, args.out, workers=args.workers,
-                          progress=lambda line: errors.print(line, highlight=False))
+                          progress=lambda line: status.print(line, highlight=False))
     headers, rows = table_rows(result)
     table = Table(title=f"runs on the {result['split']} split (95% CIs)")
     for header in headers:
@@ -283,18 +264,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         table.add_row(*row)
     console.print(table)
     for line in pair_sentences(result):
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, highlight=False)
     for run in result["runs"]:
         for line in run["leakage"]:
-            console.print(f"[bold red]LEAKY {run['name']}: {line}[/bold red]", highlight=False, soft_wrap=True)
-    console.print(f"written: {args.out}/ (compare.json, compare.md, auc.png, operating_point.png)", soft_wrap=True)
+            console.print(f"[bold red]LEAKY {run['name']}: {line}[/bold red]", highlight=False)
+    console.print(f"written: {args.out}/ (compare.json, compare.md, auc.png, operating_point.png)")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from bonefrac.report import write_report
 
-    console.print(f"written: {write_report(args.run, args.data)}", soft_wrap=True)
+    console.print(f"written: {write_report(args.run, args.data)}")
     return 0
 
 
@@ -318,7 +299,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"inputs ({parity['n_random']} random, {parity['n_val_images']} val images; tolerance {parity['tolerance']:g})",
         highlight=False,
     )
-    console.print(f"written: {path}, {Path(args.run) / PREPROCESSING_FILE}", soft_wrap=True)
+    console.print(f"written: {path}, {Path(args.run) / PREPROCESSING_FILE}")
     return 0
 
 
@@ -335,7 +316,7 @@ def _run_and_paths(items: Sequence[str]) -> tuple[Path, list[str]]:
     run, paths = run_and_paths(items)
     if not items or run != Path(items[0]):
         console.print(f"using the shipped model {run.name} (its model card: {run / 'MODEL_CARD.md'})",
-                      highlight=False, soft_wrap=True)
+                      highlight=False)
     return run, paths
 
 
@@ -346,10 +327,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     run, paths = _run_and_paths(args.items)
     predictor = Predictor(run, backend=args.backend, batch_size=args.batch_size, tta=args.tta)
-    with progress_bar("predicting") as progress:
-        result = predictor.predict_paths(paths, progress=progress)
+    with progress("predicting") as update:
+        result = predictor.predict_paths(paths, progress=update)
     if args.out:
-        console.print(f"written: {write_predictions(result, args.out)}", soft_wrap=True)
+        console.print(f"written: {write_predictions(result, args.out)}")
     else:
         import os
 
@@ -381,16 +362,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     run, paths = _run_and_paths(args.items)
     explainer = Explainer(Predictor(run, backend="torch"), method=args.method)
-    with progress_bar(f"explaining ({args.method})") as progress:
-        rows = explain_paths(explainer, paths, args.out, target=args.target, alpha=args.alpha, progress=progress)
+    with progress(f"explaining ({args.method})") as update:
+        rows = explain_paths(explainer, paths, args.out, target=args.target, alpha=args.alpha, progress=update)
     failed = [row for row in rows if row.status == "error"]
     for row in failed:
-        console.print(f"[red]error[/red] {row.file}: {row.error}", soft_wrap=True, highlight=False)
+        console.print(f"[red]error[/red] {row.file}: {row.error}", highlight=False)
     flat = sum(bool(row.flat) for row in rows)
     console.print(
         f"{len(rows) - len(failed)} overlays and explain.csv in {args.out}; {len(failed)} errors"
         + (f"; {flat} maps are flat (no location)" if flat else ""),
-        soft_wrap=True, highlight=False,
+        highlight=False,
     )
     console.print(f"A heatmap shows what moved the model's score, not where a fracture is. {DISCLAIMER}",
                   highlight=False)
@@ -405,10 +386,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.timeout, save_uploads=args.save_uploads,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        errors.print(f"[yellow]listening on {args.host}: other machines can reach this server; it has no "
+        status.print(f"[yellow]listening on {args.host}: other machines can reach this server; it has no "
                      "authentication and no TLS[/yellow]", highlight=False)
     console.print(f"bonefrac serve: the page at http://{args.host}:{args.port}/ (API docs at /docs); Ctrl+C stops it",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
     run = Path(args.run) if args.run else _run_and_paths([])[0]
     serve(run, settings, host=args.host, port=args.port, workers=args.workers)
     return 0
@@ -769,12 +750,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.func(args)
     except BonefracError as err:
-        errors.print(f"[red]error:[/red] {err}", highlight=False)
+        status.print(f"[red]error:[/red] {err}", highlight=False)
         code = 2
     except KeyboardInterrupt:
-        errors.print("interrupted")
+        status.print("interrupted")
         code = 130
-    errors.print(f"[dim]{DISCLAIMER}[/dim]", highlight=False)
+    status.print(f"[dim]{DISCLAIMER}[/dim]", highlight=False)
     return code
 
 
