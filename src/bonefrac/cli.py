@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = out or Path("runs") / (getattr(args, "model.name") or ModelConfig.name)
         config_file = out / "config.yaml" if (out / "config.yaml").exists() else None
     config = build_config(config_file=config_file, overrides=overrides)
-    run_dir = fit(config, out or Path("runs") / config.model.name, resume=args.resume)
+    run_dir = fit(config, out or Path("runs") / config.model.name, resume=args.resume, verbose=args.verbose)
     summary = json.loads((run_dir / "summary.json").read_text())
     auroc = summary["best_val_auroc"]
     console.print(f"run directory: {run_dir}")
@@ -154,6 +154,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         seed=args.sampler_seed,
         heartbeat=args.heartbeat,
         report=lambda line: console.print(line, highlight=False),
+        verbose=args.verbose,
     )
     table = Table(title=f"top trials of study {result.study_name} ({result.family} search space; val AUROC)")
     for header in ("trial", "state", "val AUROC", "seconds", "parameters"):
@@ -282,7 +283,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from bonefrac.demo import run_demo
 
-    run_demo(args.data, args.out, allow_leakage=args.allow_leakage, console=console)  # prints its own summary
+    # run_demo prints its own summary
+    run_demo(args.data, args.out, allow_leakage=args.allow_leakage, console=console, verbose=args.verbose)
     return 0
 
 
@@ -432,6 +434,7 @@ TRAIN_OVERRIDES: tuple[tuple[str, str, dict], ...] = (
         {"help": "full (default), or linear-probe: backbone features cached once, only the head trained (fast)"},
     ),
 )
+VERBOSE = "also what Lightning prints: device banners, tips, the model summary"  # train, tune, demo
 TRAIN_OVERRIDE_KEYS = (
     *(key for _, key, _ in TRAIN_OVERRIDES), "model.pretrained", "train.allow_leakage", "data.group_balance"
 )
@@ -471,6 +474,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("data", help="root/{train,val,test}/<class>/ (make one with `bonefrac data split`)")
     train.add_argument("--out", help="run directory (default runs/<model>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--verbose", action="store_true", help=VERBOSE)
     add_config_options(train)
     train.set_defaults(func=cmd_train)
 
@@ -501,6 +505,7 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> None:
     tune.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds")
     tune.add_argument("--out", help="study folder: trials, best.yaml, plots (default studies/<model>)")
     tune.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+    tune.add_argument("--verbose", action="store_true", help=VERBOSE)
     tune.add_argument("--sampler-seed", type=int, help="TPE's seed (give each worker its own; default random)")
     tune.add_argument(
         "--heartbeat", type=int, default=60, metavar="S",
@@ -662,6 +667,7 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--allow-leakage", action="store_true", help="go on when splits share duplicates; metrics are marked leaky"
     )
+    demo.add_argument("--verbose", action="store_true", help=VERBOSE)
     demo.set_defaults(func=cmd_demo)
 
 

@@ -127,6 +127,7 @@ def run_demo(
     seed: int = 0,
     console: Console | None = None,
     progress: bool = True,
+    verbose: bool = False,  # Lightning's banners and model summary
 ) -> DemoResult:
     """Run the whole pipeline into `out` and print a summary; returns what was written.
 

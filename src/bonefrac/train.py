@@ -111,6 +111,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
+    verbose: bool = False,  # Lightning's banners and model summary
 ) -> Path:
     """Train a model as `config` says and write the run directory `out_dir`; returns it.
 

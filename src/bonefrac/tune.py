@@ -211,6 +211,7 @@ def tune(
     seed: int | None = None,
     heartbeat: int = 60,
     report: Callable[[str], None] | None = None,
+    verbose: bool = False,  # Lightning's banners and model summary
 ) -> TuneResult:
     """Run trials of the study until it has `n_trials` (all workers together), then write the results.
 
