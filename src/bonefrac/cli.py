@@ -8,10 +8,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bonefrac import DISCLAIMER, __version__
+from bonefrac.choices import BACKENDS, CAM_METHODS, OPERATING_POINTS, PRUNERS
+from bonefrac.config import (
+    AUGMENTATIONS,
+    CHANNELS,
+    CLASS_BALANCE,
+    GPU_PRECISIONS,
+    OPTIMIZERS,
+    PRECISIONS,
+    RECIPES,
+    SCHEDULERS,
+    STRATEGIES,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from bonefrac.console import console, progress, status
 from bonefrac.errors import BonefracError
-
-BACKENDS = ("auto", "torch", "onnx")  # bonefrac.predict.BACKENDS, without importing torch to build the parser
 
 
 def default_out(root: str, what: str) -> Path:
@@ -104,7 +117,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import json
 
-    from bonefrac.config import ModelConfig, build_config
+    from bonefrac.config import build_config
     from bonefrac.train import fit
 
     overrides = {key: getattr(args, key) for key in TRAIN_OVERRIDE_KEYS} | {"data.root": args.data}
@@ -401,29 +414,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # `bonefrac train` options that override one config key each: (flag, config key, argparse keywords).
 TRAIN_OVERRIDES: tuple[tuple[str, str, dict], ...] = (
-    ("--model", "model.name", {"metavar": "NAME", "help": "see `bonefrac models` (default efficientnet_lite0)"}),
-    ("--recipe", "train.recipe", {"help": "sgd-plateau, adam-two-phase or adam (default adam)"}),
+    ("--model", "model.name", {"metavar": "NAME", "help": f"see `bonefrac models` (default {ModelConfig.name})"}),
+    ("--recipe", "train.recipe",
+     {"choices": tuple(RECIPES), "help": f"optimizer, lr and schedule as a set (default {TrainConfig.recipe})"}),
     ("--epochs", "train.epochs", {"type": int}),
     ("--batch-size", "data.batch_size", {"type": int}),
-    ("--image-size", "data.image_size", {"type": int, "help": "side of the square letterbox (default 224)"}),
-    ("--channels", "data.channels", {"type": int, "choices": (1, 3), "metavar": "{1,3}", "help": "1: gray, 3: RGB"}),
+    ("--image-size", "data.image_size",
+     {"type": int, "help": f"side of the square letterbox (default {DataConfig.image_size})"}),
+    ("--channels", "data.channels", {"type": int, "choices": CHANNELS, "help": "1: gray, 3: RGB"}),
     ("--lr", "train.lr", {"type": float}),
     ("--weight-decay", "train.weight_decay", {"type": float}),
-    ("--optimizer", "train.optimizer", {"help": "adam, adamw or sgd"}),
+    ("--optimizer", "train.optimizer", {"choices": OPTIMIZERS}),
     ("--momentum", "train.momentum", {"type": float, "help": "SGD momentum"}),
-    ("--scheduler", "train.scheduler", {"help": "none or plateau (ReduceLROnPlateau on val loss)"}),
+    ("--scheduler", "train.scheduler", {"choices": SCHEDULERS, "help": "plateau: ReduceLROnPlateau on val loss"}),
     ("--plateau-patience", "train.plateau_patience", {"type": int}),
     ("--patience", "train.early_stopping_patience", {"type": int, "help": "early stopping patience in epochs"}),
     ("--freeze-epochs", "train.freeze_epochs", {"type": int, "help": "epochs training the head alone"}),
     ("--unfreeze-blocks", "train.unfreeze_blocks", {"type": int, "help": "last blocks trained after those"}),
     ("--phase2-lr", "train.phase2_lr", {"type": float, "help": "learning rate after the frozen epochs"}),
-    ("--class-balance", "data.class_balance", {"help": "none, weights (loss) or sampler"}),
+    ("--class-balance", "data.class_balance",
+     {"choices": CLASS_BALANCE, "help": "weights: class-weighted loss; sampler: class-balanced sampling"}),
     ("--epoch-size", "data.epoch_size", {"type": int, "help": "training images drawn per epoch (default: all)"}),
     ("--label-smoothing", "train.label_smoothing", {"type": float}),
-    ("--precision", "train.precision", {"help": "32, or on a GPU 16-mixed / bf16-mixed"}),
+    ("--precision", "train.precision", {"choices": PRECISIONS, "help": f"{', '.join(GPU_PRECISIONS)}: GPU only"}),
     ("--seed", "train.seed", {"type": int}),
-    ("--workers", "data.workers", {"type": int, "help": "DataLoader and decoding processes (default 2)"}),
-    ("--augment", "data.augment", {"help": "none, seed or strong (default seed)"}),
+    ("--workers", "data.workers",
+     {"type": int, "help": f"DataLoader and decoding processes (default {DataConfig.workers})"}),
+    ("--augment", "data.augment", {"choices": AUGMENTATIONS, "help": f"(default {DataConfig.augment})"}),
     ("--weights", "model.weights", {"metavar": "FILE", "help": "start from these weights (.safetensors, .pth)"}),
     ("--drop-rate", "model.drop_rate", {"type": float}),
     ("--max-time", "train.max_time", {"metavar": "DD:HH:MM:SS", "help": "stop training after this long"}),
@@ -431,7 +448,11 @@ TRAIN_OVERRIDES: tuple[tuple[str, str, dict], ...] = (
     (
         "--strategy",
         "train.strategy",
-        {"help": "full (default), or linear-probe: backbone features cached once, only the head trained (fast)"},
+        {
+            "choices": STRATEGIES,
+            "help": f"linear-probe: backbone features cached once, only the head trained (fast); default "
+            f"{TrainConfig.strategy}",
+        },
     ),
 )
 VERBOSE = "also what Lightning prints: device banners, tips, the model summary"  # train, tune, demo
@@ -444,7 +465,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     """--config and one option per config key (TRAIN_OVERRIDES), as `train` and `tune` take them."""
     parser.add_argument("--config", metavar="YAML", help="config file (a run's config.yaml works)")
     for flag, key, options in TRAIN_OVERRIDES:
-        parser.add_argument(flag, dest=key, default=None, **{"metavar": key.split(".")[1].upper(), **options})
+        # argparse shows choices as {a,b,c}; any other value is named after its key.
+        metavar = None if "choices" in options else key.split(".")[1].upper()
+        parser.add_argument(flag, dest=key, default=None, **{"metavar": metavar, **options})
     parser.add_argument(
         "--grayscale", dest="data.channels", action="store_const", const=1, help="same as --channels 1"
     )
@@ -504,7 +527,7 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> None:
     tune.add_argument("--study", metavar="NAME", help="study name (default: the name of the --out folder)")
     tune.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds")
     tune.add_argument("--out", help="study folder: trials, best.yaml, plots (default studies/<model>)")
-    tune.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+    tune.add_argument("--pruner", choices=PRUNERS, default="median")
     tune.add_argument("--verbose", action="store_true", help=VERBOSE)
     tune.add_argument("--sampler-seed", type=int, help="TPE's seed (give each worker its own; default random)")
     tune.add_argument(
@@ -537,9 +560,10 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
     )
     calibrate.add_argument(
         "--operating-point",
-        choices=("sensitivity", "youden", "default"),
+        choices=OPERATING_POINTS,
         default="sensitivity",
-        help="threshold used from now on: sensitivity>=X (default), Youden's J, or 0.5",
+        help="threshold used from now on: sensitivity: the one reaching --min-sensitivity (default); youden: "
+        "Youden's J; default: 0.5",
     )
     calibrate.set_defaults(func=cmd_calibrate)
 
@@ -622,7 +646,7 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
     )
     explain.add_argument("items", nargs="+", metavar="[RUN] IMAGE", help=RUN_THEN_PATHS)
     explain.add_argument("--out", required=True, help="folder for the overlays and explain.csv")
-    explain.add_argument("--method", choices=("gradcam", "gradcam++", "eigencam"), default="gradcam")
+    explain.add_argument("--method", choices=CAM_METHODS, default="gradcam")
     explain.add_argument("--target", metavar="LABEL", help="class to explain (default: the class the run decides)")
     explain.add_argument("--alpha", type=float, default=0.4, help="heatmap weight in the overlay (default 0.4)")
     explain.set_defaults(func=cmd_explain)

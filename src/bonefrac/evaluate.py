@@ -36,6 +36,7 @@ from bonefrac.calibration import (
     fit_temperature,
     negative_log_likelihood,
 )
+from bonefrac.choices import OPERATING_POINTS
 from bonefrac.config import RunConfig, from_yaml
 from bonefrac.data.audit import AuditReport, audit_manifest
 from bonefrac.data.cache import CachedImageDataset, ImageCache
@@ -55,7 +56,6 @@ from bonefrac.models import create_model, model_spec
 from bonefrac.tta import tta_logits
 
 N_RESAMPLES = 1000
-OPERATING_POINTS = ("default", "youden", "sensitivity")  # how --operating-point names calibration.json's thresholds
 STRATUM_AUC_SPREAD = 0.1  # stratum AUCs further apart than this suggest the model learned the stratum
 SIZE_BUCKETS = ((256, "<=256"), (512, "257-512"), (1024, "513-1024"), (2048, "1025-2048"))  # longer side, px
 CALIBRATION_FILE = "calibration.json"

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from bonefrac.calibration import apply_temperature
+from bonefrac.choices import BACKENDS
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format
 from bonefrac.data.transforms import EvalPreset, letterbox
 from bonefrac.errors import BonefracError, ImageReadError
@@ -42,7 +43,6 @@ from bonefrac.models import model_spec
 from bonefrac.ood import OODVerdict, check_radiograph
 from bonefrac.tta import tta_logits
 
-BACKENDS = ("auto", "torch", "onnx")
 ONNX_FILE = "model.onnx"
 PREPROCESSING_FILE = "preprocessing.json"
 _GLOB_CHARS = frozenset("*?[")

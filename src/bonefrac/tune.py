@@ -61,13 +61,13 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from bonefrac import DISCLAIMER
+from bonefrac.choices import PRUNERS
 from bonefrac.config import ConfigError, RunConfig, differences, from_yaml, to_yaml
 from bonefrac.errors import DataLeakageError, DatasetError
 from bonefrac.models import model_spec
 
 log = logging.getLogger("bonefrac.tune")
 
-PRUNERS = ("median", "hyperband", "none")
 MAX_RETRIES = 1  # a trial whose worker died runs once more; killed again, it stays FAIL
 # Keys that may differ between workers of one study: where each machine keeps the data and caches.
 MACHINE_KEYS = ("data.root", "data.cache_dir", "data.workers")
