@@ -6,8 +6,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bonefrac import DISCLAIMER
-from bonefrac.cli import main
+from bonefrac.choices import BACKENDS, CAM_METHODS, OPERATING_POINTS, PRUNERS
+from bonefrac.cli import build_parser, main
+from bonefrac.config import (
+    AUGMENTATIONS,
+    CHANNELS,
+    CLASS_BALANCE,
+    OPTIMIZERS,
+    PRECISIONS,
+    RECIPES,
+    SCHEDULERS,
+    STRATEGIES,
+)
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -58,3 +71,47 @@ def test_synth_then_split_from_the_command_line(tmp_path):
     split = run("data", "split", str(tmp_path / "ph"), str(tmp_path / "sp"), "--seed", "1", "--workers", "1")
     assert split.returncode == 0, split.stderr
     assert (tmp_path / "sp" / "split.csv").exists() and "Group-aware split" in split.stdout
+
+
+def test_an_error_off_a_terminal_is_one_line_however_long(tmp_path, capsys, monkeypatch):
+    # Off a terminal rich wrapped at $COLUMNS (else 80): a long path split the message in two, out of grep's reach.
+    monkeypatch.setenv("COLUMNS", "80")
+    nowhere = tmp_path / ("x" * 200)
+    assert main(["data", "audit", str(nowhere)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {nowhere}: not a folder\n" in err
+    assert err.endswith(f"\n{DISCLAIMER}\n")
+
+
+def test_a_result_off_a_terminal_is_one_line_however_long(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    out = tmp_path / ("y" * 200)
+    assert main(["data", "synth", str(out), "--n", "8", "--size", "32", "--workers", "1"]) == 0
+    assert f"8 SYNTHETIC phantom radiographs (binary labels, 32 px) in {out}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "option", "dest", "names"),
+    [
+        (["calibrate", "RUN"], "--operating-point", "operating_point", OPERATING_POINTS),
+        (["predict", "RUN", "x.png"], "--backend", "backend", BACKENDS),
+        (["serve"], "--backend", "backend", BACKENDS),
+        (["explain", "RUN", "x.png", "--out", "o"], "--method", "method", CAM_METHODS),
+        (["tune", "DATA"], "--pruner", "pruner", PRUNERS),
+        (["tune", "DATA"], "--augment", "data.augment", AUGMENTATIONS),
+        (["train", "DATA"], "--channels", "data.channels", CHANNELS),
+        (["train", "DATA"], "--class-balance", "data.class_balance", CLASS_BALANCE),
+        (["train", "DATA"], "--recipe", "train.recipe", tuple(RECIPES)),
+        (["train", "DATA"], "--optimizer", "train.optimizer", OPTIMIZERS),
+        (["train", "DATA"], "--scheduler", "train.scheduler", SCHEDULERS),
+        (["train", "DATA"], "--precision", "train.precision", PRECISIONS),
+        (["train", "DATA"], "--strategy", "train.strategy", STRATEGIES),
+    ],
+)
+def test_options_take_exactly_the_library_choices(argv, option, dest, names, capsys):
+    parser = build_parser()
+    for name in names:
+        assert getattr(parser.parse_args([*argv, option, str(name)]), dest) == name
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args([*argv, option, "2"])  # a number too, for --channels: a type=int option
+    assert exit_.value.code == 2 and f"argument {option}: invalid choice" in capsys.readouterr().err

@@ -251,9 +251,3 @@ def test_zoom_takes_the_centre_and_keeps_the_size():
     zoomed = zoom(images, 1.1)
     assert zoomed.shape == images.shape
     assert torch.allclose(zoomed, torch.ones_like(zoomed))
-
-
-def test_cli_backend_choices_are_the_predictors():
-    from bonefrac import cli, predict
-
-    assert cli.BACKENDS == predict.BACKENDS

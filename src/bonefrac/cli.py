@@ -4,33 +4,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from bonefrac import DISCLAIMER, __version__
+from bonefrac.choices import BACKENDS, CAM_METHODS, OPERATING_POINTS, PRUNERS
+from bonefrac.config import (
+    AUGMENTATIONS,
+    CHANNELS,
+    CLASS_BALANCE,
+    GPU_PRECISIONS,
+    OPTIMIZERS,
+    PRECISIONS,
+    RECIPES,
+    SCHEDULERS,
+    STRATEGIES,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+)
+from bonefrac.console import console, progress, status
 from bonefrac.errors import BonefracError
-
-BACKENDS = ("auto", "torch", "onnx")  # bonefrac.predict.BACKENDS, without importing torch to build the parser
-
-console = Console()
-errors = Console(stderr=True)
-
-
-@contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar as a `progress(done, total)` callback, the form every library function takes."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=errors, transient=False) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
 
 
 def default_out(root: str, what: str) -> Path:
@@ -43,8 +37,8 @@ def default_out(root: str, what: str) -> Path:
 def cmd_data_scan(args: argparse.Namespace) -> int:
     from bonefrac.data.dataset import scan_folder, write_manifest
 
-    with progress_bar("scanning") as progress:
-        manifest = scan_folder(args.root, progress=progress)
+    with progress("scanning") as update:
+        manifest = scan_folder(args.root, progress=update)
     out = Path(args.out or default_out(args.root, "scan"))
     path = write_manifest(manifest, out)
     console.print(
@@ -58,10 +52,10 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
     from bonefrac.data.audit import audit_manifest, console_tables, write_html, write_json
     from bonefrac.data.dataset import scan_folder, write_manifest
 
-    with progress_bar("scanning") as progress:
-        manifest = scan_folder(args.root, progress=progress)
-    with progress_bar("decoding and hashing") as progress:
-        report = audit_manifest(manifest, workers=args.workers, max_bits=args.max_bits, progress=progress)
+    with progress("scanning") as update:
+        manifest = scan_folder(args.root, progress=update)
+    with progress("decoding and hashing") as update:
+        report = audit_manifest(manifest, workers=args.workers, max_bits=args.max_bits, progress=update)
     for renderable in console_tables(report):
         console.print(renderable)
     out = Path(args.out or default_out(args.root, "audit"))
@@ -73,7 +67,7 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
 def cmd_data_split(args: argparse.Namespace) -> int:
     from bonefrac.data.split import split_folder
 
-    with progress_bar("auditing before the split") as progress:
+    with progress("auditing before the split") as update:
         split_csv, report, rows = split_folder(
             args.root,
             args.out,
@@ -82,7 +76,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
             group_csv=args.groups,
             csv_only=args.csv_only,
             workers=args.workers,
-            progress=progress,
+            progress=update,
         )
     from rich.table import Table
 
@@ -106,7 +100,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from bonefrac.data.synth import generate_dataset
 
-    with progress_bar(f"rendering {args.n} phantoms") as progress:
+    with progress(f"rendering {args.n} phantoms") as update:
         out = generate_dataset(
             args.out,
             n=args.n,
@@ -114,16 +108,15 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
             labels=args.labels,
             seed=args.seed,
             workers=args.workers,
-            progress=progress,
+            progress=update,
         )
     console.print(f"{args.n} SYNTHETIC phantom radiographs ({args.labels} labels, {args.size} px) in {out}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import json
-
-    from bonefrac.config import ModelConfig, build_config
+    from bonefrac.config import build_config
+    from bonefrac.run import Run
     from bonefrac.train import fit
 
     overrides = {key: getattr(args, key) for key in TRAIN_OVERRIDE_KEYS} | {"data.root": args.data}
@@ -134,10 +127,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = out or Path("runs") / (getattr(args, "model.name") or ModelConfig.name)
         config_file = out / "config.yaml" if (out / "config.yaml").exists() else None
     config = build_config(config_file=config_file, overrides=overrides)
-    run_dir = fit(config, out or Path("runs") / config.model.name, resume=args.resume)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run_dir = fit(config, out or Path("runs") / config.model.name, resume=args.resume, verbose=args.verbose)
+    summary = Run.load(run_dir).summary()
     auroc = summary["best_val_auroc"]
-    console.print(f"run directory: {run_dir}", soft_wrap=True)
+    console.print(f"run directory: {run_dir}")
     classes = (f"positive class {summary['positive_label']}" if summary["positive_label"]
                else f"{len(summary['labels'])} classes")
     console.print(
@@ -173,6 +166,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         seed=args.sampler_seed,
         heartbeat=args.heartbeat,
         report=lambda line: console.print(line, highlight=False),
+        verbose=args.verbose,
     )
     table = Table(title=f"top trials of study {result.study_name} ({result.family} search space; val AUROC)")
     for header in ("trial", "state", "val AUROC", "seconds", "parameters"):
@@ -187,9 +181,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         console.print(
             f"best val AUROC {result.best_value:.4f} (trial {result.best_number}); train it: "
             f"bonefrac train {args.data} --config {result.best_config}",
-            highlight=False, soft_wrap=True,
+            highlight=False,
         )
-    console.print(f"written: {result.out_dir}/ (trials/, trials.csv, top_trials.md, plots)", soft_wrap=True)
+    console.print(f"written: {result.out_dir}/ (trials/, trials.csv, top_trials.md, plots)")
     return 0
 
 
@@ -230,7 +224,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bonefrac.evaluate import calibrate_run, format_calibration
 
-    with progress_bar("decoding val images") as progress:
+    with progress("decoding val images") as update:
         result = calibrate_run(
             args.run,
             args.data,
@@ -239,9 +233,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             cache_dir=args.cache_dir,
-            progress=progress,
+            progress=update,
         )
-    console.print(format_calibration(result), highlight=False, soft_wrap=True)
+    console.print(format_calibration(result), highlight=False)
     console.print(f"written: {Path(args.run) / 'calibration.json'}")
     return 0
 
@@ -249,7 +243,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bonefrac.evaluate import evaluate_run
 
-    with progress_bar(f"decoding {args.split} images") as progress:
+    with progress(f"decoding {args.split} images") as update:
         evaluation = evaluate_run(
             args.run,
             args.data,
@@ -259,12 +253,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             workers=args.workers,
             tta=args.tta,
             cache_dir=args.cache_dir,
-            progress=progress,
+            progress=update,
         )
     for line in evaluation.report.splitlines():
         loud = line.startswith(("LEAKY", "WARNING"))
-        console.print(f"[bold red]{line}[/bold red]" if loud else line, highlight=False, markup=loud, soft_wrap=True)
-    console.print(f"written: {evaluation.out_dir}/ (predictions.csv, metrics.json, plots)", soft_wrap=True)
+        console.print(f"[bold red]{line}[/bold red]" if loud else line, highlight=False, markup=loud)
+    console.print(f"written: {evaluation.out_dir}/ (predictions.csv, metrics.json, plots)")
     return 0
 
 
@@ -274,7 +268,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from bonefrac.compare import compare_runs, pair_sentences, table_rows
 
     result = compare_runs(args.runs, args.data, args.split, args.out, workers=args.workers,
-                          progress=lambda line: errors.print(line, highlight=False))
+                          progress=lambda line: status.print(line, highlight=False))
     headers, rows = table_rows(result)
     table = Table(title=f"runs on the {result['split']} split (95% CIs)")
     for header in headers:
@@ -283,42 +277,41 @@ def cmd_compare(args: argparse.Namespace) -> int:
         table.add_row(*row)
     console.print(table)
     for line in pair_sentences(result):
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, highlight=False)
     for run in result["runs"]:
         for line in run["leakage"]:
-            console.print(f"[bold red]LEAKY {run['name']}: {line}[/bold red]", highlight=False, soft_wrap=True)
-    console.print(f"written: {args.out}/ (compare.json, compare.md, auc.png, operating_point.png)", soft_wrap=True)
+            console.print(f"[bold red]LEAKY {run['name']}: {line}[/bold red]", highlight=False)
+    console.print(f"written: {args.out}/ (compare.json, compare.md, auc.png, operating_point.png)")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from bonefrac.report import write_report
 
-    console.print(f"written: {write_report(args.run, args.data)}", soft_wrap=True)
+    console.print(f"written: {write_report(args.run, args.data)}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from bonefrac.demo import run_demo
 
-    run_demo(args.data, args.out, allow_leakage=args.allow_leakage, console=console)  # prints its own summary
+    # run_demo prints its own summary
+    run_demo(args.data, args.out, allow_leakage=args.allow_leakage, console=console, verbose=args.verbose)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import json
-
     from bonefrac.export import export_onnx
-    from bonefrac.run import ONNX_META_FILE
+    from bonefrac.run import ONNX_META_FILE, Run
 
     path = export_onnx(args.run, opset=args.opset)
-    parity = json.loads((Path(args.run) / ONNX_META_FILE).read_text())["parity"]
+    parity = Run.load(args.run).read_json(ONNX_META_FILE)["parity"]
     console.print(
         f"parity: max |p_torch - p_onnxruntime| = {parity['max_abs_diff_probability']:.2e} on {parity['n_inputs']} "
         f"inputs ({parity['n_random']} random, {parity['n_val_images']} val images; tolerance {parity['tolerance']:g})",
         highlight=False,
     )
-    console.print(f"written: {path}, {Path(args.run) / ONNX_META_FILE}", soft_wrap=True)
+    console.print(f"written: {path}, {Path(args.run) / ONNX_META_FILE}")
     return 0
 
 
@@ -335,7 +328,7 @@ def _run_and_paths(items: Sequence[str]) -> tuple[Path, list[str]]:
     run, paths = run_and_paths(items)
     if not items or run != Path(items[0]):
         console.print(f"using the shipped model {run.name} (its model card: {run / 'MODEL_CARD.md'})",
-                      highlight=False, soft_wrap=True)
+                      highlight=False)
     return run, paths
 
 
@@ -346,10 +339,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     run, paths = _run_and_paths(args.items)
     predictor = Predictor(run, backend=args.backend, batch_size=args.batch_size, tta=args.tta)
-    with progress_bar("predicting") as progress:
-        result = predictor.predict_paths(paths, progress=progress)
+    with progress("predicting") as update:
+        result = predictor.predict_paths(paths, progress=update)
     if args.out:
-        console.print(f"written: {write_predictions(result, args.out)}", soft_wrap=True)
+        console.print(f"written: {write_predictions(result, args.out)}")
     else:
         import os
 
@@ -381,16 +374,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     run, paths = _run_and_paths(args.items)
     explainer = Explainer(Predictor(run, backend="torch"), method=args.method)
-    with progress_bar(f"explaining ({args.method})") as progress:
-        rows = explain_paths(explainer, paths, args.out, target=args.target, alpha=args.alpha, progress=progress)
+    with progress(f"explaining ({args.method})") as update:
+        rows = explain_paths(explainer, paths, args.out, target=args.target, alpha=args.alpha, progress=update)
     failed = [row for row in rows if row.status == "error"]
     for row in failed:
-        console.print(f"[red]error[/red] {row.file}: {row.error}", soft_wrap=True, highlight=False)
+        console.print(f"[red]error[/red] {row.file}: {row.error}", highlight=False)
     flat = sum(bool(row.flat) for row in rows)
     console.print(
         f"{len(rows) - len(failed)} overlays and explain.csv in {args.out}; {len(failed)} errors"
         + (f"; {flat} maps are flat (no location)" if flat else ""),
-        soft_wrap=True, highlight=False,
+        highlight=False,
     )
     console.print(f"A heatmap shows what moved the model's score, not where a fracture is. {DISCLAIMER}",
                   highlight=False)
@@ -405,10 +398,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.timeout, save_uploads=args.save_uploads,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        errors.print(f"[yellow]listening on {args.host}: other machines can reach this server; it has no "
+        status.print(f"[yellow]listening on {args.host}: other machines can reach this server; it has no "
                      "authentication and no TLS[/yellow]", highlight=False)
     console.print(f"bonefrac serve: the page at http://{args.host}:{args.port}/ (API docs at /docs); Ctrl+C stops it",
-                  highlight=False, soft_wrap=True)
+                  highlight=False)
     run = Path(args.run) if args.run else _run_and_paths([])[0]
     serve(run, settings, host=args.host, port=args.port, workers=args.workers)
     return 0
@@ -418,29 +411,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # `bonefrac train` options that override one config key each: (flag, config key, argparse keywords).
 TRAIN_OVERRIDES: tuple[tuple[str, str, dict], ...] = (
-    ("--model", "model.name", {"metavar": "NAME", "help": "see `bonefrac models` (default efficientnet_lite0)"}),
-    ("--recipe", "train.recipe", {"help": "sgd-plateau, adam-two-phase or adam (default adam)"}),
+    ("--model", "model.name", {"metavar": "NAME", "help": f"see `bonefrac models` (default {ModelConfig.name})"}),
+    ("--recipe", "train.recipe",
+     {"choices": tuple(RECIPES), "help": f"optimizer, lr and schedule as a set (default {TrainConfig.recipe})"}),
     ("--epochs", "train.epochs", {"type": int}),
     ("--batch-size", "data.batch_size", {"type": int}),
-    ("--image-size", "data.image_size", {"type": int, "help": "side of the square letterbox (default 224)"}),
-    ("--channels", "data.channels", {"type": int, "choices": (1, 3), "metavar": "{1,3}", "help": "1: gray, 3: RGB"}),
+    ("--image-size", "data.image_size",
+     {"type": int, "help": f"side of the square letterbox (default {DataConfig.image_size})"}),
+    ("--channels", "data.channels", {"type": int, "choices": CHANNELS, "help": "1: gray, 3: RGB"}),
     ("--lr", "train.lr", {"type": float}),
     ("--weight-decay", "train.weight_decay", {"type": float}),
-    ("--optimizer", "train.optimizer", {"help": "adam, adamw or sgd"}),
+    ("--optimizer", "train.optimizer", {"choices": OPTIMIZERS}),
     ("--momentum", "train.momentum", {"type": float, "help": "SGD momentum"}),
-    ("--scheduler", "train.scheduler", {"help": "none or plateau (ReduceLROnPlateau on val loss)"}),
+    ("--scheduler", "train.scheduler", {"choices": SCHEDULERS, "help": "plateau: ReduceLROnPlateau on val loss"}),
     ("--plateau-patience", "train.plateau_patience", {"type": int}),
     ("--patience", "train.early_stopping_patience", {"type": int, "help": "early stopping patience in epochs"}),
     ("--freeze-epochs", "train.freeze_epochs", {"type": int, "help": "epochs training the head alone"}),
     ("--unfreeze-blocks", "train.unfreeze_blocks", {"type": int, "help": "last blocks trained after those"}),
     ("--phase2-lr", "train.phase2_lr", {"type": float, "help": "learning rate after the frozen epochs"}),
-    ("--class-balance", "data.class_balance", {"help": "none, weights (loss) or sampler"}),
+    ("--class-balance", "data.class_balance",
+     {"choices": CLASS_BALANCE, "help": "weights: class-weighted loss; sampler: class-balanced sampling"}),
     ("--epoch-size", "data.epoch_size", {"type": int, "help": "training images drawn per epoch (default: all)"}),
     ("--label-smoothing", "train.label_smoothing", {"type": float}),
-    ("--precision", "train.precision", {"help": "32, or on a GPU 16-mixed / bf16-mixed"}),
+    ("--precision", "train.precision", {"choices": PRECISIONS, "help": f"{', '.join(GPU_PRECISIONS)}: GPU only"}),
     ("--seed", "train.seed", {"type": int}),
-    ("--workers", "data.workers", {"type": int, "help": "DataLoader and decoding processes (default 2)"}),
-    ("--augment", "data.augment", {"help": "none, seed or strong (default seed)"}),
+    ("--workers", "data.workers",
+     {"type": int, "help": f"DataLoader and decoding processes (default {DataConfig.workers})"}),
+    ("--augment", "data.augment", {"choices": AUGMENTATIONS, "help": f"(default {DataConfig.augment})"}),
     ("--weights", "model.weights", {"metavar": "FILE", "help": "start from these weights (.safetensors, .pth)"}),
     ("--drop-rate", "model.drop_rate", {"type": float}),
     ("--max-time", "train.max_time", {"metavar": "DD:HH:MM:SS", "help": "stop training after this long"}),
@@ -448,9 +445,14 @@ TRAIN_OVERRIDES: tuple[tuple[str, str, dict], ...] = (
     (
         "--strategy",
         "train.strategy",
-        {"help": "full (default), or linear-probe: backbone features cached once, only the head trained (fast)"},
+        {
+            "choices": STRATEGIES,
+            "help": f"linear-probe: backbone features cached once, only the head trained (fast); default "
+            f"{TrainConfig.strategy}",
+        },
     ),
 )
+VERBOSE = "also what Lightning prints: device banners, tips, the model summary"  # train, tune, demo
 TRAIN_OVERRIDE_KEYS = (
     *(key for _, key, _ in TRAIN_OVERRIDES), "model.pretrained", "train.allow_leakage", "data.group_balance"
 )
@@ -460,7 +462,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     """--config and one option per config key (TRAIN_OVERRIDES), as `train` and `tune` take them."""
     parser.add_argument("--config", metavar="YAML", help="config file (a run's config.yaml works)")
     for flag, key, options in TRAIN_OVERRIDES:
-        parser.add_argument(flag, dest=key, default=None, **{"metavar": key.split(".")[1].upper(), **options})
+        # argparse shows choices as {a,b,c}; any other value is named after its key.
+        metavar = None if "choices" in options else key.split(".")[1].upper()
+        parser.add_argument(flag, dest=key, default=None, **{"metavar": metavar, **options})
     parser.add_argument(
         "--grayscale", dest="data.channels", action="store_const", const=1, help="same as --channels 1"
     )
@@ -490,6 +494,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("data", help="root/{train,val,test}/<class>/ (make one with `bonefrac data split`)")
     train.add_argument("--out", help="run directory (default runs/<model>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--verbose", action="store_true", help=VERBOSE)
     add_config_options(train)
     train.set_defaults(func=cmd_train)
 
@@ -519,7 +524,8 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> None:
     tune.add_argument("--study", metavar="NAME", help="study name (default: the name of the --out folder)")
     tune.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds")
     tune.add_argument("--out", help="study folder: trials, best.yaml, plots (default studies/<model>)")
-    tune.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+    tune.add_argument("--pruner", choices=PRUNERS, default="median")
+    tune.add_argument("--verbose", action="store_true", help=VERBOSE)
     tune.add_argument("--sampler-seed", type=int, help="TPE's seed (give each worker its own; default random)")
     tune.add_argument(
         "--heartbeat", type=int, default=60, metavar="S",
@@ -551,9 +557,10 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
     )
     calibrate.add_argument(
         "--operating-point",
-        choices=("sensitivity", "youden", "default"),
+        choices=OPERATING_POINTS,
         default="sensitivity",
-        help="threshold used from now on: sensitivity>=X (default), Youden's J, or 0.5",
+        help="threshold used from now on: sensitivity: the one reaching --min-sensitivity (default); youden: "
+        "Youden's J; default: 0.5",
     )
     calibrate.set_defaults(func=cmd_calibrate)
 
@@ -636,7 +643,7 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
     )
     explain.add_argument("items", nargs="+", metavar="[RUN] IMAGE", help=RUN_THEN_PATHS)
     explain.add_argument("--out", required=True, help="folder for the overlays and explain.csv")
-    explain.add_argument("--method", choices=("gradcam", "gradcam++", "eigencam"), default="gradcam")
+    explain.add_argument("--method", choices=CAM_METHODS, default="gradcam")
     explain.add_argument("--target", metavar="LABEL", help="class to explain (default: the class the run decides)")
     explain.add_argument("--alpha", type=float, default=0.4, help="heatmap weight in the overlay (default 0.4)")
     explain.set_defaults(func=cmd_explain)
@@ -681,6 +688,7 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--allow-leakage", action="store_true", help="go on when splits share duplicates; metrics are marked leaky"
     )
+    demo.add_argument("--verbose", action="store_true", help=VERBOSE)
     demo.set_defaults(func=cmd_demo)
 
 
@@ -769,12 +777,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.func(args)
     except BonefracError as err:
-        errors.print(f"[red]error:[/red] {err}", highlight=False)
+        status.print(f"[red]error:[/red] {err}", highlight=False)
         code = 2
     except KeyboardInterrupt:
-        errors.print("interrupted")
+        status.print("interrupted")
         code = 130
-    errors.print(f"[dim]{DISCLAIMER}[/dim]", highlight=False)
+    status.print(f"[dim]{DISCLAIMER}[/dim]", highlight=False)
     return code
 
 

@@ -34,6 +34,7 @@ GPU_PRECISIONS = ("16-mixed", "bf16-mixed")
 # features once and trains only the head (planned: issue 3, item 6).
 STRATEGIES = ("full", "linear-probe")
 CHANNELS = (1, 3)
+AUGMENTATIONS = ("none", "seed", "strong")  # the presets of data/transforms.py
 
 
 class ConfigError(BonefracError):
@@ -171,9 +172,6 @@ def build_config(
 
 def validate(config: RunConfig) -> None:
     """ConfigError for a value no run can use (device-dependent checks: `check_device`)."""
-    # Imported here: transforms imports torch, and the CLI reads this module's choices to build its parser.
-    from bonefrac.data.transforms import AUGMENTATIONS
-
     data, model, train = config.data, config.model, config.train
     choices = [
         ("data.channels", data.channels, CHANNELS),

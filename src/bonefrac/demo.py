@@ -36,6 +36,7 @@ from rich.table import Table
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.compare import compare_runs, pair_sentences
 from bonefrac.config import build_config
+from bonefrac.console import console as default_console
 from bonefrac.console import progress as step_progress
 from bonefrac.data.audit import AuditReport, audit_manifest, console_tables, write_html, write_json
 from bonefrac.data.dataset import SPLITS, Manifest, scan_folder, write_manifest
@@ -140,12 +141,12 @@ def run_demo(
     Raises DatasetError (no train/val/test in `data`), DataLeakageError (splits share duplicates and not
     allow_leakage), and whatever a step raises.
     """
-    console = console or Console()
+    console = console or default_console
     out = Path(out).expanduser().resolve()
     _prepare_out(out)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    console.print(f"[bold]bonefrac {__version__} demo[/bold] into {out}. {DISCLAIMER}", soft_wrap=True)
+    console.print(f"[bold]bonefrac {__version__} demo[/bold] into {out}. {DISCLAIMER}")
 
     if data is None:
         with _stage(console, "phantoms", seconds):
@@ -157,7 +158,6 @@ def run_demo(
                 f"[bold yellow]SYNTHETIC DATA:[/bold yellow] {n_phantoms} phantom radiographs ({phantom_size} px) "
                 f"in {root}. They are computed from a model of a limb, not X-rays of anyone: every number below "
                 "is about phantoms and says nothing about real radiographs.",
-                soft_wrap=True,
             )
     else:
         root = Path(data).expanduser().resolve()
@@ -205,7 +205,7 @@ def run_demo(
     result = DemoResult(root, synthetic, out / "audit", runs, out / "compare", pair_sentences(comparison), seconds)
     (out / DEMO_FILE).write_text(json.dumps(_to_json(result), indent=2))
     for renderable in summary(result):
-        console.print(renderable, highlight=False, soft_wrap=True)
+        console.print(renderable, highlight=False)
     return result
 
 

@@ -38,6 +38,7 @@ from bonefrac.calibration import (
     fit_temperature,
     negative_log_likelihood,
 )
+from bonefrac.choices import OPERATING_POINTS
 from bonefrac.data.audit import AUDIT_FILE, AuditReport, audit_manifest, leak_line
 from bonefrac.data.cache import CachedImageDataset, ImageCache
 from bonefrac.data.dataset import (
@@ -60,7 +61,6 @@ from bonefrac.run import Run
 from bonefrac.tta import tta_logits
 
 N_RESAMPLES = 1000
-OPERATING_POINTS = ("default", "youden", "sensitivity")  # how --operating-point names calibration.json's thresholds
 STRATUM_AUC_SPREAD = 0.1  # stratum AUCs further apart than this suggest the model learned the stratum
 SIZE_BUCKETS = ((256, "<=256"), (512, "257-512"), (1024, "513-1024"), (2048, "1025-2048"))  # longer side, px
 

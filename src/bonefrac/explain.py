@@ -35,12 +35,14 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from bonefrac.calibration import apply_temperature
+from bonefrac.choices import CAM_METHODS
 from bonefrac.data.io import read_image
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.models import feature_layer
 from bonefrac.predict import Predictor, expand_paths
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}
+assert tuple(METHODS) == CAM_METHODS, "the CLI offers choices.CAM_METHODS: name the same methods there"
 COLORMAP = "jet"
 FLAT_RANGE = 1e-3  # a map whose values span less than this carries no location
 

@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 from bonefrac.calibration import apply_temperature
+from bonefrac.choices import BACKENDS
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.ood import OODVerdict, check_radiograph
 from bonefrac.run import ONNX_FILE, Run
 from bonefrac.tta import tta_logits
 
-BACKENDS = ("auto", "torch", "onnx")
 _GLOB_CHARS = frozenset("*?[")
 
 

@@ -46,6 +46,7 @@ from bonefrac.callbacks import (
 )
 from bonefrac.classifier import FractureClassifier
 from bonefrac.config import ConfigError, RunConfig, check_device, differences, from_yaml
+from bonefrac.console import third_party_output
 from bonefrac.data.audit import AuditReport
 from bonefrac.data.dataset import Manifest
 from bonefrac.data.trainset import TrainingData, load_training_data, scan_and_audit, summary_fields
@@ -157,24 +158,16 @@ def _train_network(
         mixer=batch_mixer(config.data.augment, len(data.labels)),
     )
     train_loader, val_loader = _loaders(data, config)
-    trainer, best_checkpoint = _trainer(run, train_loader, progress=progress, verbose=verbose, callbacks=callbacks)
     last = run.path / CHECKPOINTS / "last.ckpt"
     # Lightning makes the first epoch's DataLoader iterator before any epoch hook runs, and with workers the
     # iterator draws the workers' seeds and its first indices at once: seed both for that epoch here.
     start_epoch = _completed_epochs(last) if resume else 0
     train_loader.sampler.set_epoch(start_epoch)
     train_loader.generator.manual_seed(epoch_seed(config.train.seed, start_epoch, WORKER_STREAM))
-    with warnings.catch_warnings():
-        # workers=0 is a choice here (tests, debugging), not an oversight worth a warning per loader.
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        # Lightning's own use of a deprecated torch API; nothing a bonefrac user can act on.
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-        # The sanity check's two val batches often hold one class (val is in label order); a val set that
-        # lacks a class altogether was already warned about when the data was loaded.
-        warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
-        # Under DDP: the logged values are torchmetrics results, which already gather every process's share.
-        warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+    # Lightning's banners come from Trainer() itself, so its construction is inside the quiet block too.
+    with third_party_output(verbose), _known_warnings_filtered():
+        trainer, best_checkpoint = _trainer(run, train_loader, progress=progress, verbose=verbose,
+                                            callbacks=callbacks)
         try:
             trainer.fit(module, train_loader, val_loader, ckpt_path=last if resume else None, weights_only=True)
         except SystemExit:  # Lightning's answer to Ctrl+C, after a graceful shutdown
@@ -195,6 +188,23 @@ def _train_network(
     # The other processes return when the run directory is complete, so that their caller may read it.
     trainer.strategy.barrier("run directory written")
     return network, summary
+
+
+@contextmanager
+def _known_warnings_filtered() -> Iterator[None]:
+    """Lightning's and torchmetrics' warnings that say nothing a bonefrac user can act on, silenced while training."""
+    with warnings.catch_warnings():
+        # workers=0 is a choice here (tests, debugging), not an oversight worth a warning per loader.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # Lightning's own use of a deprecated torch API.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        # The sanity check's two val batches often hold one class (val is in label order); a val set that
+        # lacks a class altogether was already warned about when the data was loaded.
+        warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
+        # Under DDP: the logged values are torchmetrics results, which already gather every process's share.
+        warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+        yield
 
 
 def calibrate_after_training(run: Run, model: nn.Module, data: TrainingData) -> None:

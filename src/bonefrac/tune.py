@@ -61,13 +61,13 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from bonefrac import DISCLAIMER
+from bonefrac.choices import PRUNERS
 from bonefrac.config import ConfigError, RunConfig, differences, from_yaml, to_yaml
 from bonefrac.errors import DataLeakageError, DatasetError
 from bonefrac.models import model_spec
 
 log = logging.getLogger("bonefrac.tune")
 
-PRUNERS = ("median", "hyperband", "none")
 MAX_RETRIES = 1  # a trial whose worker died runs once more; killed again, it stays FAIL
 # Keys that may differ between workers of one study: where each machine keeps the data and caches.
 MACHINE_KEYS = ("data.root", "data.cache_dir", "data.workers")
@@ -211,12 +211,14 @@ def tune(
     seed: int | None = None,
     heartbeat: int = 60,
     report: Callable[[str], None] | None = None,
+    verbose: bool = False,
 ) -> TuneResult:
     """Run trials of the study until it has `n_trials` (all workers together), then write the results.
 
     storage: SQLAlchemy URL (default sqlite:///<out_dir>/study.db); study_name: default the folder's name.
     timeout: start no new trial after this many seconds. seed: the sampler's (give each worker its own).
-    report: called with one line per finished trial ("trial 3/20 ..., best so far ...").
+    report: called with one line per finished trial ("trial 3/20 ..., best so far ..."). verbose: Lightning's own
+    banners and model summary in every trial.
     """
     if n_trials < 1:
         raise ConfigError(f"--trials: must be at least 1, got {n_trials}")
@@ -246,14 +248,15 @@ def tune(
             from bonefrac.data.trainset import scan_and_audit  # torch: only when a trial runs
 
             scanned.extend(scan_and_audit(base, None, progress=False))
-        return _run_trial(trial, base, SPACES[family], out, data=tuple(scanned))
+        return _run_trial(trial, base, SPACES[family], out, data=tuple(scanned), verbose=verbose)
 
     _work(study, rdb, objective, n_trials=n_trials, timeout=timeout, wait=heartbeat, report=report or log.info)
     return write_results(study, out, base, n_trials=n_trials, family=family)
 
 
 def _run_trial(
-    trial: optuna.Trial, base: RunConfig, space: Mapping[str, BaseDistribution], out: Path, *, data: tuple
+    trial: optuna.Trial, base: RunConfig, space: Mapping[str, BaseDistribution], out: Path, *, data: tuple,
+    verbose: bool = False,
 ) -> float:
     """Train one trial's config into trials/trial-NNNN; its best val AUROC (TrialPruned when pruned).
 
@@ -269,7 +272,7 @@ def _run_trial(
     probe = config.train.strategy == "linear-probe"
     callbacks = [] if probe else [PyTorchLightningPruningCallback(trial, monitor="val_auroc")]
     manifest, audit = data
-    fit(config, run_dir, progress=False, callbacks=callbacks, manifest=manifest, audit=audit)
+    fit(config, run_dir, progress=False, verbose=verbose, callbacks=callbacks, manifest=manifest, audit=audit)
     value = Run.load(run_dir).summary()["best_val_auroc"]
     if value is None or math.isnan(value):
         raise DatasetError(f"{run_dir}: val AUROC is not defined (val lacks a class)")

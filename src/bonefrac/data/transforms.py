@@ -26,7 +26,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-AUGMENTATIONS = ("none", "seed", "strong")
+from bonefrac.config import AUGMENTATIONS
 
 _BILINEAR = v2.InterpolationMode.BILINEAR
 

@@ -1,0 +1,10 @@
+"""The names a command offers that are not a run's config (config.py holds those: recipes, augmentations, ...).
+
+Here, not in the modules that act on them, because those import torch or optuna and the CLI builds its parser
+without them (start-up time); each module imports its tuple from here.
+"""
+
+BACKENDS = ("auto", "torch", "onnx")  # predict.Predictor and serve: auto = onnx when RUN/model.onnx exists
+OPERATING_POINTS = ("default", "youden", "sensitivity")  # evaluate: how calibration.json names its thresholds
+CAM_METHODS = ("gradcam", "gradcam++", "eigencam")  # explain.METHODS, the pytorch-grad-cam class of each
+PRUNERS = ("median", "hyperband", "none")  # tune: Optuna's pruner of unpromising trials
