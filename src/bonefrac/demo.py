@@ -175,29 +175,10 @@ def run_demo(
         "train.seed": seed,
         "train.allow_leakage": allow_leakage or None,
     }
-    runs: list[DemoRun] = []
-    for model in demo_models(cnn_epochs):
-        run_dir = out / "runs" / model.run_name
-        with _stage(console, f"train {model.run_name}", seconds):
-            console.print(f"{model.description}; temperature and threshold then fitted on val", highlight=False)
-            fit(build_config(overrides=shared | model.overrides), run_dir, progress=progress, verbose=verbose,
-                manifest=manifest, audit=audit)
-        with _stage(console, f"evaluate {model.run_name}", seconds):
-            console.print("val and test metrics with 95 % CIs, plots, report.html", highlight=False)
-            with step_progress(f"{model.run_name}: val images", progress) as update:
-                evaluate_run(run_dir, root, "val", manifest=manifest, progress=update)
-            with step_progress(f"{model.run_name}: test images", progress) as update:
-                metrics = evaluate_run(run_dir, root, "test", manifest=manifest, progress=update).metrics
-            page = write_report(run_dir, root)
-        runs.append(DemoRun(
-            name=model.run_name,
-            description=model.description,
-            run_dir=run_dir,
-            report=page,
-            metrics={key: metrics["metrics"][key] for key, _ in HEADLINE if key in metrics["metrics"]},
-            threshold=metrics["threshold"],
-            operating_point=metrics["operating_point"],
-        ))
+    runs = [
+        _train_and_evaluate(model, shared, out, manifest, audit, console, seconds, progress=progress, verbose=verbose)
+        for model in demo_models(cnn_epochs)
+    ]
 
     with _stage(console, "compare", seconds):
         comparison = compare_runs([run.run_dir for run in runs], root, "test", out / "compare", manifest=manifest)
@@ -207,6 +188,34 @@ def run_demo(
     for renderable in summary(result):
         console.print(renderable, highlight=False)
     return result
+
+
+def _train_and_evaluate(
+    model: DemoModel, shared: dict[str, Any], out: Path, manifest: Manifest, audit: AuditReport, console: Console,
+    seconds: dict[str, float], *, progress: bool, verbose: bool,
+) -> DemoRun:
+    """Train one model (calibrated on val), evaluate it on val and test, and write its report: two timed stages."""
+    run_dir = out / "runs" / model.run_name
+    with _stage(console, f"train {model.run_name}", seconds):
+        console.print(f"{model.description}; temperature and threshold then fitted on val", highlight=False)
+        fit(build_config(overrides=shared | model.overrides), run_dir, progress=progress, verbose=verbose,
+            manifest=manifest, audit=audit)
+    with _stage(console, f"evaluate {model.run_name}", seconds):
+        console.print("val and test metrics with 95 % CIs, plots, report.html", highlight=False)
+        with step_progress(f"{model.run_name}: val images", progress) as update:
+            evaluate_run(run_dir, split="val", manifest=manifest, progress=update)
+        with step_progress(f"{model.run_name}: test images", progress) as update:
+            metrics = evaluate_run(run_dir, split="test", manifest=manifest, progress=update).metrics
+        page = write_report(run_dir, manifest.root)
+    return DemoRun(
+        name=model.run_name,
+        description=model.description,
+        run_dir=run_dir,
+        report=page,
+        metrics={key: metrics["metrics"][key] for key, _ in HEADLINE if key in metrics["metrics"]},
+        threshold=metrics["threshold"],
+        operating_point=metrics["operating_point"],
+    )
 
 
 def summary(result: DemoResult) -> list:

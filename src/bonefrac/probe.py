@@ -274,85 +274,29 @@ def train_probe(run: Run, data: TrainingData, audit: AuditReport, *, progress: b
     """
     started = time.perf_counter()
     config = run.config
-    spec = model_spec(config.model.name)
-    num_classes = len(data.labels)
-    model = create_model(
-        config.model.name,
-        num_classes=num_classes,
-        pretrained=config.model.pretrained,
-        in_chans=run.preprocessing.channels,
-        weights=config.model.weights,
-        drop_rate=config.model.drop_rate,
-    )
-    head = model.get_submodule(spec.classifier) if spec.classifier else None
-    if not isinstance(head, nn.Linear):
-        raise ConfigError(
-            f"train.strategy linear-probe: {config.model.name} has no single linear classifier head to fit "
-            "(bonefrac does not know its head module); use strategy 'full'"
-        )
-    if not (config.model.pretrained or config.model.weights):
-        log.warning("linear probe on a randomly initialised backbone: its features are random projections")
-    # The network minus its head: in eval mode, a timm model or SimpleCNN then returns the pooled features the
-    # head reads (after dropout, which eval mode turns off).
-    model.set_submodule(spec.classifier, nn.Identity())
-    model.eval()
-    weights_id = {
-        "source": str(config.model.weights) if config.model.weights else f"pretrained={config.model.pretrained}",
-        "sha256": weights_identity(model),
-    }
-    preprocessing = {**asdict(run.preprocessing), "image_cache_version": CACHE_VERSION}
-    train_md5s, val_md5s = _md5s(data.train), _md5s(data.val)
-    with progress_bar("computing backbone features", progress) as update:
-        features, reused = cached_features(
-            model,
-            data.train.cache,
-            [*train_md5s, *val_md5s],
-            key_parts={"model": config.model.name, "weights": weights_id, "preprocessing": preprocessing},
-            cache_dir=Path(config.data.cache_dir),
-            transform=run.preprocessing.eval_preset(),
-            batch_size=config.data.batch_size,
-            workers=config.data.workers,
-            progress=update,
-        )
+    model, head = _headless_network(run)
+    features, reused = _backbone_features(run, model, data, progress=progress)
     feature_seconds = time.perf_counter() - started
-    log.info(
-        "backbone features (%d x %d) %s %s in %.1f s",
-        *features.features.shape,
-        "reused from" if reused else "computed into",
-        features.root,
-        feature_seconds,
-    )
-
+    log.info("backbone features (%d x %d) %s %s in %.1f s", *features.features.shape,
+             "reused from" if reused else "computed into", features.root, feature_seconds)
+    train_md5s, val_md5s = _md5s(data.train), _md5s(data.val)
     fitted = fit_head(
         features.take(train_md5s),
         torch.tensor(data.train.targets),
         features.take(val_md5s),
         torch.tensor(data.val.targets),
-        num_classes=num_classes,
+        num_classes=len(data.labels),
         positive=data.positive,
         class_weights=data.class_weights if config.data.class_balance == "weights" else None,
         label_smoothing=config.train.label_smoothing,
         rounds=config.train.epochs,
     )
-    if fitted.penalty in (PENALTIES[0], PENALTIES[-1]):
-        log.warning(
-            "the chosen L2 penalty %g is at the end of the range tried: a better one may lie beyond", fitted.penalty
-        )
-    if config.data.class_balance == "sampler":
-        log.warning("data.class_balance 'sampler' has no meaning for a full-batch probe; use 'weights'")
-    for candidate in fitted.candidates:
-        log.info(
-            "L2 penalty %g: val loss %.4f, val AUROC %s%s",
-            candidate["penalty"],
-            candidate["val_loss"],
-            format_number(candidate["val_auroc"]),
-            "  <- chosen (lowest val loss)" if candidate["penalty"] == fitted.penalty else "",
-        )
+    _log_penalties(fitted, config.data.class_balance)
 
     # The full network, backbone + trained head, saved as full training saves it.
     head.weight.data.copy_(fitted.weight)
     head.bias.data.copy_(fitted.bias)
-    model.set_submodule(spec.classifier, head)
+    model.set_submodule(model_spec(config.model.name).classifier, head)
     best = fitted.history[-1]
     run.save_weights(model.state_dict(), epoch=best["epoch"], strategy="linear-probe")
     run.write_history(fitted.history)
@@ -384,6 +328,73 @@ def train_probe(run: Run, data: TrainingData, audit: AuditReport, *, progress: b
         },
     }
     return model.eval(), summary
+
+
+def _headless_network(run: Run) -> tuple[nn.Module, nn.Linear]:
+    """(the run's network with its classifier head replaced by nn.Identity, in eval mode; the head it had)."""
+    config = run.config
+    spec = model_spec(config.model.name)
+    model = create_model(
+        config.model.name,
+        num_classes=run.num_classes,
+        pretrained=config.model.pretrained,
+        in_chans=run.preprocessing.channels,
+        weights=config.model.weights,
+        drop_rate=config.model.drop_rate,
+    )
+    head = model.get_submodule(spec.classifier) if spec.classifier else None
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(
+            f"train.strategy linear-probe: {config.model.name} has no single linear classifier head to fit "
+            "(bonefrac does not know its head module); use strategy 'full'"
+        )
+    if not (config.model.pretrained or config.model.weights):
+        log.warning("linear probe on a randomly initialised backbone: its features are random projections")
+    # The network minus its head: in eval mode, a timm model or SimpleCNN then returns the pooled features the
+    # head reads (after dropout, which eval mode turns off).
+    model.set_submodule(spec.classifier, nn.Identity())
+    return model.eval(), head
+
+
+def _backbone_features(run: Run, backbone: nn.Module, data: TrainingData, *, progress: bool
+                       ) -> tuple[FeatureCache, bool]:
+    """The backbone's features of every train and val image, from the feature cache or computed into it."""
+    config = run.config
+    weights_id = {
+        "source": str(config.model.weights) if config.model.weights else f"pretrained={config.model.pretrained}",
+        "sha256": weights_identity(backbone),
+    }
+    preprocessing = {**asdict(run.preprocessing), "image_cache_version": CACHE_VERSION}
+    with progress_bar("computing backbone features", progress) as update:
+        return cached_features(
+            backbone,
+            data.train.cache,
+            [*_md5s(data.train), *_md5s(data.val)],
+            key_parts={"model": config.model.name, "weights": weights_id, "preprocessing": preprocessing},
+            cache_dir=Path(config.data.cache_dir),
+            transform=run.preprocessing.eval_preset(),
+            batch_size=config.data.batch_size,
+            workers=config.data.workers,
+            progress=update,
+        )
+
+
+def _log_penalties(fitted: ProbeFit, class_balance: str) -> None:
+    """The penalty sweep into run.log, and warnings about a penalty at the edge of the range or a useless option."""
+    if fitted.penalty in (PENALTIES[0], PENALTIES[-1]):
+        log.warning(
+            "the chosen L2 penalty %g is at the end of the range tried: a better one may lie beyond", fitted.penalty
+        )
+    if class_balance == "sampler":
+        log.warning("data.class_balance 'sampler' has no meaning for a full-batch probe; use 'weights'")
+    for candidate in fitted.candidates:
+        log.info(
+            "L2 penalty %g: val loss %.4f, val AUROC %s%s",
+            candidate["penalty"],
+            candidate["val_loss"],
+            format_number(candidate["val_auroc"]),
+            "  <- chosen (lowest val loss)" if candidate["penalty"] == fitted.penalty else "",
+        )
 
 
 def _md5s(dataset: CachedImageDataset) -> list[str]:
