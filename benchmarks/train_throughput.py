@@ -24,10 +24,11 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from bonefrac.config import build_config
 from bonefrac.data.cache import CachedImageDataset, ImageCache
 from bonefrac.data.dataset import scan_folder
-from bonefrac.data.transforms import TrainPreset
-from bonefrac.models import create_model, model_spec
+from bonefrac.models import create_model
+from bonefrac.run import Preprocessing
 
 REAL_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "bone-xray-grouped"
 
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         dataset, source = training_images(args.data, args.n, args.image_size, Path(tmp))
-        spec = model_spec(args.model)
-        dataset.transform = TrainPreset(augment="seed", mean=spec.mean, std=spec.std, image_size=args.image_size)
+        config = build_config(overrides={"model.name": args.model, "data.image_size": args.image_size})
+        dataset.transform = Preprocessing.resolve(config).train_preset("seed")  # what fit gives the train set
         torch.manual_seed(0)
         model = create_model(args.model, num_classes=2, pretrained=True).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
