@@ -175,7 +175,9 @@ def test_two_worker_processes_share_one_study(bars, tmp_path):
     db, cache = tmp_path / "shared.db", tmp_path / "cache"
     workers = [
         subprocess.Popen(
-            tune_command(bars, cache, tmp_path / name, db, 4, "--sampler-seed", str(seed)),
+            # --heartbeat is also how long a worker with nothing left sleeps before it looks at the other's trial
+            # again: the default 60 s would be most of this test.
+            tune_command(bars, cache, tmp_path / name, db, 4, "--sampler-seed", str(seed), "--heartbeat", "5"),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         for seed, name in enumerate(("worker-a", "worker-b"))
