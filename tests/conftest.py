@@ -61,3 +61,14 @@ def phantom_set(tmp_path_factory) -> Path:
     from bonefrac.data.synth import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("phantoms") / "set", n=80, size=64, seed=0, workers=1)
+
+
+@pytest.fixture(scope="session")
+def bar_run(tmp_path_factory) -> Path:
+    """helpers.calibrated_bar_run, trained once per test session for every module that only reads a run.
+
+    Shared and read-only: a test that changes files (export, a new calibration.json) copies it first.
+    """
+    from tests.helpers import calibrated_bar_run
+
+    return calibrated_bar_run(tmp_path_factory)

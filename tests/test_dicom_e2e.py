@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from bonefrac.cli import main
 from bonefrac.data.io import read_image
 from bonefrac.predict import Predictor
-from tests.helpers import bar_image, calibrated_bar_run, write_dicom
+from tests.helpers import bar_image, write_dicom
 
 SECRETS = ("SECRET^PATIENT", "SECRET-ID-4711", "19470302", "20240229", "SECRET HOSPITAL")
 KINDS = ("mono2-16bit", "mono1-16bit", "voi-lut-12bit", "window-12bit")
@@ -66,9 +66,9 @@ def write_dicom_from(gray: np.ndarray, path: Path, kind: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A tiny calibrated cnn-small run on bar images (32 px, 2 epochs)."""
-    return calibrated_bar_run(tmp_path_factory)
+def run(bar_run) -> Path:
+    """A tiny calibrated cnn-small run on bar images (32 px, 2 epochs), shared by the session (conftest)."""
+    return bar_run
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,12 @@ from bonefrac.explain import (
 from bonefrac.models import create_model, feature_layer, list_models
 from bonefrac.predict import Predictor
 from bonefrac.train import fit
-from tests.helpers import bar_with_gap, calibrated_bar_run, write_dicom
+from tests.helpers import bar_with_gap, write_dicom
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    return calibrated_bar_run(tmp_path_factory)
+def run(bar_run) -> Path:
+    return bar_run  # the session's tiny calibrated run (conftest), read only
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ import torch
 from bonefrac.cli import main
 from bonefrac.export import PARITY_TOLERANCE, ExportError, export_onnx
 from bonefrac.run import Run
-from tests.helpers import calibrated_bar_run
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    return calibrated_bar_run(tmp_path_factory, seed=1, epochs=1)
+def run(bar_run, tmp_path_factory) -> Path:
+    """A copy of the session's tiny calibrated run (conftest): export writes model.onnx into it."""
+    return Path(shutil.copytree(bar_run, tmp_path_factory.mktemp("export") / "run"))
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,15 @@ from bonefrac.errors import BonefracError
 from bonefrac.export import export_onnx
 from bonefrac.predict import Predictor, expand_paths
 from bonefrac.tta import tta_logits, zoom
-from tests.helpers import bar_image, calibrated_bar_run, write_dicom
+from tests.helpers import bar_image, write_dicom
 
 SECRET = "SECRET^NAME"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A trained and calibrated run, without model.onnx."""
-    return calibrated_bar_run(tmp_path_factory)
+def run(bar_run) -> Path:
+    """A trained and calibrated run, without model.onnx (the session's, conftest: copy it before changing it)."""
+    return bar_run
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,14 @@ from sklearn.datasets import load_sample_image
 
 from bonefrac.cli import main
 from bonefrac.data.io import read_image
-from tests.helpers import calibrated_bar_run, write_dicom
+from tests.helpers import write_dicom
 
 pytestmark = pytest.mark.real_data
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    return calibrated_bar_run(tmp_path_factory)
+def run(bar_run) -> Path:
+    return bar_run  # the session's tiny calibrated run (conftest), read only
 
 
 def test_predict_a_mixed_folder_gives_one_row_per_file(run, real_data, tmp_path, capsys):
