@@ -140,12 +140,16 @@ def test_gradcam_points_at_the_fracture_far_above_chance(explainer):
 
 @pytest.mark.slow
 def test_gradcam_points_at_phantom_fractures_far_above_chance(tmp_path):
-    """A Lite0 linear probe at 256 px on 180 SYNTHETIC phantoms; its maps on the 60 fractured val/test phantoms."""
-    root = generate_dataset(tmp_path / "phantoms", n=300, size=256, seed=0, split=(0.6, 0.2, 0.2), workers=1)
+    """A Lite0 linear probe at 256 px on 80 SYNTHETIC phantoms; its maps on the 60 fractured val/test phantoms.
+
+    Sized for the suite's time: the backbone's features of train and val are most of it, and the probe's head does
+    not need 180 train images to point at fractures (the 60 maps stay: they are what the test measures).
+    """
+    root = generate_dataset(tmp_path / "phantoms", n=200, size=256, seed=0, split=(0.4, 0.3, 0.3), workers=1)
     config = build_config(overrides={
         "data.root": str(root), "data.cache_dir": str(tmp_path / "cache"), "data.image_size": 256,
         "data.workers": 0, "data.batch_size": 32, "model.name": "efficientnet_lite0", "model.pretrained": True,
-        "train.strategy": "linear-probe", "train.epochs": 10,
+        "train.strategy": "linear-probe", "train.epochs": 5,
     })
     run_dir = fit(config, tmp_path / "run", progress=False)
     with open(root / "phantoms.csv", newline="") as handle:
@@ -154,8 +158,9 @@ def test_gradcam_points_at_phantom_fractures_far_above_chance(tmp_path):
     explanations = [explainer.explain(read_image(root / row["file"])[0], target="fractured") for row in fractured]
     game = pointing_game(explanations, [tuple(int(row[k]) for k in ("x0", "y0", "x1", "y1")) for row in fractured])
     assert game.n == 60 and game.chance < 0.05
-    # Measured 0.32, 0.35 and 0.30 (seeds 0, 1, 2) against chances of 0.035-0.041; the same probe at 128 px hit
-    # 1 of 60 (docs/EXPLAIN.md): the 4 x 4 last stage is too coarse for a fracture box.
+    # Measured 0.25 and 0.23 (seeds 0, 1) against chances of 0.038-0.040 (trained on 180 phantoms for 10 rounds:
+    # 0.32, 0.35 and 0.30 for seeds 0, 1, 2); the same probe at 128 px hit 1 of 60 (docs/EXPLAIN.md): the 4 x 4
+    # last stage is too coarse for a fracture box.
     assert game.hit_rate >= max(0.15, 4 * game.chance), game.as_dict()
 
 
