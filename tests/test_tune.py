@@ -176,8 +176,10 @@ def test_two_worker_processes_share_one_study(bars, tmp_path):
     workers = [
         subprocess.Popen(
             # --heartbeat is also how long a worker with nothing left sleeps before it looks at the other's trial
-            # again: the default 60 s would be most of this test.
-            tune_command(bars, cache, tmp_path / name, db, 4, "--sampler-seed", str(seed), "--heartbeat", "5"),
+            # again: the default 60 s would be most of this test. 2 epochs: on an idle machine a 1-epoch trial
+            # takes about a second, and the worker that lost the race to create the database starts 2 s late.
+            tune_command(bars, cache, tmp_path / name, db, 4, "--sampler-seed", str(seed), "--heartbeat", "5",
+                         epochs=2),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         for seed, name in enumerate(("worker-a", "worker-b"))
