@@ -219,3 +219,26 @@ def test_a_killed_worker_s_trial_is_retried_and_the_same_command_resumes(bars, t
     retry = next(t for t in trials.values() if t.system_attrs.get("failed_trial") == 0)
     assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
     assert sorted(trials) == [0, 1, 2] and "2/2 trials done" in again.stdout
+
+
+@pytest.mark.parametrize("collision", ["OperationalError", "IntegrityError"])
+def test_a_worker_that_loses_the_race_to_create_the_tables_retries(tmp_path, monkeypatch, collision):
+    """Two workers on a new SQLite file both create Optuna's tables; the slower one sees 'table exists' or a
+    second alembic_version row (UNIQUE). Either is retried once, never reported as an unusable storage."""
+    import sqlalchemy
+
+    import bonefrac.tune as tune_module
+
+    calls = []
+    real = tune_module._rdb_storage
+
+    def first_collides(url, heartbeat):
+        calls.append(url)
+        if len(calls) == 1:
+            raise getattr(sqlalchemy.exc, collision)("INSERT INTO alembic_version", {}, Exception("UNIQUE"))
+        return real(url, heartbeat)
+
+    monkeypatch.setattr(tune_module, "_rdb_storage", first_collides)
+    monkeypatch.setattr(tune_module.time, "sleep", lambda seconds: None)
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=5)
+    assert len(calls) == 2 and storage is not None

@@ -165,8 +165,9 @@ def open_storage(url: str, *, heartbeat: int = 60) -> RDBStorage:
     try:
         try:
             return _rdb_storage(url, heartbeat)
-        except sqlalchemy.exc.OperationalError:
-            # Workers started together on a new database all create Optuna's tables; the slower one may collide.
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+            # Workers started together on a new database all create Optuna's tables; the slower one may collide:
+            # "table exists" (OperationalError) or a second row in alembic_version (IntegrityError, UNIQUE).
             time.sleep(2)
             return _rdb_storage(url, heartbeat)
     except Exception as err:  # SQLAlchemy: unknown dialect, driver not installed, server unreachable
