@@ -23,12 +23,12 @@ from bonefrac.metrics import predicted_labels
 from bonefrac.run import PREPROCESSING_FILE, Calibration, Preprocessing, Run
 from bonefrac.serve.app import ServeSettings, Service
 from bonefrac.serve.uploads import Upload
-from tests.helpers import calibrated_bar_run
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    return calibrated_bar_run(tmp_path_factory)
+def run(bar_run) -> Path:
+    """The session's tiny calibrated run (conftest); tests that change a run change a copy."""
+    return bar_run
 
 
 # --- Preprocessing ---------------------------------------------------------------------------------------------
