@@ -438,3 +438,17 @@ def test_group_balanced_training_reads_groups_from_the_manifest(learnable_set, c
     labels = json.loads((run / "labels.json").read_text())["labels"]
     fractured = labels.index("fractured")
     assert drawn.count(fractured) <= 5  # expected 40 / 49 < 1
+
+
+def test_a_manifest_of_another_folder_is_refused(tmp_path):
+    """fit and tune pass a manifest scanned once; one of another folder than the config's must not train."""
+    from bonefrac.data.dataset import scan_folder
+    from bonefrac.data.trainset import scan_and_audit
+
+    layout = {"train": {"fractured": [1, 2], "not_fractured": [3, 4]}, "val": {"fractured": [5], "not_fractured": [6]}}
+    one, other = write_set(tmp_path / "one", layout), write_set(tmp_path / "other", layout)
+    config = build_config(overrides={"data.root": str(one)})
+    with pytest.raises(DatasetError, match="the manifest given is of .*other"):
+        scan_and_audit(config, None, manifest=scan_folder(other), progress=False)
+    manifest, report = scan_and_audit(config, None, manifest=scan_folder(one), progress=False)
+    assert len(manifest.rows) == 6 and not report.leaky

@@ -59,6 +59,8 @@ def scan_and_audit(
     if manifest is None:
         with progress_bar("scanning", progress) as update:
             manifest = scan_folder(root, progress=update)
+    elif manifest.root.resolve() != root.resolve():
+        raise DatasetError(f"the manifest given is of {manifest.root}, but the config trains on {root}")
     splits = {row.split for row in manifest.rows}
     if not {"train", "val"} <= splits:
         found = ", ".join(sorted(s for s in splits if s)) or "no split folders"
