@@ -27,6 +27,7 @@ from bonefrac.errors import BonefracError
 from bonefrac.explain import (
     METHODS,
     Explainer,
+    explain_paths,
     heatmap_rgba,
     overlay_rgb,
     png_bytes,
@@ -186,7 +187,8 @@ def test_cli_explain_writes_overlays_and_reports_bad_files(run, tmp_path, capsys
     write_dicom(tmp_path / "in" / "scan.dcm", (_pixels(bar_with_gap(rng, True)[0]) * 4095).astype(np.uint16),
                 PatientName="SECRET^PATIENT")
     code = main(["explain", str(run), str(tmp_path / "in"), "--out", str(tmp_path / "maps")])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out, both = captured.out, (captured.out + captured.err).lower()
     assert code == 1  # one file failed
     with open(tmp_path / "maps" / "explain.csv") as handle:
         rows = {Path(r["file"]).name: r for r in csv.DictReader(handle)}
@@ -195,4 +197,15 @@ def test_cli_explain_writes_overlays_and_reports_bad_files(run, tmp_path, capsys
     assert rows["scan.dcm"]["status"] == "ok" and Path(rows["scan.dcm"]["overlay"]).is_file()
     overlay = Image.open(rows["scan.dcm"]["overlay"])
     assert overlay.size == (48, 48) and overlay.mode == "RGB"  # drawn on the original, not on the 32 px input
-    assert "cut.jpg" in out and "not a diagnosis" in out.lower() and "SECRET" not in out
+    assert "cut.jpg" in out and both.count("not a diagnosis") == 1 and "SECRET" not in out
+
+
+def test_explain_names_an_overlay_after_the_path_given_not_a_links_target(run, tmp_path):
+    """A link case/x.png -> not_fractured/IMG1.png must not name its overlay after the target: the folder name is
+    the true label, and the overlay's name would read as a verdict."""
+    (tmp_path / "not_fractured").mkdir()
+    bar_with_gap(np.random.default_rng(7), True)[0].save(tmp_path / "not_fractured" / "IMG1.png")
+    (tmp_path / "case").mkdir()
+    (tmp_path / "case" / "x.png").symlink_to(tmp_path / "not_fractured" / "IMG1.png")
+    rows = explain_paths(Explainer(Predictor(run, backend="torch")), [tmp_path / "case" / "x.png"], tmp_path / "maps")
+    assert [Path(row.overlay).name for row in rows] == ["x.gradcam.png"]

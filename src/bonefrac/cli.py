@@ -385,8 +385,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         + (f"; {flat} maps are flat (no location)" if flat else ""),
         highlight=False,
     )
-    console.print(f"A heatmap shows what moved the model's score, not where a fracture is. {DISCLAIMER}",
-                  highlight=False)
+    console.print("A heatmap shows what moved the model's score, not where a fracture is.", highlight=False)
     return 0 if rows and not failed else 1
 
 

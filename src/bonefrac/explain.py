@@ -241,7 +241,8 @@ def explain_paths(
     them) into out_dir, plus out_dir/explain.csv; an unreadable file becomes an error row, never an exception.
 
     Overlays are named after the file's path below the folder all inputs share, so two `1.png` in different
-    folders do not overwrite each other."""
+    folders do not overwrite each other; the path as given, never a link's target (a link into a folder named after
+    the true label would put the label in the name)."""
     import csv
     import os
     import warnings
@@ -249,7 +250,7 @@ def explain_paths(
     files, _ = expand_paths(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = os.path.commonpath([str(f.resolve().parent) for f in files]) if files else ""
+    base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else ""
     rows = []
     for index, path in enumerate(files):
         try:
@@ -260,7 +261,7 @@ def explain_paths(
         except ImageReadError as err:
             rows.append(ExplainRow(str(path), "error", error=err.reason))
         else:
-            stem = Path(os.path.relpath(path.resolve(), base)).with_suffix("").as_posix().replace("/", "__")
+            stem = Path(os.path.relpath(os.path.abspath(path), base)).with_suffix("").as_posix().replace("/", "__")
             overlay = out_dir / f"{stem}.{explanation.method}.png"
             overlay.write_bytes(png_bytes(overlay_rgb(pixels, explanation.heatmap, alpha)))
             x, y = explanation.peak
