@@ -452,3 +452,16 @@ def test_a_manifest_of_another_folder_is_refused(tmp_path):
         scan_and_audit(config, None, manifest=scan_folder(other), progress=False)
     manifest, report = scan_and_audit(config, None, manifest=scan_folder(one), progress=False)
     assert len(manifest.rows) == 6 and not report.leaky
+
+
+def test_the_progress_bar_counts_epochs_from_one():
+    """Lightning's bar says 'Epoch 1/1' in the second of two epochs; ours, like metrics.csv, says 'Epoch 2/2'."""
+    from types import SimpleNamespace
+
+    from bonefrac.callbacks import ProgressBar
+
+    bar = ProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=2)
+    assert [bar._get_train_description(epoch) for epoch in (0, 1)] == ["Epoch 1/2", "Epoch 2/2"]
+    bar._trainer = SimpleNamespace(max_epochs=-1)  # no limit (max_time alone)
+    assert bar._get_train_description(4) == "Epoch 5"

@@ -110,12 +110,19 @@ class TwoPhaseFinetuning(Callback):
 
 class ProgressBar(RichProgressBar):
     """Lightning's rich progress bar (epoch, batch i/n, elapsed and remaining time, loss and val metrics), without
-    the logger's version number."""
+    the logger's version number, counting epochs from 1."""
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning counts from 0, so the second of two epochs read "Epoch 1/1", as if it were the last one done;
+        # metrics.csv and bonefrac's log lines count from 1, and so does this bar: "Epoch 2/2". (A private hook of
+        # RichProgressBar: were it renamed, Lightning's own wording would come back, and nothing else.)
+        epochs = self.trainer.max_epochs
+        return f"Epoch {current_epoch + 1}" + (f"/{epochs}" if epochs and epochs > 0 else "")
 
 
 class MetricsTable(Callback):
