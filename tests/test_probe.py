@@ -21,20 +21,12 @@ from bonefrac.data.cache import CachedImageDataset, ImageCache
 from bonefrac.data.dataset import scan_folder
 from bonefrac.data.transforms import EvalPreset
 from bonefrac.models import create_model, model_spec
-from bonefrac.run import METRICS_COLUMNS, read_history
+from bonefrac.run import CHECKPOINTS, METRICS_COLUMNS, read_history
 from bonefrac.train import fit
+from tests.test_train import RUN_FILES
 
-PROBE_FILES = (
-    "config.yaml",
-    "labels.json",
-    "model.safetensors",
-    "metrics.csv",
-    "learning_curves.png",
-    "summary.json",
-    "audit.json",
-    "run.log",
-    "calibration.json",
-)
+# A full training run's files (test_train.RUN_FILES) but checkpoints/: a probe is re-run, not resumed.
+PROBE_FILES = tuple(name for name in RUN_FILES if not name.startswith(f"{CHECKPOINTS}/"))
 
 
 def probe_config(root: Path, cache: Path, **overrides):
@@ -206,3 +198,18 @@ def test_new_head_on_pretrained_lite0_starts_with_small_logits():
     assert logits.abs().max() < 1
     assert model.classifier.bias.abs().max() == 0
     assert float(model.classifier.weight.detach().std()) == pytest.approx(0.01, rel=0.1)
+
+
+def test_the_report_of_a_probe_shows_its_penalty_sweep_not_epochs(probe_run):
+    """A probe has no epochs: ten identical rows of a converged L-BFGS fit and 'best epoch 10' misled readers, and
+    so did a config block whose optimizer and learning rate never touched the head."""
+    from bonefrac.probe import UNUSED_KEYS
+    from bonefrac.report import write_report
+
+    _, run = probe_run
+    page = write_report(run).read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert "linear probe" in page and "The penalty sweep, on val" in page
+    assert page.count("chosen (lowest val loss)") == 1 and f"{summary['probe']['penalty']:g}" in page
+    assert "Per-epoch metrics.csv" not in page and "best epoch" not in page
+    assert "A linear probe does not use" in page and all(key in page for key in UNUSED_KEYS)

@@ -55,6 +55,14 @@ FEATURES_VERSION = 1  # bump when the way features are computed changes
 # L2 penalties (on the head's weights, per image, standardised features) tried; the lowest val loss wins.
 PENALTIES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0)
 LBFGS_ITERATIONS = 25  # per round; a round is one row of metrics.csv ("epoch"), train.epochs rounds in all
+# Config keys a probe does not use (it fits one linear layer full-batch on fixed features, without augmentation):
+# the report says so beside the config, so that nobody reads "lr 1e-4, adam" as what trained the head.
+UNUSED_KEYS = (
+    "data.augment", "data.group_balance", "data.epoch_size", "train.recipe", "train.optimizer", "train.lr",
+    "train.weight_decay", "train.momentum", "train.scheduler", "train.plateau_factor", "train.plateau_patience",
+    "train.early_stopping_patience", "train.freeze_epochs", "train.unfreeze_blocks", "train.phase2_lr",
+    "train.precision", "train.max_time",
+)
 
 _INDEX = "index.json"
 _FEATURES = "features.npy"

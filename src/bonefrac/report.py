@@ -26,7 +26,7 @@ from bonefrac.data.audit import leak_line
 from bonefrac.data.dataset import find_layout
 from bonefrac.data.io import read_image
 from bonefrac.errors import BonefracError, ImageReadError
-from bonefrac.metrics import METRIC_NAMES
+from bonefrac.metrics import METRIC_NAMES, format_number
 from bonefrac.run import CONFIG_FILE, CURVES_FILE, REPORT_FILE, Run
 
 SAMPLES_PER_CLASS = 4
@@ -181,6 +181,9 @@ def _samples_section(root: Path | None, synthetic: bool) -> str:
 
 def _training_section(run: Run, summary: dict | None) -> str:
     parts = ["<h2 id='training'>Training</h2>"]
+    probe = (summary or {}).get("probe")
+    if probe:
+        return "".join(parts) + _probe_section(run, summary, probe)
     if summary:
         auroc = summary.get("best_val_auroc")
         parts.append(
@@ -198,6 +201,29 @@ def _training_section(run: Run, summary: dict | None) -> str:
                                "epoch_seconds") if c in history[0]]
         parts.append(_table(columns, [[row[c] for c in columns] for row in history], "Per-epoch metrics.csv"))
     return "".join(parts)
+
+
+def _probe_section(run: Run, summary: dict, probe: dict) -> str:
+    """A linear probe has no epochs to show: the features computed once, and the L2 penalties tried on val."""
+    reused = "reused from the feature cache" if probe.get("features_reused") else "computed once"
+    auroc = summary.get("best_val_auroc")
+    text = (
+        f"<p>{esc(str(summary.get('model')))} as a <strong>linear probe</strong>: the pretrained backbone's "
+        f"{probe['feature_dim']} features per image {reused} ({probe['feature_seconds']:.0f} s), then only the "
+        f"linear head ({summary.get('trainable_parameters', 0):,} of {summary.get('parameters', 0):,} parameters) "
+        f"fitted full-batch with L-BFGS ({run.config.train.epochs} rounds) for each of "
+        f"{len(probe['candidates'])} L2 penalties; the penalty with the lowest val loss, "
+        f"{probe['penalty']:g}, was kept: val AUROC {'n/a' if auroc is None else f'{auroc:.3f}'}. "
+        f"{summary.get('training_seconds', 0):.0f} s in all.</p>"
+    )
+    rows = [[f"{c['penalty']:g}", f"{c['val_loss']:.4f}", format_number(c["val_auroc"], 3), f"{c['val_acc']:.3f}",
+             f"{c['train_loss']:.4f}", "chosen (lowest val loss)" if c["penalty"] == probe["penalty"] else ""]
+            for c in probe["candidates"]]
+    table = _table(["L2 penalty", "val loss", "val AUROC", "val accuracy", "train loss", ""], rows,
+                   "The penalty sweep, on val (test never seen)")
+    curves = _image(run.path / CURVES_FILE, "Loss and accuracy per L-BFGS round of the chosen penalty",
+                    "The chosen penalty's fit, round by round (a converged fit repeats its last values)")
+    return text + table + curves
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -336,6 +362,11 @@ def _model_card(run: Run, summary: dict | None, audit: dict | None, evals: dict[
         "<code>bonefrac evaluate NEW_RUN --split test</code>. The config of this run "
         f"(bonefrac {esc(str(summary.get('bonefrac_version', __version__)))}):</p><pre>{esc(config)}</pre>"
     )
+    if summary.get("probe"):
+        from bonefrac.probe import UNUSED_KEYS
+
+        parts.append(f"<p>A linear probe does not use {esc(', '.join(UNUSED_KEYS))}: the config file names every "
+                     "key, but these did not shape this model.</p>")
     return "".join(parts)
 
 
