@@ -217,22 +217,27 @@ def read_manifest(out_dir: str | Path) -> Manifest:
 # --- what the data folder says about its files (its own manifest.csv, e.g. a group column) ---------------
 
 
-def manifest_key(path: str) -> tuple[str, str, str]:
-    """(split, label, file) of a path root/<split>/<class>/<file...>, the key of a data folder's manifest.csv."""
-    parts = path.split("/", 2)
-    return (parts[0], canonical_label(parts[1]), parts[2]) if len(parts) == 3 else ("", "", path)
+def manifest_key(row: ManifestRow) -> tuple[str, str, str]:
+    """(split, label, file) of a row, the key of a data folder's manifest.csv: its path is root/<split>/<class>/<file>
+    or, in a folder without split folders, root/<class>/<file> (split '')."""
+    folders = 2 if row.split else 1  # <split>/<class>/ or <class>/ before the file
+    parts = row.path.split("/", folders)
+    if len(parts) <= folders:
+        return ("", "", row.path)
+    return (row.split, canonical_label(parts[-2]), parts[-1])
 
 
 def read_data_manifest(root: str | Path) -> dict[tuple[str, str, str], dict[str, str]]:
-    """A data folder's own manifest.csv (columns split, label, file, ...), keyed by (split, label, file); or {}."""
+    """A data folder's own manifest.csv (columns label, file, ..., and split unless the folder has no split
+    folders), keyed by (split, label, file); or {}."""
     path = Path(root) / "manifest.csv"
     if not path.is_file():
         return {}
     with open(path, newline="") as handle:
         records = list(csv.DictReader(handle))
-    if not records or not {"split", "label", "file"} <= set(records[0]):
+    if not records or not {"label", "file"} <= set(records[0]):
         return {}
-    return {(r["split"], canonical_label(r["label"]), r["file"]): r for r in records}
+    return {(r.get("split") or "", canonical_label(r["label"]), r["file"]): r for r in records}
 
 
 def manifest_groups(root: str | Path, rows: Sequence[ManifestRow]) -> dict[str, str]:
@@ -240,7 +245,7 @@ def manifest_groups(root: str | Path, rows: Sequence[ManifestRow]) -> dict[str, 
     table = read_data_manifest(root)
     out = {}
     for row in rows:
-        record = table.get(manifest_key(row.path))
+        record = table.get(manifest_key(row))
         if record and record.get("group"):
             out[row.path] = record["group"]
     return out
