@@ -1,5 +1,5 @@
-"""Evaluating anything labelled: a plain FOLDER/<class>/ (split "all"), results outside the run (--out), and the
-shipped model, which is package data and never written to."""
+"""Evaluating anything labelled: a plain FOLDER/<class>/ (split "all"), a CSV of path,label[,group], results outside
+the run (--out), and the shipped model, which is package data and never written to."""
 
 from __future__ import annotations
 
@@ -73,6 +73,27 @@ def test_the_same_files_under_test_give_the_same_metrics(bar_run, plain, tmp_pat
     assert test["split"] == "test" and test["leakage_checked"] is True
     assert test["metrics"] == whole["metrics"] and test["support"] == whole["support"]
     assert test["leakage_notes"][0].startswith("the run was trained on ")  # another folder: its own train only
+
+
+def test_a_csv_of_path_label_group_is_the_same_as_its_folder(bar_run, plain, tmp_path):
+    """Relative and absolute paths, labels spelled as people do, the CSV's group column; a missing file is skipped."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    records = [{"path": f"../{plain.name}/{label}/{i}.png" if i % 2 else str(plain / label / f"{i}.png"),
+                "label": label.replace("_", " ").title(), "group": f"{label}-{i // 2}"}
+               for label in ("fractured", "not_fractured") for i in range(N)]
+    shutil.copytree(plain, tmp_path / plain.name)  # the relative paths resolve from lists/
+    records.append({"path": "gone.png", "label": "fractured", "group": "x"})
+    with open(lists / "labels.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    listed = evaluate_run(bar_run, lists / "labels.csv", out_dir=tmp_path / "a", n_resamples=200).metrics
+    whole = evaluate_run(bar_run, plain, out_dir=tmp_path / "b", n_resamples=200).metrics
+    assert listed["split"] == "all" and listed["support"] == {"fractured": N, "not_fractured": N}
+    assert listed["n_groups"] == N and listed["metrics"] == whole["metrics"]
+    assert listed["skipped_files"] == [{"path": "gone.png", "reason": "file not found"}]
+    assert "no train split" in listed["leakage_notes"][0]
 
 
 @pytest.mark.parametrize(("layout", "split", "message"), [

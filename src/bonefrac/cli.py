@@ -579,8 +579,9 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         ),
     )
     evaluate.add_argument("run", nargs="?", help="run directory (bonefrac train --out); default: the shipped model")
-    evaluate.add_argument("--data", help="FOLDER/<class>/ or FOLDER/<split>/<class>/ (default: the run's own data "
-                          "folder; required for the shipped model)")
+    evaluate.add_argument("--data", help="FOLDER/<class>/, FOLDER/<split>/<class>/, or a CSV of path,label[,group] "
+                          "(paths relative to its folder or absolute); default: the run's own data folder; required "
+                          "for the shipped model")
     common(evaluate)
     evaluate.add_argument("--split", help="train, val or test (default test); a folder without split folders: "
                           "every image, as 'all'")

@@ -5,7 +5,8 @@
     evaluate_run(run, data, split)     predictions.csv, metrics.json, plots in RUN/eval/<split>/ (default_eval_dir)
 
 A data folder is root/<split>/<class>/ (default split test) or root/<class>/, whose images are all evaluated as
-the split "all" (ALL_SPLIT): a hospital's labelled folder needs no split folders to be judged.
+the split "all" (ALL_SPLIT): a hospital's labelled folder needs no split folders to be judged; so is a CSV of
+path,label[,group] (data/dataset.read_labelled_csv).
 
 `run` is a run directory or a `run.Run`; the data folder is scanned once per call, or not at all when the caller
 passes the `manifest` it already has (train.fit, the demo), and the network is loaded from the run unless the
@@ -53,6 +54,7 @@ from bonefrac.data.dataset import (
     manifest_groups,
     manifest_key,
     read_data_manifest,
+    scan_data,
     scan_folder,
 )
 from bonefrac.errors import BonefracError, DatasetError
@@ -130,7 +132,7 @@ def predict_split(
     (mirror x zoom 1.0/1.1). Unreadable files are listed in `skipped`, never raised.
     """
     run = Run.of(run)
-    manifest = manifest or scan_folder(_data_root(run, data_root))
+    manifest = manifest or scan_data(_data_root(run, data_root))
     rows = split_rows(manifest, split)
     skipped = [{"path": p.path, "reason": p.reason} for p in manifest.problems
                if split == ALL_SPLIT or _split_of(p.path) == split]
@@ -171,7 +173,7 @@ def predict_split(
         positive=run.positive,
         files=[row.path for row in rows],
         y_true=np.array(dataset.targets, dtype=int),
-        groups=[data_groups.get(row.path, "") for row in rows] if data_groups else [""] * len(rows),
+        groups=[row.group or data_groups.get(row.path, "") for row in rows],
         logits=np.concatenate(outputs).astype(float),
         skipped=skipped,
         rows=rows,
@@ -199,7 +201,7 @@ def resolve_split(manifest: Manifest, split: str | None) -> str:
         return split or "test"
     if split not in (None, ALL_SPLIT):
         raise DatasetError(f"{manifest.root} has no split folders (root/<class>/): every image is evaluated, as "
-                           f"split {ALL_SPLIT!r}; leave out the split")
+                           f"split {ALL_SPLIT!r}; leave out --split")
     return ALL_SPLIT
 
 
@@ -447,7 +449,7 @@ def evaluate_run(
     file without duplicates is its own group).
     """
     run = Run.of(run)
-    manifest = manifest or scan_folder(_data_root(run, data_root))
+    manifest = manifest or scan_data(_data_root(run, data_root))
     root = manifest.root
     split = resolve_split(manifest, split)
     predictions = predict_split(run, split=split, manifest=manifest, model=model, batch_size=batch_size,

@@ -5,6 +5,9 @@ Two layouts are understood, the ones public fracture data sets use:
     root/{train,val,test}/<class>/...   (also valid/validation, training, testing)
     root/<class>/...                    (no split yet; `bonefrac data split` makes one)
 
+and, for evaluation, a CSV of path,label[,group] (paths relative to the CSV's folder, or absolute): a labelled list
+of images wherever they lie, read as a manifest without splits (`scan_data` takes either).
+
 Class folder names are matched case- and separator-insensitively, so "Not Fractured", "not-fractured" and
 "not_fractured" are one label. Files below a class folder are found recursively. Files that are not images are
 listed with a reason, never fatal: a stray .DS_Store or notes.txt must not stop anyone.
@@ -148,29 +151,60 @@ def scan_folder(
     root = Path(root).resolve()
     layout = find_layout(root)
     labels = sorted({label for _, label, _ in layout})
-    files = [(split, label, path) for split, label, folder in layout for path in _walk_files(folder)]
+    files = [ManifestRow(path.relative_to(root).as_posix(), label, split)
+             for split, label, folder in layout for path in _walk_files(folder)]
+    return _probed(root, labels, files, compute_md5=compute_md5, progress=progress)
+
+
+def read_labelled_csv(
+    path: str | Path,
+    *,
+    compute_md5: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> Manifest:
+    """A CSV of path,label[,group] as a Manifest without splits, rooted at the CSV's folder (paths relative to it, or
+    absolute). Missing or unreadable files are problems, as in scan_folder; the group column groups files for CIs."""
+    path = Path(path).resolve()
+    with open(path, newline="") as handle:
+        records = list(csv.DictReader(handle))
+    if not records or not {"path", "label"} <= set(records[0]):
+        raise DatasetError(f"{path}: expected a CSV with a header and columns path,label[,group]")
+    files = [ManifestRow(r["path"], canonical_label(r["label"]), group=r.get("group") or "") for r in records]
+    labels = sorted({row.label for row in files})
+    if len(labels) < 2:
+        raise DatasetError(f"{path}: expected labels of at least two classes, found {', '.join(labels)}")
+    return _probed(path.parent, labels, files, compute_md5=compute_md5, progress=progress)
+
+
+def scan_data(path: str | Path, **kwargs) -> Manifest:
+    """scan_folder of a folder, read_labelled_csv of a .csv file."""
+    is_csv = Path(path).suffix.lower() == ".csv" and Path(path).is_file()
+    return read_labelled_csv(path, **kwargs) if is_csv else scan_folder(path, **kwargs)
+
+
+def _probed(
+    root: Path,
+    labels: list[str],
+    files: Sequence[ManifestRow],
+    *,
+    compute_md5: bool,
+    progress: Callable[[int, int], None] | None,
+) -> Manifest:
+    """The manifest of `files` (path, label, split, group known): header facts and md5 added, unreadable files
+    listed as problems."""
     rows: list[ManifestRow] = []
     problems: list[FileProblem] = []
-    for done, (split, label, path) in enumerate(files, start=1):
-        rel = path.relative_to(root).as_posix()
+    for done, row in enumerate(files, start=1):
+        path = root / row.path  # an absolute row.path stays itself
         try:
             info = probe_image(path)
         except ImageReadError as err:
-            problems.append(FileProblem(rel, err.reason))
+            problems.append(FileProblem(row.path, err.reason))
         else:
-            rows.append(
-                ManifestRow(
-                    path=rel,
-                    label=label,
-                    split=split,
-                    md5=file_md5(path) if compute_md5 else "",
-                    format=info.format,
-                    mode=info.mode,
-                    width=info.width,
-                    height=info.height,
-                    size_bytes=path.stat().st_size,
-                )
-            )
+            row.md5 = file_md5(path) if compute_md5 else ""
+            row.format, row.mode, row.width, row.height = info.format, info.mode, info.width, info.height
+            row.size_bytes = path.stat().st_size
+            rows.append(row)
         if progress:
             progress(done, len(files))
     return Manifest(root=root, labels=labels, rows=rows, problems=problems)
