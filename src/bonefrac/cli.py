@@ -243,11 +243,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bonefrac.evaluate import evaluate_run
 
-    with progress(f"decoding {args.split} images") as update:
+    if not args.run and not args.data:
+        raise BonefracError("evaluating the shipped model needs your labelled images: --data FOLDER "
+                            "(FOLDER/<class>/ or FOLDER/<split>/<class>/)")
+    run = Path(args.run) if args.run else _run_and_paths([])[0]
+    with progress(f"decoding {args.split or 'the'} images") as update:
         evaluation = evaluate_run(
-            args.run,
+            run,
             args.data,
             args.split,
+            out_dir=args.out,
             strata=args.strata,
             batch_size=args.batch_size,
             workers=args.workers,
@@ -256,7 +261,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             progress=update,
         )
     for line in evaluation.report.splitlines():
-        loud = line.startswith(("LEAKY", "WARNING"))
+        loud = line.startswith(("LEAKY", "WARNING", "NOTE"))
         console.print(f"[bold red]{line}[/bold red]" if loud else line, highlight=False, markup=loud)
     console.print(f"written: {evaluation.out_dir}/ (predictions.csv, metrics.json, plots)")
     return 0
@@ -539,8 +544,6 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
     """`bonefrac calibrate` and `bonefrac evaluate`: both take a run directory and a data folder."""
 
     def common(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("run", help="run directory (bonefrac train --out)")
-        parser.add_argument("--data", help="root/{train,val,test}/<class>/ (default: the run's own data folder)")
         parser.add_argument("--batch-size", type=int, default=64)
         parser.add_argument("--workers", type=int, default=0, help="DataLoader and decoding processes (default 0)")
         parser.add_argument("--cache-dir", help="decoded image cache (default: the run's)")
@@ -550,6 +553,8 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         help="fit temperature scaling and choose thresholds on the VAL split -> RUN/calibration.json",
         description="Temperature and thresholds are chosen on val only; test data never influences them.",
     )
+    calibrate.add_argument("run", help="run directory (bonefrac train --out)")
+    calibrate.add_argument("--data", help="root/{train,val,test}/<class>/ (default: the run's own data folder)")
     common(calibrate)
     calibrate.add_argument(
         "--min-sensitivity", type=float, default=0.95, help="target of the sensitivity threshold (default 0.95)"
@@ -567,13 +572,21 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         "evaluate",
         help="metrics with 95%% CIs, predictions.csv and plots for one split -> RUN/eval/<split>/",
         description=(
-            "Evaluate a run on one split: every metric with n and a group bootstrap CI, calibrated probabilities "
-            "and the chosen threshold when calibration.json exists; splits sharing duplicates with train are "
-            "marked leaky."
+            "Evaluate a run (default: the shipped model) on a labelled folder, FOLDER/<class>/ (every image, split "
+            "'all') or FOLDER/<split>/<class>/: every metric with n and a group bootstrap CI, calibrated "
+            "probabilities and the chosen threshold when calibration.json exists; splits sharing duplicates with "
+            "train are marked leaky, and what could not be checked is said."
         ),
     )
+    evaluate.add_argument("run", nargs="?", help="run directory (bonefrac train --out); default: the shipped model")
+    evaluate.add_argument("--data", help="FOLDER/<class>/, FOLDER/<split>/<class>/, or a CSV of path,label[,group] "
+                          "(paths relative to its folder or absolute); default: the run's own data folder; required "
+                          "for the shipped model")
     common(evaluate)
-    evaluate.add_argument("--split", default="test", help="train, val or test (default test)")
+    evaluate.add_argument("--split", help="train, val or test (default test); a folder without split folders: "
+                          "every image, as 'all'")
+    evaluate.add_argument("--out", help="where results go (default RUN/eval/<split>/; for the shipped model or a "
+                          "read-only run out/eval/<run>/<data folder>/<split>/)")
     evaluate.add_argument(
         "--strata",
         action="append",

@@ -2,7 +2,11 @@
 
     predict_split(run, data, split)    logits per readable file of one split (unreadable files are skipped)
     calibrate_run(run, data)           temperature and thresholds fitted on VAL -> RUN/calibration.json
-    evaluate_run(run, data, split)     RUN/eval/<split>/: predictions.csv, metrics.json, plots
+    evaluate_run(run, data, split)     predictions.csv, metrics.json, plots in RUN/eval/<split>/ (default_eval_dir)
+
+A data folder is root/<split>/<class>/ (default split test) or root/<class>/, whose images are all evaluated as
+the split "all" (ALL_SPLIT): a hospital's labelled folder needs no split folders to be judged; so is a CSV of
+path,label[,group] (data/dataset.read_labelled_csv).
 
 `run` is a run directory or a `run.Run`; the data folder is scanned once per call, or not at all when the caller
 passes the `manifest` it already has (train.fit, the demo), and the network is loaded from the run unless the
@@ -11,7 +15,9 @@ caller passes the one it holds.
 Honesty rules (docs/ARCHITECTURE.md): the temperature and the threshold come from the val split only, so the test
 set never tunes what it judges; every metric has n files, n groups and a 95 % bootstrap CI that resamples groups
 (near-copies of one radiograph) where groups are known; a split that shares duplicate groups with the training
-split is evaluated all the same but every metric is marked leaky, because its numbers measure memory.
+split is evaluated all the same but every metric is marked leaky, because its numbers measure memory. What could not
+be checked is said as well (metrics.json `leakage_notes`): a folder without a train split cannot be compared with
+the run's training data, and a folder other than the run's own is compared with its own train split only.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +54,7 @@ from bonefrac.data.dataset import (
     manifest_groups,
     manifest_key,
     read_data_manifest,
+    scan_data,
     scan_folder,
 )
 from bonefrac.errors import BonefracError, DatasetError
@@ -58,11 +66,13 @@ from bonefrac.metrics import (
     format_interval,
 )
 from bonefrac.run import Run
+from bonefrac.shipped import is_shipped
 from bonefrac.tta import tta_logits
 
 N_RESAMPLES = 1000
 STRATUM_AUC_SPREAD = 0.1  # stratum AUCs further apart than this suggest the model learned the stratum
 SIZE_BUCKETS = ((256, "<=256"), (512, "257-512"), (1024, "513-1024"), (2048, "1025-2048"))  # longer side, px
+ALL_SPLIT = "all"  # the split name of every image of a folder without split folders (root/<class>/)
 
 
 # --- a run and its predictions ---------------------------------------------------------------------------------
@@ -114,19 +124,21 @@ def predict_split(
     cache_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SplitPredictions:
-    """Logits of the run's network on every readable file of <data>/<split>/, preprocessed as in training.
+    """Logits of the run's network on every readable file of <data>/<split>/ (every file of a folder without split
+    folders when split is ALL_SPLIT), preprocessed as in training.
 
     data_root: default the run's own data folder (not scanned when `manifest` is given). model: the run's network
     already in memory (default: loaded from the run). tta: average the logits over the views of bonefrac.tta
     (mirror x zoom 1.0/1.1). Unreadable files are listed in `skipped`, never raised.
     """
     run = Run.of(run)
-    manifest = manifest or scan_folder(_data_root(run, data_root))
-    rows = [row for row in manifest.rows if row.split == split]
-    skipped = [{"path": p.path, "reason": p.reason} for p in manifest.problems if _split_of(p.path) == split]
+    manifest = manifest or scan_data(_data_root(run, data_root))
+    rows = split_rows(manifest, split)
+    skipped = [{"path": p.path, "reason": p.reason} for p in manifest.problems
+               if split == ALL_SPLIT or _split_of(p.path) == split]
     if not rows:
-        found = ", ".join(sorted({row.split for row in manifest.rows if row.split})) or "none"
-        raise DatasetError(f"{manifest.root}: no readable images in split {split!r} (splits found: {found})")
+        raise DatasetError(f"{manifest.root}: no readable images in split {split!r} (splits found: "
+                           f"{_splits_found(manifest)})")
     unknown = sorted({row.label for row in rows} - set(run.labels))
     if unknown:
         raise DatasetError(f"{manifest.root}/{split}: classes {unknown} are not among the run's labels {run.labels}")
@@ -161,7 +173,7 @@ def predict_split(
         positive=run.positive,
         files=[row.path for row in rows],
         y_true=np.array(dataset.targets, dtype=int),
-        groups=[data_groups.get(row.path, "") for row in rows] if data_groups else [""] * len(rows),
+        groups=[row.group or data_groups.get(row.path, "") for row in rows],
         logits=np.concatenate(outputs).astype(float),
         skipped=skipped,
         rows=rows,
@@ -175,6 +187,28 @@ def _data_root(run: Run, data_root: str | Path | None) -> Path:
 
 def _split_of(path: str) -> str:
     return path.split("/", 1)[0] if "/" in path else ""
+
+
+def _splits_found(manifest: Manifest) -> str:
+    return ", ".join(sorted({row.split for row in manifest.rows if row.split})) or f"none: every image is {ALL_SPLIT!r}"
+
+
+def resolve_split(manifest: Manifest, split: str | None) -> str:
+    """The split to evaluate: the one given, else test; ALL_SPLIT, and only it, for a folder without split folders."""
+    if manifest.has_splits:
+        if split == ALL_SPLIT:
+            raise DatasetError(f"{manifest.root} has split folders ({_splits_found(manifest)}): choose one of them")
+        return split or "test"
+    if split not in (None, ALL_SPLIT):
+        raise DatasetError(f"{manifest.root} has no split folders (root/<class>/): every image is evaluated, as "
+                           f"split {ALL_SPLIT!r}; leave out --split")
+    return ALL_SPLIT
+
+
+def split_rows(manifest: Manifest, split: str) -> list[ManifestRow]:
+    """The manifest's rows of `split`; of ALL_SPLIT, those of a folder without split folders (split '')."""
+    wanted = "" if split == ALL_SPLIT else split
+    return [row for row in manifest.rows if row.split == wanted]
 
 
 # --- what the data folder says about its files -------------------------------------------------------------------
@@ -193,7 +227,7 @@ def stratum_values(root: str | Path, rows: Sequence[ManifestRow], column: str) -
     table = read_data_manifest(root)
     columns = set(next(iter(table.values()), {}))
     if column in columns:
-        return [table.get(manifest_key(row.path), {}).get(column) or "unknown" for row in rows]
+        return [table.get(manifest_key(row), {}).get(column) or "unknown" for row in rows]
     if column in ("format", "mode"):
         return [getattr(row, column) or "unknown" for row in rows]
     choices = ", ".join(sorted({"size", "format", "mode"} | (columns - {"split", "label", "file", "md5"})))
@@ -288,6 +322,7 @@ class Leakage:
     lines: list[str]
     group_of: dict[str, str]  # path -> duplicate group id (only files with a duplicate somewhere)
     source: str  # where this came from: the run's audit.json, or a fresh audit
+    checked: bool = True  # False when the data has no train split to compare with (a folder without splits)
 
     @property
     def leaky(self) -> bool:
@@ -303,6 +338,12 @@ def check_leakage(run: Run, manifest: Manifest, split: str, *, workers: int = 1)
     if split == "train":
         return Leakage([f"evaluating the training split itself ({len(manifest.rows)} files seen in training)"], {},
                        "the split")
+    if split == ALL_SPLIT:  # no train split to compare with; duplicates among the files still group them for CIs
+        report = audit_manifest(Manifest(manifest.root, manifest.labels, split_rows(manifest, split)),
+                                workers=workers)
+        sizes = Counter(report.group_of.values())
+        group_of = {path: g for path, g in report.group_of.items() if sizes[g] > 1}
+        return Leakage([], group_of, "a fresh audit of the folder", checked=False)
     audit = run.audit()
     counts = Manifest(manifest.root, manifest.labels, manifest.rows).counts()
     if audit is not None:
@@ -318,6 +359,17 @@ def check_leakage(run: Run, manifest: Manifest, split: str, *, workers: int = 1)
     sizes = Counter(report.group_of.values())
     group_of = {path: g for path, g in report.group_of.items() if sizes[g] > 1}
     return Leakage([leak_line(e) for e in entries if e["files"]], group_of, "a fresh audit of train and " + split)
+
+
+def leakage_notes(run: Run, manifest: Manifest, split: str) -> list[str]:
+    """What the leakage check could not see: the run's training data, when this folder is not it."""
+    trained_on = (run.audit() or {}).get("root") or run.config.data.root
+    if split == ALL_SPLIT:
+        return [f"no train split in this folder: leakage against the run's training data ({trained_on}) not checked"]
+    if split != "train" and Path(trained_on).expanduser().resolve() != Path(manifest.root).resolve():
+        return [f"the run was trained on {trained_on}, not on this folder: leakage checked against this folder's "
+                "train split only, not against the run's training data"]
+    return []
 
 
 def _manifest_group_leakage(manifest: Manifest, split: str) -> list[str]:
@@ -374,10 +426,11 @@ def _strata_table(
 def evaluate_run(
     run: Run | str | Path,
     data_root: str | Path | None = None,
-    split: str = "test",
+    split: str | None = None,
     *,
     manifest: Manifest | None = None,
     model: nn.Module | None = None,
+    out_dir: str | Path | None = None,
     strata: Sequence[str] = (),
     batch_size: int = 64,
     workers: int = 0,
@@ -387,19 +440,22 @@ def evaluate_run(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Evaluation:
-    """Predict `split`, compute every metric with its 95 % CI, and write RUN/eval/<split>/.
+    """Predict `split`, compute every metric with its 95 % CI, and write them to out_dir (default_eval_dir).
 
+    split: default test, or ALL_SPLIT (every image) for a folder without split folders (resolve_split).
     Probabilities are temperature-scaled and predictions use the run's decision rule (run.Calibration: the
     threshold chosen on val, or T = 1 and 0.5 when the run is not calibrated, said in metrics.json). CIs resample
     groups: the data folder's manifest.csv `group` column when it has one, else the audit's duplicate groups (a
     file without duplicates is its own group).
     """
     run = Run.of(run)
-    manifest = manifest or scan_folder(_data_root(run, data_root))
+    manifest = manifest or scan_data(_data_root(run, data_root))
     root = manifest.root
+    split = resolve_split(manifest, split)
     predictions = predict_split(run, split=split, manifest=manifest, model=model, batch_size=batch_size,
                                 workers=workers, tta=tta, cache_dir=cache_dir, progress=progress)
     leakage = check_leakage(run, manifest, split, workers=max(1, workers))
+    notes = leakage_notes(run, manifest, split)
     leak_lines = leakage.lines + _manifest_group_leakage(manifest, split)
     leaky = bool(leak_lines)
     if all(predictions.groups):
@@ -417,11 +473,12 @@ def evaluate_run(
     n_files, n_groups = len(predictions.files), len(set(groups))
     strata_tables, warnings = _strata(root, predictions, proba, groups, strata, metric_fn, seed=seed)
     y_pred = run.decide(proba)
-    out_dir = run.eval_dir(split)
+    out_dir = Path(out_dir) if out_dir is not None else default_eval_dir(run, root, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_predictions(out_dir / "predictions.csv", predictions, proba, y_pred, groups)
     metrics = {
         "split": split,
+        "run": str(run.path),
         "data_root": str(root),
         "n_files": n_files,
         "n_groups": n_groups,
@@ -437,6 +494,8 @@ def evaluate_run(
         "tta": tta,
         "leaky": leaky,
         "leakage": leak_lines,
+        "leakage_checked": leakage.checked,
+        "leakage_notes": notes,
         "synthetic_data": (root / "SYNTHETIC_DATA.txt").exists(),
         "skipped_files": predictions.skipped,
         "metrics": {key: _interval_dict(value, n_files, n_groups, leaky) for key, value in intervals.items()},
@@ -450,6 +509,20 @@ def evaluate_run(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plot_evaluation(out_dir, metrics, predictions, proba, y_pred, intervals)
     return Evaluation(out_dir, metrics, _report_text(metrics, intervals, run.labels))
+
+
+def default_eval_dir(run: Run, data_root: Path, split: str) -> Path:
+    """RUN/eval/<split>/; out/eval/<run name>/<data folder name>/<split>/ for the shipped model (package data) or a
+    run folder that cannot be written."""
+    if not is_shipped(run.path) and _writable(run.eval_dir(split)):
+        return run.eval_dir(split)
+    return Path("out") / "eval" / run.path.name / Path(data_root).name / split
+
+
+def _writable(folder: Path) -> bool:
+    """Can `folder` be written, or made in its nearest existing parent?"""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return os.access(existing, os.W_OK)
 
 
 def _strata(
@@ -509,6 +582,8 @@ def _report_text(metrics: dict, intervals: dict[str, Interval], labels: list[str
     lines = []
     for line in metrics["leakage"]:
         lines.append(f"LEAKY: {line}. Every metric below is marked leaky: it measures memory, not diagnosis.")
+    for line in metrics["leakage_notes"]:
+        lines.append(f"NOTE: {line}.")
     if metrics["synthetic_data"]:
         lines.append("SYNTHETIC phantom data: these numbers say nothing about real radiographs.")
     lines.append(

@@ -5,6 +5,9 @@ Two layouts are understood, the ones public fracture data sets use:
     root/{train,val,test}/<class>/...   (also valid/validation, training, testing)
     root/<class>/...                    (no split yet; `bonefrac data split` makes one)
 
+and, for evaluation, a CSV of path,label[,group] (paths relative to the CSV's folder, or absolute): a labelled list
+of images wherever they lie, read as a manifest without splits (`scan_data` takes either).
+
 Class folder names are matched case- and separator-insensitively, so "Not Fractured", "not-fractured" and
 "not_fractured" are one label. Files below a class folder are found recursively. Files that are not images are
 listed with a reason, never fatal: a stray .DS_Store or notes.txt must not stop anyone.
@@ -148,29 +151,60 @@ def scan_folder(
     root = Path(root).resolve()
     layout = find_layout(root)
     labels = sorted({label for _, label, _ in layout})
-    files = [(split, label, path) for split, label, folder in layout for path in _walk_files(folder)]
+    files = [ManifestRow(path.relative_to(root).as_posix(), label, split)
+             for split, label, folder in layout for path in _walk_files(folder)]
+    return _probed(root, labels, files, compute_md5=compute_md5, progress=progress)
+
+
+def read_labelled_csv(
+    path: str | Path,
+    *,
+    compute_md5: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> Manifest:
+    """A CSV of path,label[,group] as a Manifest without splits, rooted at the CSV's folder (paths relative to it, or
+    absolute). Missing or unreadable files are problems, as in scan_folder; the group column groups files for CIs."""
+    path = Path(path).resolve()
+    with open(path, newline="") as handle:
+        records = list(csv.DictReader(handle))
+    if not records or not {"path", "label"} <= set(records[0]):
+        raise DatasetError(f"{path}: expected a CSV with a header and columns path,label[,group]")
+    files = [ManifestRow(r["path"], canonical_label(r["label"]), group=r.get("group") or "") for r in records]
+    labels = sorted({row.label for row in files})
+    if len(labels) < 2:
+        raise DatasetError(f"{path}: expected labels of at least two classes, found {', '.join(labels)}")
+    return _probed(path.parent, labels, files, compute_md5=compute_md5, progress=progress)
+
+
+def scan_data(path: str | Path, **kwargs) -> Manifest:
+    """scan_folder of a folder, read_labelled_csv of a .csv file."""
+    is_csv = Path(path).suffix.lower() == ".csv" and Path(path).is_file()
+    return read_labelled_csv(path, **kwargs) if is_csv else scan_folder(path, **kwargs)
+
+
+def _probed(
+    root: Path,
+    labels: list[str],
+    files: Sequence[ManifestRow],
+    *,
+    compute_md5: bool,
+    progress: Callable[[int, int], None] | None,
+) -> Manifest:
+    """The manifest of `files` (path, label, split, group known): header facts and md5 added, unreadable files
+    listed as problems."""
     rows: list[ManifestRow] = []
     problems: list[FileProblem] = []
-    for done, (split, label, path) in enumerate(files, start=1):
-        rel = path.relative_to(root).as_posix()
+    for done, row in enumerate(files, start=1):
+        path = root / row.path  # an absolute row.path stays itself
         try:
             info = probe_image(path)
         except ImageReadError as err:
-            problems.append(FileProblem(rel, err.reason))
+            problems.append(FileProblem(row.path, err.reason))
         else:
-            rows.append(
-                ManifestRow(
-                    path=rel,
-                    label=label,
-                    split=split,
-                    md5=file_md5(path) if compute_md5 else "",
-                    format=info.format,
-                    mode=info.mode,
-                    width=info.width,
-                    height=info.height,
-                    size_bytes=path.stat().st_size,
-                )
-            )
+            row.md5 = file_md5(path) if compute_md5 else ""
+            row.format, row.mode, row.width, row.height = info.format, info.mode, info.width, info.height
+            row.size_bytes = path.stat().st_size
+            rows.append(row)
         if progress:
             progress(done, len(files))
     return Manifest(root=root, labels=labels, rows=rows, problems=problems)
@@ -217,22 +251,27 @@ def read_manifest(out_dir: str | Path) -> Manifest:
 # --- what the data folder says about its files (its own manifest.csv, e.g. a group column) ---------------
 
 
-def manifest_key(path: str) -> tuple[str, str, str]:
-    """(split, label, file) of a path root/<split>/<class>/<file...>, the key of a data folder's manifest.csv."""
-    parts = path.split("/", 2)
-    return (parts[0], canonical_label(parts[1]), parts[2]) if len(parts) == 3 else ("", "", path)
+def manifest_key(row: ManifestRow) -> tuple[str, str, str]:
+    """(split, label, file) of a row, the key of a data folder's manifest.csv: its path is root/<split>/<class>/<file>
+    or, in a folder without split folders, root/<class>/<file> (split '')."""
+    folders = 2 if row.split else 1  # <split>/<class>/ or <class>/ before the file
+    parts = row.path.split("/", folders)
+    if len(parts) <= folders:
+        return ("", "", row.path)
+    return (row.split, canonical_label(parts[-2]), parts[-1])
 
 
 def read_data_manifest(root: str | Path) -> dict[tuple[str, str, str], dict[str, str]]:
-    """A data folder's own manifest.csv (columns split, label, file, ...), keyed by (split, label, file); or {}."""
+    """A data folder's own manifest.csv (columns label, file, ..., and split unless the folder has no split
+    folders), keyed by (split, label, file); or {}."""
     path = Path(root) / "manifest.csv"
     if not path.is_file():
         return {}
     with open(path, newline="") as handle:
         records = list(csv.DictReader(handle))
-    if not records or not {"split", "label", "file"} <= set(records[0]):
+    if not records or not {"label", "file"} <= set(records[0]):
         return {}
-    return {(r["split"], canonical_label(r["label"]), r["file"]): r for r in records}
+    return {(r.get("split") or "", canonical_label(r["label"]), r["file"]): r for r in records}
 
 
 def manifest_groups(root: str | Path, rows: Sequence[ManifestRow]) -> dict[str, str]:
@@ -240,7 +279,7 @@ def manifest_groups(root: str | Path, rows: Sequence[ManifestRow]) -> dict[str, 
     table = read_data_manifest(root)
     out = {}
     for row in rows:
-        record = table.get(manifest_key(row.path))
+        record = table.get(manifest_key(row))
         if record and record.get("group"):
             out[row.path] = record["group"]
     return out

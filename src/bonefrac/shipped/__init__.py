@@ -8,6 +8,7 @@ candidates by val AUROC, never by test.
 
     shipped_run()              the run directory (BonefracError when the package was installed without it)
     run_and_paths(items)       `[RUN] PATH...`: the first item when it is a run directory, else the shipped run
+    is_shipped(path)           is this the shipped run? (it lives inside the package: nothing writes into it)
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def shipped_run() -> Path:
             "made by bonefrac train instead"
         )
     return run
+
+
+def is_shipped(path: str | Path) -> bool:
+    """Is `path` the shipped model's run directory? It is package data, so commands write their results elsewhere."""
+    return Path(path).resolve() == (Path(__file__).parent / SHIPPED_NAME).resolve()
 
 
 def run_and_paths(items: Sequence[str]) -> tuple[Path, list[str]]:
