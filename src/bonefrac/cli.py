@@ -201,7 +201,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     from bonefrac.models import create_model, list_models, num_parameters
     from bonefrac.models.weights import PACKAGE_WEIGHTS
 
-    table = Table(title="bonefrac models (parameters with a 2-class head; any other timm name works too)")
+    # No outer edge: the two columns it frees let an 80-column terminal show a package name whole.
+    table = Table(
+        title="bonefrac models (parameters with a 2-class head; any other timm name works too)", show_edge=False
+    )
     for header in ("model", "parameters", "input", "pretrained weights"):
         table.add_column(header, justify="right" if header == "parameters" else "left")
     for spec in list_models():

