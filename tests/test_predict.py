@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +254,53 @@ def test_zoom_takes_the_centre_and_keeps_the_size():
     zoomed = zoom(images, 1.1)
     assert zoomed.shape == images.shape
     assert torch.allclose(zoomed, torch.ones_like(zoomed))
+
+
+# --- pipes, formats and the OOD verdict in the table (issue 16) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl"])
+def test_predict_to_stdout_gives_rows_only_there(run, folder, capsys, fmt):
+    """`--out - --format F`: stdout holds the rows and nothing else (status, summary, disclaimer on stderr)."""
+    assert main(["predict", str(run), str(folder), "--out", "-", "--format", fmt]) == 1  # two files fail
+    out, err = capsys.readouterr()
+    if fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(out)))
+    elif fmt == "json":
+        rows = json.loads(out)["rows"]
+    else:
+        rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 7 and {row["status"] for row in rows} == {"ok", "error"}
+    assert "7 files: 5 predicted, 2 errors" in " ".join(err.split()) and DISCLAIMER in err
+    assert DISCLAIMER not in out  # json.loads above: nothing but the document; csv and jsonl: rows only
+    assert fmt == "json" or "files:" not in out
+
+
+def test_a_wrong_out_fails_before_any_image_is_read(run, folder, tmp_path, monkeypatch, capsys):
+    import bonefrac.predict
+
+    monkeypatch.setattr(bonefrac.predict.Predictor, "predict_paths", lambda *a, **k: pytest.fail("predicted"))
+    assert main(["predict", str(run), str(folder), "--out", str(tmp_path / "preds.txt")]) == 2
+    assert "must end in .csv, .json or .jsonl" in " ".join(capsys.readouterr().err.split())
+
+
+def test_predict_stdout_survives_a_reader_that_stops_early(run, folder, tmp_path):
+    """`bonefrac predict DIR --out - --format jsonl | head -1`: one row, and no BrokenPipe traceback."""
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(300):  # ~90 KB of rows: more than a pipe holds, so the writer meets the closed pipe
+        (many / f"{i:03d}.png").hardlink_to(folder / "b.png")
+    command = f"{sys.executable} -m bonefrac predict {run} {many} --out - --format jsonl | head -1"
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=300)
+    assert len(done.stdout.splitlines()) == 1 and json.loads(done.stdout)["status"] == "ok"
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_the_table_says_not_assessed_for_what_is_not_a_radiograph(run, tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 0], rgb[..., 2] = 220, 40  # saturated colour: no radiograph looks like this
+    Image.fromarray(rgb).save(photo)
+    assert main(["predict", str(run), str(photo)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "not assessed" in out and "(1 not assessed: not like a radiograph)" in out

@@ -8,3 +8,4 @@ BACKENDS = ("auto", "torch", "onnx")  # predict.Predictor and serve: auto = onnx
 OPERATING_POINTS = ("default", "youden", "sensitivity")  # evaluate: how calibration.json names its thresholds
 CAM_METHODS = ("gradcam", "gradcam++", "eigencam")  # explain.METHODS, the pytorch-grad-cam class of each
 PRUNERS = ("median", "hyperband", "none")  # tune: Optuna's pruner of unpromising trials
+PREDICTION_FORMATS = ("csv", "json", "jsonl")  # predict --format: rows as CSV, one JSON document, or a line each

@@ -7,8 +7,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rich.console import Console
+
 from bonefrac import DISCLAIMER, __version__
-from bonefrac.choices import BACKENDS, CAM_METHODS, OPERATING_POINTS, PRUNERS
+from bonefrac.choices import BACKENDS, CAM_METHODS, OPERATING_POINTS, PREDICTION_FORMATS, PRUNERS
 from bonefrac.config import (
     AUGMENTATIONS,
     CHANNELS,
@@ -329,51 +331,75 @@ RUN_THEN_PATHS = (
 )
 
 
-def _run_and_paths(items: Sequence[str]) -> tuple[Path, list[str]]:
-    """`[RUN] PATH...` -> (run, paths); says so when the shipped model is used."""
+def _run_and_paths(items: Sequence[str], say: Console = console) -> tuple[Path, list[str]]:
+    """`[RUN] PATH...` -> (run, paths); says so (on `say`) when the shipped model is used."""
     from bonefrac.shipped import run_and_paths
 
     run, paths = run_and_paths(items)
     if not items or run != Path(items[0]):
-        console.print(f"using the shipped model {run.name} (its model card: {run / 'MODEL_CARD.md'})",
-                      highlight=False)
+        say.print(f"using the shipped model {run.name} (its model card: {run / 'MODEL_CARD.md'})", highlight=False)
     return run, paths
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from rich.table import Table
+    from bonefrac.predict import Predictor, output_format, write_predictions
 
-    from bonefrac.predict import Predictor, write_predictions
-
-    run, paths = _run_and_paths(args.items)
+    to_stdout = args.out == "-"
+    fmt = output_format(args.out, args.format) if args.out else None  # a wrong --out fails before any work
+    if args.format and not args.out:
+        raise BonefracError("--format needs --out (a file, or - for stdout)")
+    say = status if to_stdout else console  # with the rows on stdout, every other line goes to stderr
+    run, paths = _run_and_paths(args.items, say)
     predictor = Predictor(run, backend=args.backend, batch_size=args.batch_size, tta=args.tta)
     with progress("predicting") as update:
         result = predictor.predict_paths(paths, progress=update)
-    if args.out:
-        console.print(f"written: {write_predictions(result, args.out)}")
+    if to_stdout:
+        _rows_to_stdout(result, fmt)
+    elif args.out:
+        console.print(f"written: {write_predictions(result, args.out, fmt)}")
     else:
-        import os
-
-        # Paths relative to the folder they share, so that the table has room for them in a narrow terminal.
-        base = os.path.commonpath([str(Path(row.file).parent) for row in result.rows]) if result.rows else ""
-        table = Table(
-            title=f"files under {base or '.'} ({result.backend} backend, operating point {predictor.operating_point})",
-            expand=True,
-        )
-        table.add_column("file", overflow="fold", ratio=3)
-        for header in ("status", *(f"p_{label}" for label in result.labels)):
-            table.add_column(header, overflow="fold", ratio=2)
-        table.add_column("prediction", min_width=max(map(len, result.labels)), ratio=2)
-        table.add_column("error", overflow="fold", ratio=4)
-        for row in result.rows:
-            probabilities = [f"{row.probabilities[label]:.4f}" if row.probabilities else "" for label in result.labels]
-            name = os.path.relpath(row.file, base) if base else row.file
-            table.add_row(name, row.status, *probabilities, row.prediction, row.error)
-        console.print(table, highlight=False)
+        console.print(_prediction_table(result, predictor.operating_point), highlight=False)
     if not predictor.calibrated:
-        console.print("not calibrated: T = 1 and threshold 0.5 (run bonefrac calibrate)", highlight=False)
-    console.print(result.summary(), highlight=False)
+        say.print("not calibrated: T = 1 and threshold 0.5 (run bonefrac calibrate)", highlight=False)
+    say.print(result.summary(), highlight=False)
     return 0 if result.rows and not result.n_errors else 1
+
+
+def _rows_to_stdout(result, fmt: str) -> None:
+    """The rows on stdout; a reader that stops early (`| head`) ends the output quietly, not in a traceback."""
+    import os
+
+    from bonefrac.predict import write_predictions
+
+    try:
+        write_predictions(result, sys.stdout, fmt)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the closed pipe again when it flushes stdout at exit: point stdout at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _prediction_table(result, operating_point: str):
+    """The terminal table: one row per file; the decision column says 'not assessed' for what is not a radiograph."""
+    import os
+
+    from rich.table import Table
+
+    # Paths relative to the folder they share, so that the table has room for them in a narrow terminal.
+    base = os.path.commonpath([str(Path(row.file).parent) for row in result.rows]) if result.rows else ""
+    table = Table(title=f"files under {base or '.'} ({result.backend} backend, operating point {operating_point})",
+                  expand=True)
+    table.add_column("file", overflow="fold", ratio=3)
+    for header in ("status", *(f"p_{label}" for label in result.labels)):
+        table.add_column(header, overflow="fold", ratio=2)
+    table.add_column("decision", min_width=max(map(len, result.labels)), overflow="fold", ratio=2)
+    table.add_column("error", overflow="fold", ratio=4)
+    for row in result.rows:
+        probabilities = [f"{row.probabilities[label]:.4f}" if row.probabilities else "" for label in result.labels]
+        name = os.path.relpath(row.file, base) if base else row.file
+        decision = f"not assessed: {row.ood_reason}" if row.status == "ok" and row.accepted is False else row.prediction
+        table.add_row(name, row.status, *probabilities, decision, row.error)
+    return table
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -642,7 +668,13 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
         description="One row per image-like file; unreadable files get an error row. Exit code 1 if any failed.",
     )
     predict.add_argument("items", nargs="+", metavar="[RUN] PATH", help=RUN_THEN_PATHS)
-    predict.add_argument("--out", help="preds.csv or preds.json (default: a table on the terminal)")
+    predict.add_argument(
+        "--out", help="preds.csv, preds.json or preds.jsonl, or - for stdout (default: a table on the terminal)"
+    )
+    predict.add_argument(
+        "--format", choices=PREDICTION_FORMATS,
+        help="format of --out (default: its suffix; csv for -); with --out - every other line goes to stderr",
+    )
     predict.add_argument(
         "--backend", choices=BACKENDS, default="auto",
         help="auto: onnxruntime when RUN/model.onnx exists, else PyTorch",

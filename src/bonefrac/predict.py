@@ -7,7 +7,8 @@
     Predictor.predict_prepared(images)   one batch of prepared images -> PredictionRows (predict_paths and serve share
                                          these two: one path from bytes to decision)
     expand_paths(paths)                  what predict_paths reads, and how many non-image files it passed over
-    write_predictions(rows, path)        CSV or JSON by the file's suffix
+    write_predictions(rows, out, fmt)    CSV, JSON or JSON lines, to a file or a stream (stdout); output_format
+                                         decides the format before any image is read
 
 Every file goes the way of training and evaluation: `read_image`, then the run's stored `Preprocessing` (letterbox
 to its image size, its mean/std: run.py, the one definition used here, by evaluate, export, explain and serve). A
@@ -28,12 +29,13 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
 
 from bonefrac.calibration import apply_temperature
-from bonefrac.choices import BACKENDS
+from bonefrac.choices import BACKENDS, PREDICTION_FORMATS
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.ood import OODVerdict, check_radiograph
@@ -150,9 +152,17 @@ class PredictionResult:
     def n_errors(self) -> int:
         return sum(row.status == "error" for row in self.rows)
 
+    @property
+    def n_not_assessed(self) -> int:
+        """Readable files the out-of-distribution guard rejected: their probabilities are given but mean little."""
+        return sum(row.status == "ok" and row.accepted is False for row in self.rows)
+
     def summary(self) -> str:
         n = len(self.rows)
-        line = f"{n} files: {n - self.n_errors} predicted, {self.n_errors} errors"
+        line = f"{n} files: {n - self.n_errors} predicted"
+        if self.n_not_assessed:
+            line += f" ({self.n_not_assessed} not assessed: not like a radiograph)"
+        line += f", {self.n_errors} errors"
         if self.skipped_non_images:
             line += f" ({self.skipped_non_images} non-image files in folders skipped)"
         return line
@@ -283,26 +293,56 @@ class Predictor:
 # --- output ----------------------------------------------------------------------------------------------------------
 
 
-def write_predictions(result: PredictionResult, path: str | Path) -> Path:
-    """Write the rows as CSV (.csv) or JSON (.json: {"labels", "backend", "summary", "rows"})."""
-    path = Path(path)
-    records = [row.record(result.labels) for row in result.rows]
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".json"):
-        raise BonefracError(f"{path}: --out must end in .csv or .json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".json":
-        path.write_text(json.dumps(
-            {"labels": result.labels, "backend": result.backend, "summary": result.summary(), "rows": records},
-            indent=2,
-        ))
+def output_format(out: str | Path, fmt: str | None = None) -> str:
+    """The format rows are written in: `fmt` when given, else the suffix of `out`; "-" (stdout) defaults to CSV.
+
+    Called before any image is read, so that a wrong --out fails at once, not after an hour of predictions.
+    """
+    if fmt is not None:
+        if fmt not in PREDICTION_FORMATS:
+            raise BonefracError(f"--format {fmt!r}: choose from {', '.join(PREDICTION_FORMATS)}")
+        return fmt
+    if str(out) == "-":
+        return "csv"
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if suffix not in PREDICTION_FORMATS:
+        raise BonefracError(f"{out}: --out must end in .csv, .json or .jsonl, or give --format")
+    return suffix
+
+
+CSV_FIELDS = ("file", "status", "prediction", "threshold", "operating_point", "accepted", "ood_score", "ood_reason",
+              "error")  # with p_<label> per class after "status"
+
+
+def write_predictions(result: PredictionResult, out: str | Path | TextIO, fmt: str | None = None) -> str | Path:
+    """Write the rows to a file (its suffix, or `fmt`, says the format) or to an open text stream such as stdout.
+
+    csv: one row per file; json: {"labels", "backend", "summary", "rows"}; jsonl: one JSON object per file, each
+    line complete as soon as it is written (for `| head`, `jq`, a log shipper).
+    """
+    stream = out if hasattr(out, "write") else None
+    fmt = output_format("-" if stream else out, fmt)
+    if stream is None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as handle:
+            _write_rows(result, handle, fmt)
         return path
-    fields = ["file", "status", *(f"p_{label}" for label in result.labels), "prediction", "threshold",
-              "operating_point", "accepted", "ood_score", "ood_reason", "error"]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
+    _write_rows(result, stream, fmt)
+    return "-"
+
+
+def _write_rows(result: PredictionResult, handle: TextIO, fmt: str) -> None:
+    records = [row.record(result.labels) for row in result.rows]
+    if fmt == "json":
+        summary = {"labels": result.labels, "backend": result.backend, "summary": result.summary(), "rows": records}
+        handle.write(json.dumps(summary, indent=2) + "\n")
+    elif fmt == "jsonl":
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    else:
+        fields = [*CSV_FIELDS[:2], *(f"p_{label}" for label in result.labels), *CSV_FIELDS[2:]]
+        writer = csv.DictWriter(handle, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for record in records:
             writer.writerow({key: "" if value is None else value for key, value in record.items()})
-    return path
-
