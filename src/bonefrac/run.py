@@ -342,12 +342,6 @@ class Run:
         """audit.json: the audit of the data the run was trained on."""
         return self.read_json(AUDIT_FILE)
 
-    @property
-    def synthetic(self) -> bool:
-        """Trained on SYNTHETIC phantoms (its summary says so, or its data folder is marked)."""
-        summary = self.summary() or {}
-        return bool(summary.get("synthetic_data") or (Path(self.config.data.root) / "SYNTHETIC_DATA.txt").exists())
-
     def write_history(self, history: Sequence[dict[str, float]]) -> Path:
         """metrics.csv: METRICS_COLUMNS, one row per epoch."""
         path = self.path / METRICS_FILE
