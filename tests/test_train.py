@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +184,8 @@ fit(from_yaml(open(sys.argv[1]).read()), sys.argv[2], progress=False, callbacks=
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=lambda n: f"workers={n}")
-def test_a_killed_run_resumed_ends_like_an_uninterrupted_one(learnable_set, cache_dir, tmp_path, workers):
+def test_a_killed_run_resumed_ends_like_an_uninterrupted_one(learnable_set, cache_dir, tmp_path, workers,
+                                                              monkeypatch):
     # Everything random is on: cnn-bn (dropout, batch norm), strong augmentation with mixup/cutmix, class-balanced
     # sampling with replacement, a plateau scheduler that lowers the learning rate, and (workers=2) augmentation
     # in DataLoader worker processes.
@@ -214,7 +216,14 @@ def test_a_killed_run_resumed_ends_like_an_uninterrupted_one(learnable_set, cach
     assert len(read_history(interrupted / "metrics.csv")) == 1
     assert not (interrupted / "summary.json").exists()
 
+    # The resume keeps the preprocessing the run started with, even if the registry's mean/std changed since.
+    import bonefrac.models
+
+    original = bonefrac.models.model_spec
+    monkeypatch.setattr(bonefrac.models, "model_spec", lambda name: replace(original(name), mean=(0.9,) * 3))
     fit(config, interrupted, resume=True, progress=False)
+    monkeypatch.undo()
+    assert (interrupted / "preprocessing.json").read_text() == (straight / "preprocessing.json").read_text()
 
     timing = ("epoch_seconds", "images_per_second")
     expected, resumed = (

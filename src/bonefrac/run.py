@@ -152,6 +152,12 @@ class Preprocessing:
         }
 
     @classmethod
+    def stored(cls, run_dir: str | Path) -> Preprocessing | None:
+        """What run_dir/preprocessing.json says; None when the folder has none (a run from before it existed)."""
+        record = _read_json(Path(run_dir) / PREPROCESSING_FILE)
+        return cls.from_dict(record) if record else None
+
+    @classmethod
     def from_dict(cls, record: dict) -> Preprocessing:
         """What to_dict wrote (also an export's preprocessing.json from before onnx.json existed)."""
         try:
@@ -239,8 +245,7 @@ class Run:
         meta = json.loads((path / LABELS_FILE).read_text())
         labels = list(meta["labels"])
         positive = labels.index(meta["positive_label"]) if meta.get("positive_label") in labels else 1
-        stored = _read_json(path / PREPROCESSING_FILE)
-        preprocessing = Preprocessing.from_dict(stored) if stored else Preprocessing.resolve(config)
+        preprocessing = Preprocessing.stored(path) or Preprocessing.resolve(config)
         calibration = _read_json(path / CALIBRATION_FILE)
         return cls(path, config, labels, positive, preprocessing,
                    Calibration.from_record(calibration, len(labels)) if calibration else

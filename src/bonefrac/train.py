@@ -105,9 +105,9 @@ def fit(
         log.info("bonefrac %s: %s in %s", __version__, "resuming the run" if resume else "new run", run_dir)
         manifest, audit = scan_and_audit(config, run_dir if main else None, manifest=manifest, report=audit,
                                          progress=progress and main)
-        # A resumed run keeps the preprocessing it started with, whatever the registry says now.
-        stored = Run.load(run_dir).preprocessing if resume and Run.is_run_dir(run_dir) else None
-        preprocessing = stored or Preprocessing.resolve(config)
+        # A resumed run keeps the preprocessing it started with, whatever the registry says now (an interrupted
+        # run has no weights yet, but its preprocessing.json was written before the first epoch).
+        preprocessing = (Preprocessing.stored(run_dir) if resume else None) or Preprocessing.resolve(config)
         data = load_training_data(manifest, config, preprocessing, audit, progress=progress and main)
         run = Run.create(run_dir, config, data.labels, data.positive, preprocessing, write=main)
         if probe:
