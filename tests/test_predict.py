@@ -304,3 +304,45 @@ def test_the_table_says_not_assessed_for_what_is_not_a_radiograph(run, tmp_path,
     assert main(["predict", str(run), str(photo)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "not assessed" in out and "(1 not assessed: not like a radiograph)" in out
+
+
+# --- operating points at inference (issue 16, item 1) -----------------------------------------------------------
+
+
+def test_predict_at_another_val_chosen_operating_point_or_a_given_threshold(run, folder):
+    calibration = json.loads((run / "calibration.json").read_text())
+    youden = calibration["thresholds"]["youden"]["threshold"]
+    rows = Predictor(run, backend="torch", operating_point="youden").predict_paths([folder]).rows
+    ok = [row for row in rows if row.status == "ok"]
+    assert ok and all(row.threshold == youden and row.operating_point == "youden" for row in ok)
+    assert all(row.prediction == ("fractured" if row.probabilities["fractured"] >= youden else "not_fractured")
+               for row in ok)
+    target = Predictor(run, backend="torch", operating_point="sensitivity")
+    assert target.operating_point == "sensitivity>=0.95" == calibration["operating_point"]
+    everything = Predictor(run, backend="torch", threshold=0.0).predict_paths([folder]).rows
+    assert {row.prediction for row in everything if row.status == "ok"} == {"fractured"}
+    assert {row.operating_point for row in everything} == {"threshold given"}
+    assert Predictor(run, backend="torch").threshold == calibration["threshold"]  # the run itself is unchanged
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"operating_point": "spec95"}, "this run's calibration.json has default, youden, sensitivity>=0.95"),
+        ({"threshold": 1.5}, "a probability, in \\[0, 1\\]"),
+        ({"operating_point": "youden", "threshold": 0.3}, "not both"),
+    ],
+)
+def test_a_wrong_operating_point_is_named_with_the_choices(run, options, message):
+    with pytest.raises(BonefracError, match=message):
+        Predictor(run, backend="torch", **options)
+
+
+def test_cli_predict_operating_point(run, folder, capsys):
+    assert main(["predict", str(run), str(folder / "b.png"), "--out", "-", "--format", "jsonl",
+                 "--operating-point", "youden"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["operating_point"] == "youden"
+    with pytest.raises(SystemExit) as refused:  # argparse: the two options exclude each other
+        main(["predict", str(run), str(folder / "b.png"), "--threshold", "0.2", "--operating-point", "youden"])
+    assert refused.value.code == 2

@@ -185,3 +185,15 @@ def test_training_export_and_serving_see_the_same_tensor(run, tmp_path):
     assert training.shape == exported.shape == served.shape == (3, 32, 32)
     assert torch.equal(training, served)
     assert torch.allclose(exported, served, atol=1e-6)
+
+
+def test_another_operating_point_keeps_the_temperature_and_needs_two_classes(run):
+    calibration = Run.load(run).calibration
+    youden = calibration.at(operating_point="youden")
+    assert youden.temperature == calibration.temperature and youden.fitted
+    assert youden.threshold == calibration.record["thresholds"]["youden"]["threshold"]
+    assert calibration.at() is calibration
+    with pytest.raises(BonefracError, match="more than two classes"):
+        Calibration.uncalibrated(6).at(threshold=0.3)
+    with pytest.raises(BonefracError, match="not calibrated"):
+        Calibration.uncalibrated(2).at(operating_point="youden")

@@ -350,7 +350,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise BonefracError("--format needs --out (a file, or - for stdout)")
     say = status if to_stdout else console  # with the rows on stdout, every other line goes to stderr
     run, paths = _run_and_paths(args.items, say)
-    predictor = Predictor(run, backend=args.backend, batch_size=args.batch_size, tta=args.tta)
+    predictor = Predictor(run, backend=args.backend, batch_size=args.batch_size, tta=args.tta,
+                          operating_point=args.operating_point, threshold=args.threshold)
     with progress("predicting") as update:
         result = predictor.predict_paths(paths, progress=update)
     if to_stdout:
@@ -681,6 +682,15 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
     )
     predict.add_argument("--batch-size", type=int, default=32)
     predict.add_argument("--tta", action="store_true", help="average the logits of mirror x zoom 1.0/1.1 views")
+    decision = predict.add_mutually_exclusive_group()
+    decision.add_argument(
+        "--operating-point", metavar="NAME",
+        help="decide at another threshold the run chose on val: youden, default, sensitivity (its target), or a "
+             "name in RUN/calibration.json (default: the run's operating point)",
+    )
+    decision.add_argument(
+        "--threshold", type=float, metavar="P", help="decide at p(positive) >= P instead (not chosen on val)"
+    )
     predict.set_defaults(func=cmd_predict)
 
     explain = commands.add_parser(

@@ -27,7 +27,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -175,10 +175,23 @@ class Predictor:
     model.onnx exists and was exported from the current weights, else torch).
     """
 
-    def __init__(self, run: Run | str | Path, backend: str = "auto", *, batch_size: int = 32, tta: bool = False):
+    def __init__(
+        self,
+        run: Run | str | Path,
+        backend: str = "auto",
+        *,
+        batch_size: int = 32,
+        tta: bool = False,
+        operating_point: str | None = None,
+        threshold: float | None = None,
+    ):
+        """operating_point / threshold: decide at another of the run's val-chosen operating points, or at a given
+        threshold, instead of the run's own (Calibration.at)."""
         if backend not in BACKENDS:
             raise BonefracError(f"backend {backend!r}: choose from {', '.join(BACKENDS)}")
-        self.run = Run.of(run)
+        run = Run.of(run)
+        # A copy: a Run passed in (the server's, a caller's) keeps its own decision rule.
+        self.run = replace(run, calibration=run.calibration.at(operating_point=operating_point, threshold=threshold))
         self.model = self.run.network()
         self.batch_size = max(1, batch_size)
         self.tta = tta

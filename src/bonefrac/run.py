@@ -37,7 +37,7 @@ import csv
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -197,6 +197,33 @@ class Calibration:
             fitted=True,
             record=record,
         )
+
+    def at(self, *, operating_point: str | None = None, threshold: float | None = None) -> Calibration:
+        """The same temperature deciding at another of calibration.json's operating points (chosen on val), or at
+        a threshold the user gives; self when neither is asked for.
+
+        operating_point: a name calibration.json lists ("youden", "default", "sensitivity>=0.95"), or "sensitivity"
+        for its sensitivity target. threshold: a probability in [0, 1] on the positive class (not chosen on val:
+        the answers say "threshold given").
+        """
+        if operating_point is None and threshold is None:
+            return self
+        if self.threshold is None:
+            raise BonefracError("this run has more than two classes: its decision is the argmax, with no threshold")
+        if operating_point is not None and threshold is not None:
+            raise BonefracError("give an operating point or a threshold, not both")
+        if threshold is not None:
+            if not 0 <= threshold <= 1:
+                raise BonefracError(f"threshold {threshold}: a probability, in [0, 1]")
+            return replace(self, threshold=float(threshold), operating_point="threshold given")
+        points = self.record.get("thresholds") or {}
+        name = operating_point
+        if name == "sensitivity":  # the sensitivity target this calibration.json was made with
+            name = next((key for key in points if key.startswith("sensitivity>=")), name)
+        if name not in points:
+            listed = ", ".join(points) or "none: the run is not calibrated (bonefrac calibrate RUN)"
+            raise BonefracError(f"operating point {operating_point!r}: this run's calibration.json has {listed}")
+        return replace(self, threshold=float(points[name]["threshold"]), operating_point=name)
 
 
 # --- the run ----------------------------------------------------------------------------------------------------
