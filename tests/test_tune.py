@@ -176,10 +176,11 @@ def test_two_worker_processes_share_one_study(bars, tmp_path):
     workers = [
         subprocess.Popen(
             # --heartbeat is also how long a worker with nothing left sleeps before it looks at the other's trial
-            # again: the default 60 s would be most of this test. 2 epochs: on an idle machine a 1-epoch trial
-            # takes about a second, and the worker that lost the race to create the database starts 2 s late.
+            # again: the default 60 s would be most of this test. 6 epochs: a worker scans and audits the data once
+            # and then a 1-epoch trial takes about a second, while the other worker may start seconds late (torch's
+            # import, the race to create the database): with 2 epochs one worker once ran all 4 trials alone.
             tune_command(bars, cache, tmp_path / name, db, 4, "--sampler-seed", str(seed), "--heartbeat", "5",
-                         epochs=2),
+                         epochs=6),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         for seed, name in enumerate(("worker-a", "worker-b"))
