@@ -116,3 +116,15 @@ def test_cli_compare(runs, bars, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "DeLong" in out and (tmp_path / "compare.md").is_file()
     assert main(["compare", str(tmp_path / "nope")]) == 2
+
+
+def test_the_shipped_model_is_compared_without_writing_into_the_package(runs, bars, tmp_path, monkeypatch):
+    """The shipped run is package data: its evaluation goes to out/eval/..., and compare reads it from there."""
+    from bonefrac.shipped import shipped_run
+
+    package = sorted(p.relative_to(shipped_run()) for p in shipped_run().rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    result = compare_runs([shipped_run(), runs[0]], bars, "test", tmp_path / "cmp")
+    assert [run["n_files"] for run in result["runs"]] == [16, 16]
+    assert (tmp_path / "out" / "eval" / shipped_run().name / "set" / "test" / "predictions.csv").is_file()
+    assert sorted(p.relative_to(shipped_run()) for p in shipped_run().rglob("*")) == package

@@ -49,12 +49,17 @@ def _mean_epoch_seconds(run: Run) -> float | None:
     return float(np.mean(seconds)) if seconds else None
 
 
-def _evaluated(run: Run, data_root: Path | None, split: str, workers: int, manifest: Manifest | None) -> dict:
-    """eval/<split>/metrics.json, evaluating the split first when it is missing or came from another data folder."""
-    metrics = run.evaluation(split)
-    if metrics is not None and (data_root is None or Path(metrics["data_root"]).resolve() == data_root):
-        return metrics
-    return evaluate_run(run, data_root, split, manifest=manifest, workers=workers).metrics
+def _evaluated(
+    run: Run, data_root: Path | None, split: str, workers: int, manifest: Manifest | None
+) -> tuple[dict, Path]:
+    """(metrics.json, the folder holding it and predictions.csv) of the split: the run's own eval/<split>/ when it was
+    made on this data folder, else a new evaluation (which the shipped model, package data, keeps outside itself)."""
+    metrics, folder = run.evaluation(split), run.eval_dir(split)
+    if (metrics is not None and (folder / "predictions.csv").is_file()
+            and (data_root is None or Path(metrics["data_root"]).resolve() == data_root)):
+        return metrics, folder
+    evaluation = evaluate_run(run, data_root, split, manifest=manifest, workers=workers)
+    return evaluation.metrics, evaluation.out_dir
 
 
 def measure_latency_ms(run: Run | str | Path, image_paths: Sequence[Path], *, n_images: int = LATENCY_IMAGES) -> dict:
@@ -156,10 +161,10 @@ def _unique_names(run_dirs: Sequence[Path]) -> list[str]:
 def _run_entry(run: Run, name: str, data_root: Path | None, split: str, workers: int,
                manifest: Manifest | None) -> dict:
     summary = run.summary() or {}
-    test = _evaluated(run, data_root, split, workers, manifest)
-    val = _evaluated(run, data_root, "val", workers, manifest) if split != "val" else test
+    test, test_dir = _evaluated(run, data_root, split, workers, manifest)
+    val = _evaluated(run, data_root, "val", workers, manifest)[0] if split != "val" else test
     root = Path(test["data_root"])
-    predictions = read_predictions_csv(run.eval_dir(split) / "predictions.csv")
+    predictions = read_predictions_csv(test_dir / "predictions.csv")
     latency = measure_latency_ms(run, [root / row["file"] for row in predictions[:LATENCY_IMAGES]])
     m = test["metrics"]
     return {
