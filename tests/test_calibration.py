@@ -89,6 +89,9 @@ def test_thresholds_on_a_hand_made_example():
     # 0.60 is the highest threshold that still finds 4 of 5 fractures; 0.70 finds 3.
     assert chosen["sensitivity>=0.8"] == {"threshold": 0.60, "sensitivity": 4 / 5, "specificity": 6 / 7}
     assert choose_thresholds(Y, P)["sensitivity>=0.95"]["threshold"] == 0.45
+    # Every calibration names the targets 0.9 and 0.95 besides its own: 4 of 5 fractures is below 0.9.
+    assert set(chosen) == {"default", "youden", "sensitivity>=0.8", "sensitivity>=0.9", "sensitivity>=0.95"}
+    assert chosen["sensitivity>=0.9"]["threshold"] == 0.45
 
 
 @pytest.mark.parametrize("target", [0.8, 0.9, 0.95, 0.99, 1.0])

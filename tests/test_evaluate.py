@@ -94,7 +94,7 @@ def test_calibration_json(run):
     result = json.loads((run / "calibration.json").read_text())
     assert result["temperature"] > 0 and result["fitted_on"] == "val"
     assert result["n_files"] == 2 * COUNTS["val"] and result["n_groups"] == 2 * COUNTS["val"]
-    assert set(result["thresholds"]) == {"default", "youden", "sensitivity>=0.95"}
+    assert set(result["thresholds"]) == {"default", "youden", "sensitivity>=0.9", "sensitivity>=0.95"}
     assert result["operating_point"] == "sensitivity>=0.95"
     chosen = result["thresholds"]["sensitivity>=0.95"]
     assert chosen["sensitivity"] >= 0.95 and result["threshold"] == chosen["threshold"]
@@ -148,6 +148,21 @@ def test_evaluate_writes_predictions_metrics_and_plots(evaluated, run):
     for plot in PLOTS:
         assert (out / plot).stat().st_size > 1000, plot
     assert "precision" in evaluated.report and "sensitivity" in evaluated.report
+
+
+def test_every_operating_point_is_applied_to_test(evaluated, run):
+    rows = read_predictions(evaluated.out_dir / "predictions.csv")
+    p = np.array([float(row["p_fractured"]) for row in rows])
+    fractured = np.array([row["label"] == "fractured" for row in rows])
+    chosen_on_val = json.loads((run / "calibration.json").read_text())["thresholds"]
+    points = evaluated.metrics["operating_points"]
+    assert set(points) == set(chosen_on_val)
+    for name, point in points.items():
+        assert point["threshold"] == chosen_on_val[name]["threshold"]  # chosen on val, only applied here
+        assert point["sensitivity"]["point"] == pytest.approx((p[fractured] >= point["threshold"]).mean())
+        assert point["specificity"]["point"] == pytest.approx((p[~fractured] < point["threshold"]).mean())
+        assert point["sensitivity"]["n_groups"] == 8 and point["chosen"] == (name == "sensitivity>=0.95")
+    assert "at each operating point chosen on val:" in evaluated.report
 
 
 def test_strata_tables(evaluated):

@@ -328,7 +328,8 @@ def test_predict_at_another_val_chosen_operating_point_or_a_given_threshold(run,
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"operating_point": "spec95"}, "this run's calibration.json has default, youden, sensitivity>=0.95"),
+        ({"operating_point": "spec95"},
+         "this run's calibration.json has default, youden, sensitivity>=0.9, sensitivity>=0.95"),
         ({"threshold": 1.5}, "a probability, in \\[0, 1\\]"),
         ({"operating_point": "youden", "threshold": 0.3}, "not both"),
     ],

@@ -85,6 +85,15 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
 # --- thresholds ---------------------------------------------------------------------------------------------------
 
 
+# The sensitivity targets every calibration names an operating point for (a run's own min_sensitivity is added).
+SENSITIVITY_TARGETS = (0.90, 0.95)
+
+
+def sensitivity_point(target: float) -> str:
+    """The name of the operating point with val sensitivity >= target: "sensitivity>=0.95"."""
+    return f"sensitivity>={target:g}"
+
+
 def choose_thresholds(
     y_true: np.ndarray, p_positive: np.ndarray, *, min_sensitivity: float = 0.95
 ) -> dict[str, dict[str, float]]:
@@ -95,10 +104,10 @@ def choose_thresholds(
 
     - "default": 0.5.
     - "youden": the threshold maximising Youden's J = sensitivity + specificity - 1 (the highest one on ties).
-    - f"sensitivity>={min_sensitivity:g}": the highest threshold whose sensitivity is at least min_sensitivity,
-      i.e. the best specificity under that constraint. A screening aid must miss few fractures, so this is the
-      operating point that matters; its sensitivity on new data is an estimate, and the CI of the test
-      sensitivity says how far it may fall.
+    - "sensitivity>=T" for T in SENSITIVITY_TARGETS and min_sensitivity: the highest threshold whose sensitivity is
+      at least T, i.e. the best specificity under that constraint. A screening aid must miss few fractures, so
+      these are the operating points that matter; their sensitivity on new data is an estimate, and the CI of the
+      test sensitivity says how far it may fall.
 
     The sensitivity and specificity given are those on the data passed in.
     """
@@ -124,10 +133,12 @@ def choose_thresholds(
 
     flagged = p_positive >= 0.5
     best_j = int(np.argmax(sensitivity + specificity))  # the first is the highest threshold among ties
-    reaching = int(np.flatnonzero(sensitivity >= min_sensitivity)[0])  # sensitivity rises as the threshold falls
-    return {
+    points = {
         "default": {"threshold": 0.5, "sensitivity": float(flagged[positive].mean()),
                     "specificity": float((~flagged[~positive]).mean())},
         "youden": operating_point(best_j),
-        f"sensitivity>={min_sensitivity:g}": operating_point(reaching),
     }
+    for target in sorted({*SENSITIVITY_TARGETS, min_sensitivity}):
+        reaching = int(np.flatnonzero(sensitivity >= target)[0])  # sensitivity rises as the threshold falls
+        points[sensitivity_point(target)] = operating_point(reaching)
+    return points

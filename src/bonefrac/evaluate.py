@@ -44,6 +44,7 @@ from bonefrac.calibration import (
     expected_calibration_error,
     fit_temperature,
     negative_log_likelihood,
+    sensitivity_point,
 )
 from bonefrac.choices import OPERATING_POINTS
 from bonefrac.data.audit import AUDIT_FILE, AuditReport, audit_manifest, leak_line
@@ -240,7 +241,7 @@ def stratum_values(root: str | Path, rows: Sequence[ManifestRow], column: str) -
 def _threshold_key(operating_point: str, min_sensitivity: float) -> str:
     if operating_point not in OPERATING_POINTS:
         raise BonefracError(f"operating point {operating_point!r}: choose from {', '.join(OPERATING_POINTS)}")
-    return f"sensitivity>={min_sensitivity:g}" if operating_point == "sensitivity" else operating_point
+    return sensitivity_point(min_sensitivity) if operating_point == "sensitivity" else operating_point
 
 
 def calibrate_run(
@@ -405,6 +406,29 @@ def _interval_dict(value: Interval, n_files: int, n_groups: int, leaky: bool) ->
             "n_valid_resamples": value.n_valid, "n_files": n_files, "n_groups": n_groups, "leaky": leaky}
 
 
+def _operating_points(run: Run, proba: np.ndarray, y_true: np.ndarray, groups: list[str], *, n_resamples: int,
+                      seed: int) -> dict[str, dict]:
+    """Sensitivity and specificity with CIs at each threshold calibration.json chose on val ({} when the run is not
+    calibrated or has more than two classes): {name: {"threshold", "metrics": {"sensitivity": Interval, ...}}}."""
+    chosen = run.calibration.record.get("thresholds") or {} if run.binary else {}
+    thresholds = {name: float(point["threshold"]) for name, point in chosen.items()}
+    if not thresholds:
+        return {}
+
+    def at_each_threshold(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        out = {}
+        for name, threshold in thresholds.items():
+            m = classification_metrics(y, p, labels=run.labels, positive=run.positive, threshold=threshold)
+            out[f"{name}|sensitivity"], out[f"{name}|specificity"] = m["sensitivity"], m["specificity"]
+        return out
+
+    intervals = bootstrap_ci(y_true, proba, at_each_threshold, groups=np.array(groups), n_resamples=n_resamples,
+                             seed=seed)
+    return {name: {"threshold": threshold, "metrics": {key: intervals[f"{name}|{key}"]
+                                                       for key in ("sensitivity", "specificity")}}
+            for name, threshold in thresholds.items()}
+
+
 def _strata_table(
     predictions: SplitPredictions, proba: np.ndarray, groups: list[str], values: list[str], metric_fn, *, seed: int
 ) -> dict:
@@ -471,6 +495,7 @@ def evaluate_run(
     intervals = bootstrap_ci(predictions.y_true, proba, metric_fn, groups=np.array(groups),
                              n_resamples=n_resamples, seed=seed)
     n_files, n_groups = len(predictions.files), len(set(groups))
+    points = _operating_points(run, proba, predictions.y_true, groups, n_resamples=n_resamples, seed=seed)
     strata_tables, warnings = _strata(root, predictions, proba, groups, strata, metric_fn, seed=seed)
     y_pred = run.decide(proba)
     out_dir = Path(out_dir) if out_dir is not None else default_eval_dir(run, root, split)
@@ -499,6 +524,10 @@ def evaluate_run(
         "synthetic_data": (root / "SYNTHETIC_DATA.txt").exists(),
         "skipped_files": predictions.skipped,
         "metrics": {key: _interval_dict(value, n_files, n_groups, leaky) for key, value in intervals.items()},
+        "operating_points": {name: {"threshold": point["threshold"], "chosen": name == calibration.operating_point,
+                                    **{key: _interval_dict(value, n_files, n_groups, leaky)
+                                       for key, value in point["metrics"].items()}}
+                             for name, point in points.items()},
         "strata": strata_tables,
         "warnings": warnings,
         "disclaimer": DISCLAIMER,
@@ -604,6 +633,15 @@ def _report_text(metrics: dict, intervals: dict[str, Interval], labels: list[str
             f"{metrics['temperature']:.3f}): sensitivity {format_interval(m.get('sensitivity'))}, "
             f"specificity {format_interval(m.get('specificity'))} for {metrics['positive_label']}"
         )
+    if metrics["operating_points"]:
+        lines.append("")
+        lines.append("at each operating point chosen on val:")
+        width = max(len(name) for name in metrics["operating_points"])
+        for name, point in metrics["operating_points"].items():
+            mark = "  <- in use" if point["chosen"] else ""
+            lines.append(f"  {name:<{width}}  threshold {point['threshold']:.4f}: sensitivity "
+                         f"{format_interval(point['sensitivity'])}, specificity "
+                         f"{format_interval(point['specificity'])}{mark}")
     for column, table in metrics["strata"].items():
         lines.append("")
         lines.append(f"by {column}:")

@@ -26,7 +26,7 @@ from bonefrac.data.audit import leak_line
 from bonefrac.data.dataset import find_layout
 from bonefrac.data.io import read_image
 from bonefrac.errors import BonefracError, ImageReadError
-from bonefrac.metrics import METRIC_NAMES, format_number
+from bonefrac.metrics import METRIC_NAMES, format_interval, format_number
 from bonefrac.run import CONFIG_FILE, CURVES_FILE, REPORT_FILE, Run
 
 SAMPLES_PER_CLASS = 4
@@ -282,7 +282,7 @@ def _evaluation_section(evals: dict[str, dict], run: Run) -> str:
     return "".join(parts)
 
 
-def _calibration_section(calibration: dict | None) -> str:
+def _calibration_section(calibration: dict | None, test: dict | None) -> str:
     parts = ["<h2 id='calibration'>Calibration and operating point</h2>"]
     if calibration is None:
         return parts[0] + ("<p>Not calibrated: probabilities are raw softmax outputs and the threshold is 0.5. "
@@ -294,11 +294,16 @@ def _calibration_section(calibration: dict | None) -> str:
         f"{calibration['ece']['before']:.4f} → {calibration['ece']['after']:.4f}.</p>"
     )
     thresholds = calibration.get("thresholds") or {}
+    on_test = (test or {}).get("operating_points") or {}  # the same thresholds applied to test, with CIs
     rows = [[name, f"{p['threshold']:.4f}", f"{p['sensitivity']:.3f}", f"{p['specificity']:.3f}",
+             *([format_interval(on_test[name]["sensitivity"]), format_interval(on_test[name]["specificity"])]
+               if name in on_test else ["", ""]) * bool(on_test),
              "operating point" if name == calibration["operating_point"] else ""] for name, p in thresholds.items()]
     if rows:
-        parts.append(_table(["threshold rule", "threshold", "val sensitivity", "val specificity", "used"], rows,
-                            f"Thresholds chosen on val for {calibration['positive_label']}"))
+        test_columns = ["test sensitivity [95 % CI]", "test specificity [95 % CI]"] if on_test else []
+        parts.append(_table(["threshold rule", "threshold", "val sensitivity", "val specificity", *test_columns,
+                             "used"], rows, f"Thresholds chosen on val for {calibration['positive_label']}"
+                            + (", then applied once to test" if on_test else "")))
     else:
         parts.append("<p>More than two classes: the prediction is the class of highest calibrated probability.</p>")
     return "".join(parts)
@@ -471,7 +476,7 @@ def write_report(run: Run | str | Path, data_root: str | Path | None = None) -> 
         _samples_section(root, synthetic),
         _training_section(run, summary),
         _evaluation_section(evals, run),
-        _calibration_section(calibration),
+        _calibration_section(calibration, evals.get("test")),
         _gradcam_section(run, evals, root),
         _model_card(run, summary, audit, evals, calibration, root, synthetic),
         f"</main><footer><p>Written by bonefrac {esc(__version__)} from <code>{esc(str(run.path))}</code>. "

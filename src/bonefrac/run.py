@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from bonefrac import __version__
+from bonefrac.calibration import sensitivity_point
 from bonefrac.config import RunConfig, from_yaml, to_yaml
 from bonefrac.data.audit import AUDIT_FILE
 from bonefrac.data.dataset import positive_name
@@ -218,8 +219,8 @@ class Calibration:
             return replace(self, threshold=float(threshold), operating_point="threshold given")
         points = self.record.get("thresholds") or {}
         name = operating_point
-        if name == "sensitivity":  # the sensitivity target this calibration.json was made with
-            name = next((key for key in points if key.startswith("sensitivity>=")), name)
+        if name == "sensitivity" and "min_sensitivity" in self.record:  # the target the run was calibrated for
+            name = sensitivity_point(self.record["min_sensitivity"])
         if name not in points:
             listed = ", ".join(points) or "none: the run is not calibrated (bonefrac calibrate RUN)"
             raise BonefracError(f"operating point {operating_point!r}: this run's calibration.json has {listed}")
