@@ -306,6 +306,19 @@ def test_the_table_says_not_assessed_for_what_is_not_a_radiograph(run, tmp_path,
     assert "not assessed" in out and "(1 not assessed: not like a radiograph)" in out
 
 
+def test_the_table_keeps_decisions_whole_at_80_columns(run, folder, tmp_path, monkeypatch, capsys):
+    long_name = tmp_path / ("a_radiograph_with_a_long_descriptive_file_name_" * 2 + ".png")
+    bar_image(np.random.default_rng(0), fractured=True).save(long_name)
+    monkeypatch.chdir(folder)
+    # a relative path beside an absolute one (once "Can't mix absolute and relative paths")
+    assert main(["predict", str(run), "a.png", str(long_name), "text.png"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines if line[0] in "┏┃┡│└") <= 80
+    decisions = [line.split("│")[-2].strip() for line in lines if line.startswith("│") and ".png" in line]
+    assert {d for d in decisions if d and not d.startswith("error:")} <= {"fractured", "not_fractured"}  # whole
+    assert any(d.startswith("error:") for d in decisions) and "p(fractured)" in " ".join(lines)
+
+
 # --- operating points at inference (issue 16, item 1) -----------------------------------------------------------
 
 

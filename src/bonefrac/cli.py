@@ -226,6 +226,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    import shutil
+
+    from bonefrac.shipped import ATTRIBUTION_FILE, samples_dir
+
+    folder = samples_dir()
+    if args.copy:
+        target = Path(args.copy)
+        if target.exists():
+            raise BonefracError(f"{target} exists: give a new folder to copy the samples into")
+        shutil.copytree(folder, target, ignore=shutil.ignore_patterns("__pycache__"))
+        folder = target
+    print(folder)
+    status.print(f"24 FracAtlas test radiographs (CC BY 4.0: {folder / ATTRIBUTION_FILE}). {DISCLAIMER}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bonefrac.evaluate import calibrate_run, format_calibration
 
@@ -359,7 +376,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     elif args.out:
         console.print(f"written: {write_predictions(result, args.out, fmt)}")
     else:
-        console.print(_prediction_table(result, predictor.operating_point), highlight=False)
+        console.print(_prediction_table(result, predictor.operating_point, predictor.run.positive_label),
+                      highlight=False)
     if not predictor.calibrated:
         say.print("not calibrated: T = 1 and threshold 0.5 (run bonefrac calibrate)", highlight=False)
     say.print(result.summary(), highlight=False)
@@ -380,26 +398,33 @@ def _rows_to_stdout(result, fmt: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def _prediction_table(result, operating_point: str):
-    """The terminal table: one row per file; the decision column says 'not assessed' for what is not a radiograph."""
+def _prediction_table(result, operating_point: str, positive_label: str | None):
+    """The terminal table: one row per file with p(positive) (every class's p for N classes) and the decision,
+    which says 'not assessed: <reason>' for what is not a radiograph and 'error: <reason>' for what could not be
+    read. Decisions are never cut: the file column folds first."""
     import os
 
     from rich.table import Table
 
     # Paths relative to the folder they share, so that the table has room for them in a narrow terminal.
-    base = os.path.commonpath([str(Path(row.file).parent) for row in result.rows]) if result.rows else ""
+    base = os.path.commonpath([os.path.abspath(Path(row.file).parent) for row in result.rows]) if result.rows else ""
     table = Table(title=f"files under {base or '.'} ({result.backend} backend, operating point {operating_point})",
                   expand=True)
+    shown = [positive_label] if positive_label else list(result.labels)
     table.add_column("file", overflow="fold", ratio=3)
-    for header in ("status", *(f"p_{label}" for label in result.labels)):
-        table.add_column(header, overflow="fold", ratio=2)
+    for label in shown:
+        table.add_column(f"p({label})", justify="right", no_wrap=True)
     table.add_column("decision", min_width=max(map(len, result.labels)), overflow="fold", ratio=2)
-    table.add_column("error", overflow="fold", ratio=4)
     for row in result.rows:
-        probabilities = [f"{row.probabilities[label]:.4f}" if row.probabilities else "" for label in result.labels]
-        name = os.path.relpath(row.file, base) if base else row.file
-        decision = f"not assessed: {row.ood_reason}" if row.status == "ok" and row.accepted is False else row.prediction
-        table.add_row(name, row.status, *probabilities, decision, row.error)
+        probabilities = [f"{row.probabilities[label]:.4f}" if row.probabilities else "" for label in shown]
+        name = os.path.relpath(os.path.abspath(row.file), base) if base else row.file
+        if row.status != "ok":
+            decision = f"{row.status}: {row.error}"
+        elif row.accepted is False:
+            decision = f"not assessed: {row.ood_reason}"
+        else:
+            decision = row.prediction
+        table.add_row(name, *probabilities, decision)
     return table
 
 
@@ -534,6 +559,15 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
     models = commands.add_parser("models", help="list the models with parameter count and weight sources")
     models.set_defaults(func=cmd_models)
+
+    samples = commands.add_parser(
+        "samples",
+        help="print the folder of the sample radiographs that ship with bonefrac (24 FracAtlas test images)",
+        description="Print the folder of the packaged sample radiographs (<label>/<file>, with manifest.csv and "
+        "ATTRIBUTION.md), e.g. bonefrac predict \"$(bonefrac samples)\"; --copy puts a copy where you like.",
+    )
+    samples.add_argument("--copy", metavar="DIR", help="copy the samples into this new folder and print it")
+    samples.set_defaults(func=cmd_samples)
 
 
 def add_tune_parser(commands: argparse._SubParsersAction) -> None:

@@ -9,6 +9,10 @@ candidates by val AUROC, never by test.
     shipped_run()              the run directory (BonefracError when the package was installed without it)
     run_and_paths(items)       `[RUN] PATH...`: the first item when it is a run directory, else the shipped run
     is_shipped(path)           is this the shipped run? (it lives inside the package: nothing writes into it)
+    samples_dir()              the sample radiographs that ship with it (24 FracAtlas test images, CC BY 4.0):
+                               bonefrac/samples/<label>/<file>, manifest.csv (region, view, study group, the
+                               radiologists' fracture boxes), ATTRIBUTION.md; chosen by benchmarks/make_samples.py
+                               at random, not by any model's output
 """
 
 from __future__ import annotations
@@ -22,6 +26,18 @@ from bonefrac.run import CALIBRATION_FILE, PREPROCESSING_FILE, REQUIRED_FILES, R
 SHIPPED_NAME = "bone-xray-lite0"
 # A shipped model is a finished run that is calibrated and states its preprocessing (no derivation at load time).
 RUN_FILES = (*REQUIRED_FILES, PREPROCESSING_FILE, CALIBRATION_FILE)
+
+
+SAMPLES_MANIFEST = "manifest.csv"
+ATTRIBUTION_FILE = "ATTRIBUTION.md"
+
+
+def samples_dir() -> Path:
+    """The packaged sample radiographs (BonefracError when the package was installed without them)."""
+    folder = Path(__file__).parents[1] / "samples"
+    if not any(folder.glob("*/*.jpg")):
+        raise BonefracError(f"the sample radiographs are not installed ({folder} has no images)")
+    return folder
 
 
 def shipped_run() -> Path:
