@@ -38,10 +38,15 @@ def test_demo_writes_every_output_and_a_summary_with_cis(tmp_path: Path) -> None
             assert entry["low"] is not None and entry["low"] <= entry["point"] <= entry["high"]
     assert {"compare.json", "compare.md", "auc.png"} <= {p.name for p in result.compare.iterdir()}
     assert len(result.pairs) == 1 and "DeLong" in result.pairs[0]
-    assert set(result.seconds) >= {"phantoms", "audit", "train cnn-bn", "evaluate cnn-bn", "compare", "total"}
+    assert set(result.seconds) >= {"phantoms", "audit", "train cnn-bn", "evaluate cnn-bn", "compare",
+                                   "shipped model on real radiographs", "total"}
+    samples = tmp_path / "demo" / "samples"  # the shipped model on the 24 packaged FracAtlas radiographs
+    assert len((samples / "predictions.csv").read_text().splitlines()) == 1 + 24
+    assert len(list(samples.glob("IMG*.gradcam.png"))) == 1
 
     printed = console.file.getvalue()
     assert "SYNTHETIC DATA" in printed and "research tool" in printed
+    assert "of 12 called fractured" in printed and "p(fractured)" in printed
     for run in result.runs:
         assert str(run.report) in printed
         low, high = run.metrics["roc_auc"]["low"], run.metrics["roc_auc"]["high"]

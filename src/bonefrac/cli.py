@@ -359,7 +359,7 @@ def _run_and_paths(items: Sequence[str], say: Console = console) -> tuple[Path, 
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from bonefrac.predict import Predictor, output_format, write_predictions
+    from bonefrac.predict import Predictor, output_format, prediction_table, write_predictions
 
     to_stdout = args.out == "-"
     fmt = output_format(args.out, args.format) if args.out else None  # a wrong --out fails before any work
@@ -376,7 +376,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     elif args.out:
         console.print(f"written: {write_predictions(result, args.out, fmt)}")
     else:
-        console.print(_prediction_table(result, predictor.operating_point, predictor.run.positive_label),
+        console.print(prediction_table(result, predictor.operating_point, predictor.run.positive_label),
                       highlight=False)
     if not predictor.calibrated:
         say.print("not calibrated: T = 1 and threshold 0.5 (run bonefrac calibrate)", highlight=False)
@@ -396,36 +396,6 @@ def _rows_to_stdout(result, fmt: str) -> None:
     except BrokenPipeError:
         # Python would report the closed pipe again when it flushes stdout at exit: point stdout at /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def _prediction_table(result, operating_point: str, positive_label: str | None):
-    """The terminal table: one row per file with p(positive) (every class's p for N classes) and the decision,
-    which says 'not assessed: <reason>' for what is not a radiograph and 'error: <reason>' for what could not be
-    read. Decisions are never cut: the file column folds first."""
-    import os
-
-    from rich.table import Table
-
-    # Paths relative to the folder they share, so that the table has room for them in a narrow terminal.
-    base = os.path.commonpath([os.path.abspath(Path(row.file).parent) for row in result.rows]) if result.rows else ""
-    table = Table(title=f"files under {base or '.'} ({result.backend} backend, operating point {operating_point})",
-                  expand=True)
-    shown = [positive_label] if positive_label else list(result.labels)
-    table.add_column("file", overflow="fold", ratio=3)
-    for label in shown:
-        table.add_column(f"p({label})", justify="right", no_wrap=True)
-    table.add_column("decision", min_width=max(map(len, result.labels)), overflow="fold", ratio=2)
-    for row in result.rows:
-        probabilities = [f"{row.probabilities[label]:.4f}" if row.probabilities else "" for label in shown]
-        name = os.path.relpath(os.path.abspath(row.file), base) if base else row.file
-        if row.status != "ok":
-            decision = f"{row.status}: {row.error}"
-        elif row.accepted is False:
-            decision = f"not assessed: {row.ood_reason}"
-        else:
-            decision = row.prediction
-        table.add_row(name, *probabilities, decision)
-    return table
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

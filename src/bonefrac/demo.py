@@ -55,7 +55,8 @@ IMAGE_SIZE = 128  # px, the models' input
 CNN_EPOCHS = 4
 HEADLINE = (("roc_auc", "ROC AUC"), ("sensitivity", "sensitivity"), ("specificity", "specificity"))
 DEMO_FILE = "demo.json"  # in `out`: what the demo wrote and measured
-OUTPUTS = ("phantoms", "audit", "runs", "compare")  # the demo's folders in `out`, removed before a new demo
+SAMPLES = "samples"  # in `out`: the shipped model's predictions and one Grad-CAM overlay on the sample radiographs
+OUTPUTS = ("phantoms", "audit", "runs", "compare", SAMPLES)  # the demo's folders in `out`, removed before a new demo
 CACHE = "cache"  # decoded images and backbone features in `out`, kept from one demo to the next
 
 
@@ -128,6 +129,7 @@ def run_demo(
     cnn_epochs: int = CNN_EPOCHS,
     allow_leakage: bool = False,
     seed: int = 0,
+    shipped_on_samples: bool = True,
     console: Console | None = None,
     progress: bool = True,
     verbose: bool = False,
@@ -136,6 +138,8 @@ def run_demo(
 
     data: root/{train,val,test}/<class>/; None: generate `n_phantoms` SYNTHETIC phantoms into out/phantoms.
     out: a new or empty folder, or one an earlier demo wrote (its folders are replaced; out/cache is kept).
+    shipped_on_samples: end with the shipped model on the sample radiographs that ship with bonefrac (24 FracAtlas
+    test images): its prediction table and one Grad-CAM overlay, in out/samples.
     progress: progress bars and training lines on the terminal (stage lines and the summary always print).
     verbose: also Lightning's own banners and model summaries.
     Raises DatasetError (no train/val/test in `data`), DataLeakageError (splits share duplicates and not
@@ -182,6 +186,9 @@ def run_demo(
 
     with _stage(console, "compare", seconds):
         comparison = compare_runs([run.run_dir for run in runs], root, "test", out / "compare", manifest=manifest)
+    if shipped_on_samples:
+        with _stage(console, "shipped model on real radiographs", seconds):
+            _shipped_on_samples(out / SAMPLES, console, progress=progress)
     seconds["total"] = round(time.perf_counter() - started, 1)
     result = DemoResult(root, synthetic, out / "audit", runs, out / "compare", pair_sentences(comparison), seconds)
     (out / DEMO_FILE).write_text(json.dumps(_to_json(result), indent=2))
@@ -216,6 +223,32 @@ def _train_and_evaluate(
         threshold=metrics["threshold"],
         operating_point=metrics["operating_point"],
     )
+
+
+def _shipped_on_samples(out: Path, console: Console, *, progress: bool) -> None:
+    """The shipped model on the packaged real radiographs: the prediction table, predictions.csv, how many of each
+    class it called fractured, and a Grad-CAM overlay of the first fractured sample."""
+    from bonefrac.explain import Explainer, explain_paths
+    from bonefrac.predict import Predictor, prediction_table, write_predictions
+    from bonefrac.shipped import ATTRIBUTION_FILE, samples_dir, shipped_run
+
+    folder, run = samples_dir(), shipped_run()
+    console.print(f"the model that ships with bonefrac ({run.name}) on {folder}: real radiographs (FracAtlas test, "
+                  f"CC BY 4.0, {ATTRIBUTION_FILE}) it never saw", highlight=False)
+    predictor = Predictor(run, backend="torch")
+    with step_progress("predicting the samples", progress) as update:
+        result = predictor.predict_paths([folder], progress=update)
+    console.print(prediction_table(result, predictor.operating_point, predictor.run.positive_label), highlight=False)
+    written = write_predictions(result, out / "predictions.csv", "csv")
+    positive = predictor.run.positive_label
+    for label in predictor.run.labels:  # the truth is the sample's folder
+        rows = [row for row in result.rows if Path(row.file).parent.name == label and row.status == "ok"]
+        called = sum(row.prediction == positive for row in rows)
+        console.print(f"  {label}: {called} of {len(rows)} called {positive}", highlight=False)
+    first = sorted(folder.glob(f"{positive}/*.jpg"))[:1]
+    explained = explain_paths(Explainer(predictor), first, out) if first else []
+    console.print(f"predictions: {written}; Grad-CAM overlay: {explained[0].overlay if explained else 'none'}",
+                  highlight=False)
 
 
 def summary(result: DemoResult) -> list:

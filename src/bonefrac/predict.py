@@ -9,6 +9,7 @@
     expand_paths(paths)                  what predict_paths reads, and how many non-image files it passed over
     write_predictions(rows, out, fmt)    CSV, JSON or JSON lines, to a file or a stream (stdout); output_format
                                          decides the format before any image is read
+    prediction_table(result, ...)        the terminal table (`bonefrac predict`, the demo's real-radiograph stage)
 
 Every file goes the way of training and evaluation: `read_image`, then the run's stored `Preprocessing` (letterbox
 to its image size, its mean/std: run.py, the one definition used here, by evaluate, export, explain and serve). A
@@ -33,6 +34,7 @@ from typing import TextIO
 
 import numpy as np
 import torch
+from rich.table import Table
 
 from bonefrac.calibration import apply_temperature
 from bonefrac.choices import BACKENDS, PREDICTION_FORMATS
@@ -359,3 +361,29 @@ def _write_rows(result: PredictionResult, handle: TextIO, fmt: str) -> None:
         writer.writeheader()
         for record in records:
             writer.writerow({key: "" if value is None else value for key, value in record.items()})
+
+
+def prediction_table(result: PredictionResult, operating_point: str, positive_label: str | None) -> Table:
+    """The terminal table: one row per file with p(positive) (every class's p for N classes) and the decision,
+    which says 'not assessed: <reason>' for what is not a radiograph and 'error: <reason>' for what could not be
+    read. Decisions are never cut: the file column folds first."""
+    # Paths relative to the folder they share, so that the table has room for them in a narrow terminal.
+    base = os.path.commonpath([os.path.abspath(Path(row.file).parent) for row in result.rows]) if result.rows else ""
+    table = Table(title=f"files under {base or '.'} ({result.backend} backend, operating point {operating_point})",
+                  expand=True)
+    shown = [positive_label] if positive_label else list(result.labels)
+    table.add_column("file", overflow="fold", ratio=3)
+    for label in shown:
+        table.add_column(f"p({label})", justify="right", no_wrap=True)
+    table.add_column("decision", min_width=max(map(len, result.labels)), overflow="fold", ratio=2)
+    for row in result.rows:
+        probabilities = [f"{row.probabilities[label]:.4f}" if row.probabilities else "" for label in shown]
+        name = os.path.relpath(os.path.abspath(row.file), base) if base else row.file
+        if row.status != "ok":
+            decision = f"{row.status}: {row.error}"
+        elif row.accepted is False:
+            decision = f"not assessed: {row.ood_reason}"
+        else:
+            decision = row.prediction
+        table.add_row(name, *probabilities, decision)
+    return table
