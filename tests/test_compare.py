@@ -77,6 +77,7 @@ def test_compare_writes_table_json_and_charts(compared, runs):
     assert all((run / "eval" / split / "metrics.json").is_file() for run in runs for split in ("val", "test"))
     markdown = (out / "compare.md").read_text()
     assert "| run | model | parameters |" in markdown and "DeLong" in markdown and "research tool" in markdown
+    assert "sensitivity>=0.95" in markdown and "&gt;" not in markdown  # the operating point reads as written
 
 
 def test_paired_tests_equal_delong_on_the_predictions(compared, runs):

@@ -12,7 +12,6 @@ file sets cannot be paired and are refused. Multi-class runs get one-vs-rest mac
 from __future__ import annotations
 
 import csv
-import html
 import itertools
 import json
 import time
@@ -301,12 +300,15 @@ def pair_sentences(result: dict) -> list[str]:
 def compare_markdown(result: dict) -> str:
     """compare.md: disclaimer, the table, the paired tests, the leakage lines and what the columns mean."""
     headers, rows = table_rows(result)
-    esc = html.escape  # run names are folder names: keep '|' and '<' from breaking the table
+
+    def esc(cell: str) -> str:  # run names are folder names: keep '|' and '<' from breaking the table; '>=' stays
+        return cell.replace("<", "&lt;").replace("|", "\\|")
+
     lines = [f"# Run comparison on the {result['split']} split", "", f"> {DISCLAIMER}", ""]
     if result["synthetic_data"]:
         lines += ["**SYNTHETIC phantom data**: these numbers say nothing about real radiographs.", ""]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(esc(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     lines += ["", "## Paired tests of the AUC difference (same files)", ""]
     lines += [f"- {line}" for line in pair_sentences(result)] or ["- one run: nothing to pair"]
     leaks = [(r["name"], line) for r in result["runs"] for line in r["leakage"]]
