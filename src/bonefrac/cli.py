@@ -182,7 +182,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if result.best_config is not None:
         console.print(
             f"best val AUROC {result.best_value:.4f} (trial {result.best_number}); train it: "
-            f"bonefrac train {args.data} --config {result.best_config}",
+            f"bonefrac train {' '.join(args.data)} --config {result.best_config}",
             highlight=False,
         )
     console.print(f"written: {result.out_dir}/ (trials/, trials.csv, top_trials.md, plots)")
@@ -488,7 +488,13 @@ TRAIN_OVERRIDES: tuple[tuple[str, str, dict], ...] = (
 )
 VERBOSE = "also what Lightning prints: device banners, tips, the model summary"  # train, tune, demo
 TRAIN_OVERRIDE_KEYS = (
-    *(key for _, key, _ in TRAIN_OVERRIDES), "model.pretrained", "train.allow_leakage", "data.group_balance"
+    *(key for _, key, _ in TRAIN_OVERRIDES), "model.pretrained", "train.allow_leakage", "data.group_balance",
+    "data.dataset_balance",
+)
+# DATA of `train` and `tune`: one folder or several, trained on together (config data.root)
+TRAIN_DATA_HELP = (
+    "root/{train,val,test}/<class>/ (make one with `bonefrac data split`); several folders are trained on together, "
+    "each keeping its own splits, audited as one (a duplicate across folders is leakage too)"
 )
 
 
@@ -514,18 +520,25 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         "--group-balance", dest="data.group_balance", action="store_const", const=True, default=None,
         help="draw each group of near-copies (manifest.csv group, else the audit's) as often as one image",
     )
+    parser.add_argument(
+        "--dataset-balance", dest="data.dataset_balance", action="store_const", const=True, default=None,
+        help="with several data folders: draw each folder equally often, whatever its size",
+    )
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
-        help="train a classifier on DATA/{train,val}/<class>/ into a run directory",
+        help="train a classifier on DATA/{train,val}/<class>/ (one folder or several) into a run directory",
         description=(
             "Train a classifier. The config is built from defaults < recipe < --config YAML < options. The data "
-            "is audited first: splits that share duplicates are refused unless --allow-leakage."
+            "is audited first: splits that share duplicates are refused unless --allow-leakage. Several data "
+            "folders are trained on together: train and val are their train and val splits pooled, the audit "
+            "covers all of them, --dataset-balance draws each folder equally often, and summary.json records each "
+            "folder with its counts and the md5 of its manifest.csv."
         ),
     )
-    train.add_argument("data", help="root/{train,val,test}/<class>/ (make one with `bonefrac data split`)")
+    train.add_argument("data", nargs="+", metavar="DATA", help=TRAIN_DATA_HELP)
     train.add_argument("--out", help="run directory (default runs/<model>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--verbose", action="store_true", help=VERBOSE)
@@ -546,7 +559,7 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> None:
             "--storage and --study share the trials; re-running the command resumes the study."
         ),
     )
-    tune.add_argument("data", help="root/{train,val,test}/<class>/ (make one with `bonefrac data split`)")
+    tune.add_argument("data", nargs="+", metavar="DATA", help=TRAIN_DATA_HELP)
     tune.add_argument(
         "--trials", type=int, default=20,
         help="trials in the study, all workers together; a re-run runs only the missing ones (default 20)",
@@ -622,7 +635,7 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="COL",
-        help="per-stratum table of a manifest.csv column (e.g. source), or size/format/mode; repeatable",
+        help="per-stratum table of a manifest.csv column (e.g. source), or size/format/mode/dataset; repeatable",
     )
     evaluate.add_argument("--tta", action="store_true", help="average the logits of mirror x zoom 1.0/1.1 views")
     evaluate.set_defaults(func=cmd_evaluate)

@@ -64,6 +64,9 @@ class DataConfig:
     # a single image: 200 rotations of one radiograph then count once, not 200 times.
     group_balance: bool = False
     epoch_size: int = 0  # training images drawn per epoch (0: as many as the train split has)
+    # With several data folders: draw each folder equally often, whatever its size (then its classes and groups
+    # as class_balance and group_balance say), so a large folder does not teach the model its own look.
+    dataset_balance: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.root, list | tuple):  # a list of one is that folder; of none, no folder

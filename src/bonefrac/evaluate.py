@@ -51,9 +51,9 @@ from bonefrac.data.cache import CachedImageDataset, ImageCache
 from bonefrac.data.dataset import (
     Manifest,
     ManifestRow,
+    folder_records,
+    folder_tables,
     manifest_groups,
-    manifest_key,
-    read_data_manifest,
     scan_data,
     scan_folder,
 )
@@ -73,6 +73,7 @@ N_RESAMPLES = 1000
 STRATUM_AUC_SPREAD = 0.1  # stratum AUCs further apart than this suggest the model learned the stratum
 SIZE_BUCKETS = ((256, "<=256"), (512, "257-512"), (1024, "513-1024"), (2048, "1025-2048"))  # longer side, px
 ALL_SPLIT = "all"  # the split name of every image of a folder without split folders (root/<class>/)
+DATASET_STRATUM = "dataset"  # the stratum of each row's data folder; added by itself when several are evaluated
 
 
 # --- a run and its predictions ---------------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def predict_split(
     manifest = manifest or scan_data(_data_root(run, data_root))
     rows = split_rows(manifest, split)
     skipped = [{"path": p.path, "reason": p.reason} for p in manifest.problems
-               if split == ALL_SPLIT or _split_of(p.path) == split]
+               if split == ALL_SPLIT or _split_of(manifest.within_folder(p.path)) == split]
     if not rows:
         raise DatasetError(f"{manifest.root}: no readable images in split {split!r} (splits found: "
                            f"{_splits_found(manifest)})")
@@ -166,7 +167,7 @@ def predict_split(
             images = images.to(device)
             logits = tta_logits(model, images) if tta else model(images)
             outputs.append(logits.float().cpu().numpy())
-    data_groups = manifest_groups(manifest.root, rows)
+    data_groups = manifest_groups(manifest, rows)
     return SplitPredictions(
         split=split,
         labels=run.labels,
@@ -220,18 +221,22 @@ def size_bucket(width: int, height: int) -> str:
     return next((name for limit, name in SIZE_BUCKETS if side <= limit), f">{SIZE_BUCKETS[-1][0]}")
 
 
-def stratum_values(root: str | Path, rows: Sequence[ManifestRow], column: str) -> list[str]:
-    """Each row's value of `column`: 'size' (bucket), a manifest field (format, mode), or a manifest.csv column."""
+def stratum_values(manifest: Manifest, rows: Sequence[ManifestRow], column: str) -> list[str]:
+    """Each row's value of `column`: 'size' (bucket), 'dataset' (its data folder's name), a manifest field (format,
+    mode), or a column of its data folder's manifest.csv."""
     if column == "size":
         return [size_bucket(row.width, row.height) for row in rows]
-    table = read_data_manifest(root)
-    columns = set(next(iter(table.values()), {}))
+    if column == DATASET_STRATUM:
+        return [row.dataset or manifest.root.name for row in rows]
+    tables = folder_tables(manifest)
+    columns = {name for table in tables.values() for name in next(iter(table.values()), {})}
     if column in columns:
-        return [table.get(manifest_key(row), {}).get(column) or "unknown" for row in rows]
+        return [record.get(column) or "unknown" for record in folder_records(manifest, rows, tables)]
     if column in ("format", "mode"):
         return [getattr(row, column) or "unknown" for row in rows]
-    choices = ", ".join(sorted({"size", "format", "mode"} | (columns - {"split", "label", "file", "md5"})))
-    raise BonefracError(f"no stratum column {column!r} for {root}; choose from: {choices}")
+    builtin = {"size", "format", "mode", DATASET_STRATUM}
+    choices = ", ".join(sorted(builtin | (columns - {"split", "label", "file", "md5"})))
+    raise BonefracError(f"no stratum column {column!r} for {manifest.root}; choose from: {choices}")
 
 
 # --- calibration on val --------------------------------------------------------------------------------------------
@@ -290,7 +295,7 @@ def calibrate_run(
         "ece": {"before": expected_calibration_error(val.y_true, val.probabilities()),
                 "after": expected_calibration_error(val.y_true, proba)},
         "skipped_files": val.skipped,
-        "synthetic_data": (root / "SYNTHETIC_DATA.txt").exists(),
+        "synthetic_data": manifest.synthetic,
         "disclaimer": DISCLAIMER,
     }
     if run.binary:
@@ -339,13 +344,12 @@ def check_leakage(run: Run, manifest: Manifest, split: str, *, workers: int = 1)
         return Leakage([f"evaluating the training split itself ({len(manifest.rows)} files seen in training)"], {},
                        "the split")
     if split == ALL_SPLIT:  # no train split to compare with; duplicates among the files still group them for CIs
-        report = audit_manifest(Manifest(manifest.root, manifest.labels, split_rows(manifest, split)),
-                                workers=workers)
+        report = audit_manifest(manifest.subset(split_rows(manifest, split)), workers=workers)
         sizes = Counter(report.group_of.values())
         group_of = {path: g for path, g in report.group_of.items() if sizes[g] > 1}
         return Leakage([], group_of, "a fresh audit of the folder", checked=False)
     audit = run.audit()
-    counts = Manifest(manifest.root, manifest.labels, manifest.rows).counts()
+    counts = manifest.counts()
     if audit is not None:
         same_root = Path(audit.get("root", "")).resolve() == Path(manifest.root).resolve()
         audited = audit.get("counts", {})
@@ -353,7 +357,7 @@ def check_leakage(run: Run, manifest: Manifest, split: str, *, workers: int = 1)
             entries = [e for e in audit.get("leakage", []) if e["split"] == split and e["other"] == "train"]
             group_of = {path: g["group"] for g in audit.get("groups", []) for path in g["paths"]}
             return Leakage([leak_line(e) for e in entries if e["files"]], group_of, f"the run's {AUDIT_FILE}")
-    subset = Manifest(manifest.root, manifest.labels, [r for r in manifest.rows if r.split in ("train", split)])
+    subset = manifest.subset([r for r in manifest.rows if r.split in ("train", split)])
     report: AuditReport = audit_manifest(subset, workers=workers)
     entries = [e for e in report.leakage if e["split"] == split and e["other"] == "train"]
     sizes = Counter(report.group_of.values())
@@ -376,7 +380,7 @@ def _manifest_group_leakage(manifest: Manifest, split: str) -> list[str]:
     """The data folder's own groups (manifest.csv) shared by `split` and train, as a leakage line."""
     if split == "train":
         return []
-    groups = manifest_groups(manifest.root, manifest.rows)
+    groups = manifest_groups(manifest, manifest.rows)
     train = {groups[r.path] for r in manifest.rows if r.split == "train" and r.path in groups}
     mine = [r for r in manifest.rows if r.split == split and r.path in groups]
     shared = [r for r in mine if groups[r.path] in train]
@@ -471,7 +475,7 @@ def evaluate_run(
     intervals = bootstrap_ci(predictions.y_true, proba, metric_fn, groups=np.array(groups),
                              n_resamples=n_resamples, seed=seed)
     n_files, n_groups = len(predictions.files), len(set(groups))
-    strata_tables, warnings = _strata(root, predictions, proba, groups, strata, metric_fn, seed=seed)
+    strata_tables, warnings = _strata(manifest, predictions, proba, groups, strata, metric_fn, seed=seed)
     y_pred = run.decide(proba)
     out_dir = Path(out_dir) if out_dir is not None else default_eval_dir(run, root, split)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -496,7 +500,7 @@ def evaluate_run(
         "leakage": leak_lines,
         "leakage_checked": leakage.checked,
         "leakage_notes": notes,
-        "synthetic_data": (root / "SYNTHETIC_DATA.txt").exists(),
+        "synthetic_data": manifest.synthetic,
         "skipped_files": predictions.skipped,
         "metrics": {key: _interval_dict(value, n_files, n_groups, leaky) for key, value in intervals.items()},
         "strata": strata_tables,
@@ -526,13 +530,13 @@ def _writable(folder: Path) -> bool:
 
 
 def _strata(
-    root: Path, predictions: SplitPredictions, proba: np.ndarray, groups: list[str], columns: Sequence[str],
+    manifest: Manifest, predictions: SplitPredictions, proba: np.ndarray, groups: list[str], columns: Sequence[str],
     metric_fn, *, seed: int,
 ) -> tuple[dict, list[str]]:
     """({column: per-value table}, warnings where stratum AUCs differ by more than STRATUM_AUC_SPREAD)."""
     tables, warnings = {}, []
     for column in columns:
-        values = stratum_values(root, predictions.rows, column)
+        values = stratum_values(manifest, predictions.rows, column)
         table = _strata_table(predictions, proba, groups, values, metric_fn, seed=seed)
         tables[column] = table
         aucs = {v: e["roc_auc"]["point"] for v, e in table.items() if e.get("roc_auc", {}).get("point") is not None}
