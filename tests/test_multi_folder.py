@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from bonefrac.cli import build_parser
+from bonefrac.cli import build_parser, main
+from bonefrac.compare import strata_rows
 from bonefrac.config import build_config, from_yaml
 from bonefrac.data.dataset import manifest_groups, scan_data, scan_folder, scan_folders
 from bonefrac.data.trainset import sampling_weights, scan_and_audit
 from bonefrac.errors import DataLeakageError, DatasetError
-from bonefrac.evaluate import stratum_values
+from bonefrac.evaluate import evaluate_run, stratum_values
+from bonefrac.report import write_report
 from tests.conftest import write_set
 from tests.helpers import tiny_fit, write_bar_set
 
@@ -140,6 +142,10 @@ def test_the_commands_take_several_folders():
     assert parser.parse_args(["train", "A", "B", "--dataset-balance"]).data == ["A", "B"]
     assert getattr(parser.parse_args(["train", "A", "--dataset-balance"]), "data.dataset_balance") is True
     assert parser.parse_args(["tune", "A", "B"]).data == ["A", "B"]
+    for command in (["evaluate", "RUN"], ["calibrate", "RUN"], ["report", "RUN"], ["compare", "RUN"]):
+        assert parser.parse_args([*command, "--data", "A", "--data", "B"]).data == ["A", "B"]
+        assert parser.parse_args([*command, "--data", "A", "B"]).data == ["A", "B"]
+        assert parser.parse_args(command).data is None
 
 
 # --- a run on two folders ---------------------------------------------------------------------------------------
@@ -176,7 +182,34 @@ def test_a_run_records_the_folders_it_saw(two_folder_run, two_folders):
     config = from_yaml((two_folder_run / "config.yaml").read_text())
     assert config.data.roots == [str(a.resolve()), str(b.resolve())] and config.data.dataset_balance
     calibration = json.loads((two_folder_run / "calibration.json").read_text())
-    assert calibration["n_files"] == 16  # the folders' val splits pooled
+    assert calibration["n_files"] == 16 and set(calibration["datasets"]) == {"hospA", "hospB"}  # pooled val
+
+
+def test_evaluating_several_folders_gives_each_folders_metrics_and_the_pooled_ones(two_folder_run, two_folders,
+                                                                                 tmp_path):
+    metrics = evaluate_run(two_folder_run, n_resamples=50, out_dir=tmp_path / "eval").metrics  # the run's folders
+    assert metrics["n_files"] == 16 and not metrics["leakage_notes"]  # the test splits pooled
+    by_folder = metrics["strata"]["dataset"]
+    assert {name: entry["n_files"] for name, entry in by_folder.items()} == {"hospA": 8, "hospB": 8}
+    assert {"roc_auc", "sensitivity", "specificity"} <= set(by_folder["hospB"])
+    # hospA lists its groups (all one group, 'hospA:g1'); hospB's files are grouped by the audit (8 singles).
+    assert (by_folder["hospA"]["n_groups"], by_folder["hospB"]["n_groups"], metrics["n_groups"]) == (1, 8, 9)
+    assert metrics["groups_from"].startswith("manifest.csv group column where listed")
+    # One folder alone: no dataset stratum, and a note that the run also trained on the other folder.
+    a, _ = two_folders
+    alone = evaluate_run(two_folder_run, a, n_resamples=50, out_dir=tmp_path / "a").metrics
+    assert "dataset" not in alone["strata"] and alone["n_files"] == 8
+    assert any("not on this folder" in note for note in alone["leakage_notes"])
+
+
+def test_the_cli_trains_and_evaluates_on_two_folders(two_folder_run, two_folders, tmp_path, capsys):
+    a, b = two_folders
+    assert main(["evaluate", str(two_folder_run), "--data", str(a), str(b), "--split", "val", "--strata", "source",
+                 "--out", str(tmp_path / "eval")]) == 0
+    printed = capsys.readouterr().out
+    assert "by dataset:" in printed and "hospA" in printed and "hospB" in printed and "by source:" in printed
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics["strata"]["source"]) == {"scanner-1", "unknown"}  # hospB has no manifest.csv
 
 
 def test_a_linear_probe_trains_on_two_folders(two_folders, tmp_path):
@@ -185,3 +218,18 @@ def test_a_linear_probe_trains_on_two_folders(two_folders, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["strategy"] == "linear-probe" and [d["name"] for d in summary["datasets"]] == ["hospA", "hospB"]
     assert summary["data"]["val"] == {"fractured": 8, "not_fractured": 8}
+
+
+def test_compare_and_report_show_each_folder(two_folder_run, tmp_path, capsys):
+    assert main(["compare", str(two_folder_run), "--out", str(tmp_path / "compare")]) == 0  # on the run's folders
+    assert "by dataset (test split)" in capsys.readouterr().out
+    result = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    headers, rows = strata_rows(result)["dataset"]
+    assert headers[:3] == ["run", "dataset", "n files"] and [row[1:3] for row in rows] == [["hospA", "8"],
+                                                                                           ["hospB", "8"]]
+    assert "## By dataset (test split, 95% CIs)" in (tmp_path / "compare" / "compare.md").read_text()
+
+    page = write_report(two_folder_run).read_text()
+    assert "<h4>Strata: dataset</h4>" in page and "<th scope='row'>hospB</th>" in page
+    assert "<h3>hospA: fractured</h3>" in page and "<h3>hospB: not_fractured</h3>" in page  # samples of each folder
+    assert "Grad-CAM overlay" in page  # the gallery finds the pooled split's files under the folders' common root

@@ -275,17 +275,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from bonefrac.compare import compare_runs, pair_sentences, table_rows
+    from bonefrac.compare import compare_runs, pair_sentences, strata_rows, table_rows
 
     result = compare_runs(args.runs, args.data, args.split, args.out, workers=args.workers,
                           progress=lambda line: status.print(line, highlight=False))
-    headers, rows = table_rows(result)
-    table = Table(title=f"runs on the {result['split']} split (95% CIs)")
-    for header in headers:
-        table.add_column(header)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    tables = {f"runs on the {result['split']} split (95% CIs)": table_rows(result)}
+    tables |= {f"by {column} ({result['split']} split)": rows for column, rows in strata_rows(result).items()}
+    for title, (headers, rows) in tables.items():
+        table = Table(title=title)
+        for header in headers:
+            table.add_column(header)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     for line in pair_sentences(result):
         console.print(line, highlight=False)
     for run in result["runs"]:
@@ -496,6 +498,8 @@ TRAIN_DATA_HELP = (
     "root/{train,val,test}/<class>/ (make one with `bonefrac data split`); several folders are trained on together, "
     "each keeping its own splits, audited as one (a duplicate across folders is leakage too)"
 )
+# --data of the commands that read a run's data: repeatable, and several folders after one --data
+DATA_OPTION = {"action": "extend", "nargs": "+", "metavar": "FOLDER"}
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -597,7 +601,8 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         description="Temperature and thresholds are chosen on val only; test data never influences them.",
     )
     calibrate.add_argument("run", help="run directory (bonefrac train --out)")
-    calibrate.add_argument("--data", help="root/{train,val,test}/<class>/ (default: the run's own data folder)")
+    calibrate.add_argument("--data", **DATA_OPTION, help="root/{train,val,test}/<class>/; several: their val "
+                           "splits pooled (default: the run's own data folders)")
     common(calibrate)
     calibrate.add_argument(
         "--min-sensitivity", type=float, default=0.95, help="target of the sensitivity threshold (default 0.95)"
@@ -622,9 +627,10 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         ),
     )
     evaluate.add_argument("run", nargs="?", help="run directory (bonefrac train --out); default: the shipped model")
-    evaluate.add_argument("--data", help="FOLDER/<class>/, FOLDER/<split>/<class>/, or a CSV of path,label[,group] "
-                          "(paths relative to its folder or absolute); default: the run's own data folder; required "
-                          "for the shipped model")
+    evaluate.add_argument("--data", **DATA_OPTION, help="FOLDER/<class>/, FOLDER/<split>/<class>/, or a CSV of "
+                          "path,label[,group] (paths relative to its folder or absolute); several folders: the split "
+                          "pooled, with a 'dataset' stratum for each folder's own metrics; default: the run's own "
+                          "data folders; required for the shipped model")
     common(evaluate)
     evaluate.add_argument("--split", help="train, val or test (default test); a folder without split folders: "
                           "every image, as 'all'")
@@ -652,7 +658,8 @@ def add_report_parsers(commands: argparse._SubParsersAction) -> None:
         ),
     )
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
-    compare.add_argument("--data", help="evaluate every run on this folder (default: each run's own data folder)")
+    compare.add_argument("--data", **DATA_OPTION, help="evaluate every run on this folder, or these folders pooled "
+                         "(default: each run's own data folders)")
     compare.add_argument("--split", default="test", help="split to compare on (default test)")
     compare.add_argument("--out", default="out/compare", help="folder for compare.json, compare.md, PNGs")
     compare.add_argument("--workers", type=int, default=0, help="decoding processes when evaluating (default 0)")
@@ -662,7 +669,7 @@ def add_report_parsers(commands: argparse._SubParsersAction) -> None:
         "report", help="one self-contained RUN/report.html: data, training, evaluation, calibration, model card"
     )
     report.add_argument("run", help="run directory (bonefrac train --out)")
-    report.add_argument("--data", help="data folder for the sample images (default: the run's own)")
+    report.add_argument("--data", **DATA_OPTION, help="data folder(s) for the sample images (default: the run's own)")
     report.set_defaults(func=cmd_report)
 
 
