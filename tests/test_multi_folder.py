@@ -129,6 +129,9 @@ def test_dataset_balanced_weights_are_exact():
     # ... and groups within each class: the group of 2 weighs as much as the single image b.
     everything = sampling_weights(targets, groups, by_class=True, by_group=True, datasets=datasets, by_dataset=True)
     assert everything == pytest.approx([1 / 8, 1 / 8, 1 / 4, 1 / 2, 1 / 2, 1 / 2])
+    # One folder: nothing to balance, a plain shuffle as without the option.
+    alone = sampling_weights(targets, groups, by_class=False, by_group=False, datasets=["A"] * 6, by_dataset=True)
+    assert alone is None
     # Without by_dataset the folders change nothing.
     assert sampling_weights(targets, groups, by_class=True, by_group=False, datasets=datasets) == pytest.approx(
         sampling_weights(targets, groups, by_class=True, by_group=False))

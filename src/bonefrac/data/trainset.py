@@ -212,14 +212,16 @@ def sampling_weights(
     by_dataset (datasets: each image's data folder): every folder gets the same total, so a small hospital's folder
     is drawn as often as a large one's. With by_class too, the classes are balanced within each folder, each
     taking an equal share of its folder's total (so classes are balanced overall when every folder has every
-    class; a folder with one class keeps its share all the same).
+    class; a folder with one class keeps its share all the same). With one folder it changes nothing: the run then
+    samples exactly as it would without it.
     """
+    by_dataset = by_dataset and datasets is not None and len(set(datasets)) > 1
     if not (by_class or by_group or by_dataset):
         return None
     size = Counter(groups)
     weights = [1.0 / size[group] if by_group else 1.0 for group in groups]
     if by_class or by_dataset:
-        folders = datasets if by_dataset and datasets is not None else [""] * len(targets)
+        folders = datasets if by_dataset else [""] * len(targets)
         # The cells that get equal totals: (folder, class), with "" standing for "any" on the side not balanced.
         cells = [(folder if by_dataset else "", target if by_class else -1)
                  for folder, target in zip(folders, targets, strict=True)]
