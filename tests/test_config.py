@@ -15,6 +15,8 @@ from bonefrac.config import (
     from_yaml,
     to_yaml,
 )
+from bonefrac.run import Run
+from bonefrac.shipped import shipped_run
 
 
 def write(tmp_path, text: str):
@@ -160,3 +162,17 @@ def test_differences_lists_changed_keys():
     new = build_config(overrides={"train.lr": 0.5, "data.batch_size": 4})
     assert differences(old, new) == [("data.batch_size", 32, 4), ("train.lr", 1e-4, 0.5)]
     assert differences(old, old) == []
+
+
+def test_data_root_is_one_folder_or_several_and_one_reads_as_before():
+    shipped = Run.load(shipped_run()).config  # its config.yaml: written before data.root could be a list
+    assert shipped.data.root == "bone-xray-grouped (not shipped)" and shipped.data.roots == [shipped.data.root]
+    assert "root: bone-xray-grouped (not shipped)\n" in to_yaml(shipped) and from_yaml(to_yaml(shipped)) == shipped
+
+    several = build_config(overrides={"data.root": ["/d/a", "/d/b"]})
+    assert several.data.roots == ["/d/a", "/d/b"] and from_yaml(to_yaml(several)) == several
+    assert "root:\n  - /d/a\n  - /d/b\n" in to_yaml(several)
+    one = build_config(overrides={"data.root": ["/d/a"]})  # `bonefrac train DATA` gives a list of one
+    assert one.data.root == "/d/a" and one == build_config(overrides={"data.root": "/d/a"})
+    with pytest.raises(ConfigError, match=r"train\.lr: expected one value"):
+        build_config(overrides={"train.lr": [1e-3, 1e-4]})

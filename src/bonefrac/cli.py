@@ -182,7 +182,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if result.best_config is not None:
         console.print(
             f"best val AUROC {result.best_value:.4f} (trial {result.best_number}); train it: "
-            f"bonefrac train {args.data} --config {result.best_config}",
+            f"bonefrac train {' '.join(args.data)} --config {result.best_config}",
             highlight=False,
         )
     console.print(f"written: {result.out_dir}/ (trials/, trials.csv, top_trials.md, plots)")
@@ -292,17 +292,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from bonefrac.compare import compare_runs, pair_sentences, table_rows
+    from bonefrac.compare import compare_runs, pair_sentences, strata_rows, table_rows
 
     result = compare_runs(args.runs, args.data, args.split, args.out, workers=args.workers,
                           progress=lambda line: status.print(line, highlight=False))
-    headers, rows = table_rows(result)
-    table = Table(title=f"runs on the {result['split']} split (95% CIs)")
-    for header in headers:
-        table.add_column(header)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    tables = {f"runs on the {result['split']} split (95% CIs)": table_rows(result)}
+    tables |= {f"by {column} ({result['split']} split)": rows for column, rows in strata_rows(result).items()}
+    for title, (headers, rows) in tables.items():
+        table = Table(title=title)
+        for header in headers:
+            table.add_column(header)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     for line in pair_sentences(result):
         console.print(line, highlight=False)
     for run in result["runs"]:
@@ -483,8 +485,16 @@ TRAIN_OVERRIDES: tuple[tuple[str, str, dict], ...] = (
 )
 VERBOSE = "also what Lightning prints: device banners, tips, the model summary"  # train, tune, demo
 TRAIN_OVERRIDE_KEYS = (
-    *(key for _, key, _ in TRAIN_OVERRIDES), "model.pretrained", "train.allow_leakage", "data.group_balance"
+    *(key for _, key, _ in TRAIN_OVERRIDES), "model.pretrained", "train.allow_leakage", "data.group_balance",
+    "data.dataset_balance",
 )
+# DATA of `train` and `tune`: one folder or several, trained on together (config data.root)
+TRAIN_DATA_HELP = (
+    "root/{train,val,test}/<class>/ (make one with `bonefrac data split`); several folders are trained on together, "
+    "each keeping its own splits, audited as one (a duplicate across folders is leakage too)"
+)
+# --data of the commands that read a run's data: repeatable, and several folders after one --data
+DATA_OPTION = {"action": "extend", "nargs": "+", "metavar": "FOLDER"}
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -509,18 +519,25 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         "--group-balance", dest="data.group_balance", action="store_const", const=True, default=None,
         help="draw each group of near-copies (manifest.csv group, else the audit's) as often as one image",
     )
+    parser.add_argument(
+        "--dataset-balance", dest="data.dataset_balance", action="store_const", const=True, default=None,
+        help="with several data folders: draw each folder equally often, whatever its size",
+    )
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
-        help="train a classifier on DATA/{train,val}/<class>/ into a run directory",
+        help="train a classifier on DATA/{train,val}/<class>/ (one folder or several) into a run directory",
         description=(
             "Train a classifier. The config is built from defaults < recipe < --config YAML < options. The data "
-            "is audited first: splits that share duplicates are refused unless --allow-leakage."
+            "is audited first: splits that share duplicates are refused unless --allow-leakage. Several data "
+            "folders are trained on together: train and val are their train and val splits pooled, the audit "
+            "covers all of them, --dataset-balance draws each folder equally often, and summary.json records each "
+            "folder with its counts and the md5 of its manifest.csv."
         ),
     )
-    train.add_argument("data", help="root/{train,val,test}/<class>/ (make one with `bonefrac data split`)")
+    train.add_argument("data", nargs="+", metavar="DATA", help=TRAIN_DATA_HELP)
     train.add_argument("--out", help="run directory (default runs/<model>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--verbose", action="store_true", help=VERBOSE)
@@ -550,7 +567,7 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> None:
             "--storage and --study share the trials; re-running the command resumes the study."
         ),
     )
-    tune.add_argument("data", help="root/{train,val,test}/<class>/ (make one with `bonefrac data split`)")
+    tune.add_argument("data", nargs="+", metavar="DATA", help=TRAIN_DATA_HELP)
     tune.add_argument(
         "--trials", type=int, default=20,
         help="trials in the study, all workers together; a re-run runs only the missing ones (default 20)",
@@ -588,7 +605,8 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         description="Temperature and thresholds are chosen on val only; test data never influences them.",
     )
     calibrate.add_argument("run", help="run directory (bonefrac train --out)")
-    calibrate.add_argument("--data", help="root/{train,val,test}/<class>/ (default: the run's own data folder)")
+    calibrate.add_argument("--data", **DATA_OPTION, help="root/{train,val,test}/<class>/; several: their val "
+                           "splits pooled (default: the run's own data folders)")
     common(calibrate)
     calibrate.add_argument(
         "--min-sensitivity", type=float, default=0.95, help="target of the sensitivity threshold (default 0.95)"
@@ -613,9 +631,10 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         ),
     )
     evaluate.add_argument("run", nargs="?", help="run directory (bonefrac train --out); default: the shipped model")
-    evaluate.add_argument("--data", help="FOLDER/<class>/, FOLDER/<split>/<class>/, or a CSV of path,label[,group] "
-                          "(paths relative to its folder or absolute); default: the run's own data folder; required "
-                          "for the shipped model")
+    evaluate.add_argument("--data", **DATA_OPTION, help="FOLDER/<class>/, FOLDER/<split>/<class>/, or a CSV of "
+                          "path,label[,group] (paths relative to its folder or absolute); several folders: the split "
+                          "pooled, with a 'dataset' stratum for each folder's own metrics; default: the run's own "
+                          "data folders; required for the shipped model")
     common(evaluate)
     evaluate.add_argument("--split", help="train, val or test (default test); a folder without split folders: "
                           "every image, as 'all'")
@@ -626,7 +645,7 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="COL",
-        help="per-stratum table of a manifest.csv column (e.g. source), or size/format/mode; repeatable",
+        help="per-stratum table of a manifest.csv column (e.g. source), or size/format/mode/dataset; repeatable",
     )
     evaluate.add_argument("--tta", action="store_true", help="average the logits of mirror x zoom 1.0/1.1 views")
     evaluate.set_defaults(func=cmd_evaluate)
@@ -643,7 +662,8 @@ def add_report_parsers(commands: argparse._SubParsersAction) -> None:
         ),
     )
     compare.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
-    compare.add_argument("--data", help="evaluate every run on this folder (default: each run's own data folder)")
+    compare.add_argument("--data", **DATA_OPTION, help="evaluate every run on this folder, or these folders pooled "
+                         "(default: each run's own data folders)")
     compare.add_argument("--split", default="test", help="split to compare on (default test)")
     compare.add_argument("--out", default="out/compare", help="folder for compare.json, compare.md, PNGs")
     compare.add_argument("--workers", type=int, default=0, help="decoding processes when evaluating (default 0)")
@@ -653,7 +673,7 @@ def add_report_parsers(commands: argparse._SubParsersAction) -> None:
         "report", help="one self-contained RUN/report.html: data, training, evaluation, calibration, model card"
     )
     report.add_argument("run", help="run directory (bonefrac train --out)")
-    report.add_argument("--data", help="data folder for the sample images (default: the run's own)")
+    report.add_argument("--data", **DATA_OPTION, help="data folder(s) for the sample images (default: the run's own)")
     report.set_defaults(func=cmd_report)
 
 

@@ -3,10 +3,13 @@
     compare_runs(run_dirs, data_root, split, out_dir)  -> compare.json, compare.md, auc.png, operating_point.png
 
 Each run is evaluated first (evaluate.evaluate_run) where its eval/<split>/ or eval/val/ is missing or was made on
-another data folder. "A beats B" is then a measured claim: for every pair of runs the AUC difference on the SAME
+other data folders. "A beats B" is then a measured claim: for every pair of runs the AUC difference on the SAME
 files is tested by DeLong's test (binary) and, when the data know groups (near-copies of one radiograph), by a
 paired bootstrap that resamples whole groups, since DeLong assumes independent files. Runs evaluated on different
 file sets cannot be paired and are refused. Multi-class runs get one-vs-rest macro AUCs and no paired test.
+
+The strata of the evaluations (a `dataset` stratum when several data folders are pooled, or any --strata column)
+get a table each: every run's AUC, sensitivity and specificity per stratum value, with their CIs.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from bonefrac import DISCLAIMER
-from bonefrac.data.dataset import Manifest, scan_folder
+from bonefrac.data.dataset import Manifest, scan_data
 from bonefrac.data.io import read_image
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.evaluate import evaluate_run
@@ -48,16 +51,19 @@ def _mean_epoch_seconds(run: Run) -> float | None:
     return float(np.mean(seconds)) if seconds else None
 
 
-def _evaluated(
-    run: Run, data_root: Path | None, split: str, workers: int, manifest: Manifest | None
-) -> tuple[dict, Path]:
+def _evaluated(run: Run, split: str, workers: int, manifest: Manifest | None) -> tuple[dict, Path]:
     """(metrics.json, the folder holding it and predictions.csv) of the split: the run's own eval/<split>/ when it was
-    made on this data folder, else a new evaluation (which the shipped model, package data, keeps outside itself)."""
+    made on these data folders (manifest None: on any), else a new evaluation (which the shipped model, package
+    data, keeps outside itself)."""
     metrics, folder = run.evaluation(split), run.eval_dir(split)
-    if (metrics is not None and (folder / "predictions.csv").is_file()
-            and (data_root is None or Path(metrics["data_root"]).resolve() == data_root)):
-        return metrics, folder
-    evaluation = evaluate_run(run, data_root, split, manifest=manifest, workers=workers)
+    if metrics is not None and (folder / "predictions.csv").is_file():
+        # metrics.json names its data folders; one written before several folders could be evaluated, its root
+        evaluated_on = metrics.get("datasets") or {"": metrics["data_root"]}
+        if manifest is None or sorted(Path(p).resolve() for p in evaluated_on.values()) == sorted(
+            manifest.datasets.values()
+        ):
+            return metrics, folder
+    evaluation = evaluate_run(run, split=split, manifest=manifest, workers=workers)
     return evaluation.metrics, evaluation.out_dir
 
 
@@ -157,11 +163,10 @@ def _unique_names(run_dirs: Sequence[Path]) -> list[str]:
     return names
 
 
-def _run_entry(run: Run, name: str, data_root: Path | None, split: str, workers: int,
-               manifest: Manifest | None) -> dict:
+def _run_entry(run: Run, name: str, split: str, workers: int, manifest: Manifest | None) -> dict:
     summary = run.summary() or {}
-    test, test_dir = _evaluated(run, data_root, split, workers, manifest)
-    val = _evaluated(run, data_root, "val", workers, manifest)[0] if split != "val" else test
+    test, test_dir = _evaluated(run, split, workers, manifest)
+    val = _evaluated(run, "val", workers, manifest)[0] if split != "val" else test
     root = Path(test["data_root"])
     predictions = read_predictions_csv(test_dir / "predictions.csv")
     latency = measure_latency_ms(run, [root / row["file"] for row in predictions[:LATENCY_IMAGES]])
@@ -193,13 +198,14 @@ def _run_entry(run: Run, name: str, data_root: Path | None, split: str, workers:
         "leakage": [f"{split}: {line}" for line in test.get("leakage", [])]
         + ([f"val: {line}" for line in val.get("leakage", [])] if split != "val" else []),
         "synthetic_data": bool(test.get("synthetic_data")),
+        "strata": test.get("strata", {}),
         "predictions": predictions,
     }
 
 
 def compare_runs(
     run_dirs: Sequence[str | Path],
-    data_root: str | Path | None = None,
+    data_root: str | Path | Sequence[str | Path] | None = None,
     split: str = "test",
     out_dir: str | Path = "out/compare",
     *,
@@ -211,20 +217,20 @@ def compare_runs(
 ) -> dict:
     """Compare runs on one split; write compare.json, compare.md and the bar charts into out_dir; return the JSON.
 
-    data_root: default each run's own data folder (manifest: its scan, when the caller has one: not scanned again).
+    data_root: a data folder, or several evaluated pooled; default each run's own data folders (manifest: their
+    scan, when the caller has one: not scanned again).
     Raises BonefracError when the runs' evaluated files differ.
     """
     if not run_dirs:
         raise BonefracError("compare needs at least one run directory")
     loaded = [Run.load(path) for path in run_dirs]
-    root = Path(data_root).expanduser().resolve() if data_root is not None else None
-    if root is not None and manifest is None:
-        manifest = scan_folder(root)  # a missing or empty data folder fails here, before any evaluation
+    if data_root is not None and manifest is None:
+        manifest = scan_data(data_root)  # a missing or empty data folder fails here, before any evaluation
     runs = []
     for run, name in zip(loaded, _unique_names([run.path for run in loaded]), strict=True):
         if progress:
             progress(f"{name}: evaluating and timing")
-        runs.append(_run_entry(run, name, root, split, workers, manifest))
+        runs.append(_run_entry(run, name, split, workers, manifest))
     pairs = [paired_auc_tests(a, b, n_resamples=n_resamples, seed=seed) for a, b in itertools.combinations(runs, 2)]
     result = {
         "split": split,
@@ -269,6 +275,21 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def strata_rows(result: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Per stratum column of the runs' evaluations (e.g. `dataset`, each data folder): (headers, rows), a row per run
+    and stratum value, shared by compare.md and the terminal."""
+    columns = dict.fromkeys(column for run in result["runs"] for column in run["strata"])
+    tables = {}
+    for column in columns:
+        headers = ["run", column, "n files", "n groups", f"{result['split']} AUC [95% CI]", "sensitivity [95% CI]",
+                   "specificity [95% CI]"]
+        rows = [[run["name"], value, str(entry["n_files"]), str(entry["n_groups"]),
+                 *(format_interval(entry.get(key)) for key in ("roc_auc", "sensitivity", "specificity"))]
+                for run in result["runs"] for value, entry in run["strata"].get(column, {}).items()]
+        tables[column] = (headers, rows)
+    return tables
+
+
 def pair_sentences(result: dict) -> list[str]:
     """One line per pair of runs: the difference, its CI and p-value, and what it allows one to claim."""
     lines = []
@@ -299,16 +320,12 @@ def pair_sentences(result: dict) -> list[str]:
 
 def compare_markdown(result: dict) -> str:
     """compare.md: disclaimer, the table, the paired tests, the leakage lines and what the columns mean."""
-    headers, rows = table_rows(result)
-
-    def esc(cell: str) -> str:  # run names are folder names: keep '|' and '<' from breaking the table; '>=' stays
-        return cell.replace("<", "&lt;").replace("|", "\\|")
-
     lines = [f"# Run comparison on the {result['split']} split", "", f"> {DISCLAIMER}", ""]
     if result["synthetic_data"]:
         lines += ["**SYNTHETIC phantom data**: these numbers say nothing about real radiographs.", ""]
-    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    lines += _markdown_table(*table_rows(result))
+    for column, (headers, rows) in strata_rows(result).items():
+        lines += ["", f"## By {column} ({result['split']} split, 95% CIs)", "", *_markdown_table(headers, rows)]
     lines += ["", "## Paired tests of the AUC difference (same files)", ""]
     lines += [f"- {line}" for line in pair_sentences(result)] or ["- one run: nothing to pair"]
     leaks = [(r["name"], line) for r in result["runs"] for line in r["leakage"]]
@@ -333,6 +350,13 @@ def compare_markdown(result: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a markdown table; cells escaped (run names are folder names: '|' and '<' must not break it;
+    an operating point's '>=' stays as written)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(c.replace("<", "&lt;").replace("|", "\\|") for c in row) + " |" for row in rows]
 
 
 def _bars(ax, names: Sequence[str], entries: Sequence[dict | None], offset: float, width: float, label: str):

@@ -50,7 +50,9 @@ def default_cache_dir() -> str:
 class DataConfig:
     """Where the images are and how they reach the model."""
 
-    root: str = ""  # root/{train,val,test}/<class>/
+    # root/{train,val,test}/<class>/, or a list of such folders trained on together, each keeping its own splits
+    # (`roots` reads either; one folder is always stored as a string, so older config.yaml files read unchanged).
+    root: str | list[str] = ""
     image_size: int = 224  # side of the square letterbox every image is resized into (aspect kept, black pad)
     channels: int = 3  # 1: gray in, the first conv's RGB weights summed; 3: gray copied to RGB
     augment: str = "seed"  # transforms.AUGMENTATIONS
@@ -62,6 +64,21 @@ class DataConfig:
     # a single image: 200 rotations of one radiograph then count once, not 200 times.
     group_balance: bool = False
     epoch_size: int = 0  # training images drawn per epoch (0: as many as the train split has)
+    # With several data folders: draw each folder equally often, whatever its size (then its classes and groups
+    # as class_balance and group_balance say), so a large folder does not teach the model its own look.
+    dataset_balance: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.root, list | tuple):  # a list of one is that folder; of none, no folder
+            folders = [str(folder) for folder in self.root]
+            self.root = folders if len(folders) > 1 else (folders[0] if folders else "")
+
+    @property
+    def roots(self) -> list[str]:
+        """The data folders this run trains on: the one place that reads `root` as one folder or several."""
+        if isinstance(self.root, list):
+            return list(self.root)
+        return [self.root] if self.root else []
 
 
 @dataclass
@@ -318,7 +335,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if type(None) in options:
             return None
         raise ConfigError(f"{key}: a value is required")
-    kind = next(t for t in options if t is not type(None))
+    if isinstance(value, list | tuple):  # a field that may hold a list (data.root) takes one of its element type
+        lists = [t for t in options if typing.get_origin(t) is list]
+        if not lists:
+            raise ConfigError(f"{key}: expected one value, got the list {value!r}")
+        (element,) = typing.get_args(lists[0])
+        return [_coerce(key, item, element) for item in value]
+    kind = next(t for t in options if t is not type(None) and typing.get_origin(t) is not list)
     if kind is bool:
         if isinstance(value, bool):
             return value

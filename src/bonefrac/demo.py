@@ -39,7 +39,7 @@ from bonefrac.config import build_config
 from bonefrac.console import console as default_console
 from bonefrac.console import progress as step_progress
 from bonefrac.data.audit import AuditReport, audit_manifest, console_tables, write_html, write_json
-from bonefrac.data.dataset import SPLITS, Manifest, scan_folder, write_manifest
+from bonefrac.data.dataset import SPLITS, SYNTHETIC_NOTICE, Manifest, scan_folder, write_manifest
 from bonefrac.data.synth import generate_dataset
 from bonefrac.errors import BonefracError, DataLeakageError, DatasetError
 from bonefrac.evaluate import evaluate_run
@@ -165,7 +165,7 @@ def run_demo(
             )
     else:
         root = Path(data).expanduser().resolve()
-    synthetic = (root / "SYNTHETIC_DATA.txt").exists()
+    synthetic = (root / SYNTHETIC_NOTICE).exists()
 
     with _stage(console, "audit", seconds):
         # The one scan and audit of the folder: training, evaluation and the comparison reuse them.

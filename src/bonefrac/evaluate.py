@@ -6,7 +6,9 @@
 
 A data folder is root/<split>/<class>/ (default split test) or root/<class>/, whose images are all evaluated as
 the split "all" (ALL_SPLIT): a hospital's labelled folder needs no split folders to be judged; so is a CSV of
-path,label[,group] (data/dataset.read_labelled_csv).
+path,label[,group] (data/dataset.read_labelled_csv). Several data folders (by default a run's own, when it was
+trained on several) are evaluated pooled: the split of every folder together gives the headline metrics, and a
+`dataset` stratum (added by itself) gives each folder's own, with CIs; calibration fits on the pooled val.
 
 `run` is a run directory or a `run.Run`; the data folder is scanned once per call, or not at all when the caller
 passes the `manifest` it already has (train.fit, the demo), and the network is loaded from the run unless the
@@ -52,11 +54,10 @@ from bonefrac.data.cache import CachedImageDataset, ImageCache
 from bonefrac.data.dataset import (
     Manifest,
     ManifestRow,
+    folder_records,
+    folder_tables,
     manifest_groups,
-    manifest_key,
-    read_data_manifest,
     scan_data,
-    scan_folder,
 )
 from bonefrac.errors import BonefracError, DatasetError
 from bonefrac.metrics import (
@@ -74,6 +75,8 @@ N_RESAMPLES = 1000
 STRATUM_AUC_SPREAD = 0.1  # stratum AUCs further apart than this suggest the model learned the stratum
 SIZE_BUCKETS = ((256, "<=256"), (512, "257-512"), (1024, "513-1024"), (2048, "1025-2048"))  # longer side, px
 ALL_SPLIT = "all"  # the split name of every image of a folder without split folders (root/<class>/)
+DATASET_STRATUM = "dataset"  # the stratum of each row's data folder; added by itself when several are evaluated
+DataPaths = str | Path | Sequence[str | Path]  # one data folder or CSV, or several data folders
 
 
 # --- a run and its predictions ---------------------------------------------------------------------------------
@@ -114,7 +117,7 @@ class SplitPredictions:
 
 def predict_split(
     run: Run | str | Path,
-    data_root: str | Path | None = None,
+    data_root: DataPaths | None = None,
     split: str = "test",
     *,
     manifest: Manifest | None = None,
@@ -128,15 +131,15 @@ def predict_split(
     """Logits of the run's network on every readable file of <data>/<split>/ (every file of a folder without split
     folders when split is ALL_SPLIT), preprocessed as in training.
 
-    data_root: default the run's own data folder (not scanned when `manifest` is given). model: the run's network
+    data_root: default the run's own data folders (not scanned when `manifest` is given). model: the run's network
     already in memory (default: loaded from the run). tta: average the logits over the views of bonefrac.tta
     (mirror x zoom 1.0/1.1). Unreadable files are listed in `skipped`, never raised.
     """
     run = Run.of(run)
-    manifest = manifest or scan_data(_data_root(run, data_root))
+    manifest = manifest or scan_data(data_paths(run, data_root))
     rows = split_rows(manifest, split)
     skipped = [{"path": p.path, "reason": p.reason} for p in manifest.problems
-               if split == ALL_SPLIT or _split_of(p.path) == split]
+               if split == ALL_SPLIT or _split_of(manifest.within_folder(p.path)) == split]
     if not rows:
         raise DatasetError(f"{manifest.root}: no readable images in split {split!r} (splits found: "
                            f"{_splits_found(manifest)})")
@@ -167,7 +170,7 @@ def predict_split(
             images = images.to(device)
             logits = tta_logits(model, images) if tta else model(images)
             outputs.append(logits.float().cpu().numpy())
-    data_groups = manifest_groups(manifest.root, rows)
+    data_groups = manifest_groups(manifest, rows)
     return SplitPredictions(
         split=split,
         labels=run.labels,
@@ -181,9 +184,10 @@ def predict_split(
     )
 
 
-def _data_root(run: Run, data_root: str | Path | None) -> Path:
-    """The data folder given, else the run's own."""
-    return Path(data_root or run.config.data.root).expanduser().resolve()
+def data_paths(run: Run, data: DataPaths | None) -> list[Path]:
+    """The data folders (or CSV) given, else the run's own folders."""
+    given = [data] if isinstance(data, str | Path) else list(data or [])
+    return [Path(path).expanduser().resolve() for path in given or run.config.data.roots]
 
 
 def _split_of(path: str) -> str:
@@ -196,6 +200,10 @@ def _splits_found(manifest: Manifest) -> str:
 
 def resolve_split(manifest: Manifest, split: str | None) -> str:
     """The split to evaluate: the one given, else test; ALL_SPLIT, and only it, for a folder without split folders."""
+    unsplit = manifest.unsplit_folders()
+    if manifest.several and manifest.has_splits and unsplit:
+        raise DatasetError(f"{', '.join(unsplit)} has no split folders and the other data folders have: evaluate "
+                           "them separately")
     if manifest.has_splits:
         if split == ALL_SPLIT:
             raise DatasetError(f"{manifest.root} has split folders ({_splits_found(manifest)}): choose one of them")
@@ -221,18 +229,22 @@ def size_bucket(width: int, height: int) -> str:
     return next((name for limit, name in SIZE_BUCKETS if side <= limit), f">{SIZE_BUCKETS[-1][0]}")
 
 
-def stratum_values(root: str | Path, rows: Sequence[ManifestRow], column: str) -> list[str]:
-    """Each row's value of `column`: 'size' (bucket), a manifest field (format, mode), or a manifest.csv column."""
+def stratum_values(manifest: Manifest, rows: Sequence[ManifestRow], column: str) -> list[str]:
+    """Each row's value of `column`: 'size' (bucket), 'dataset' (its data folder's name), a manifest field (format,
+    mode), or a column of its data folder's manifest.csv."""
     if column == "size":
         return [size_bucket(row.width, row.height) for row in rows]
-    table = read_data_manifest(root)
-    columns = set(next(iter(table.values()), {}))
+    if column == DATASET_STRATUM:
+        return [row.dataset or manifest.root.name for row in rows]
+    tables = folder_tables(manifest)
+    columns = {name for table in tables.values() for name in next(iter(table.values()), {})}
     if column in columns:
-        return [table.get(manifest_key(row), {}).get(column) or "unknown" for row in rows]
+        return [record.get(column) or "unknown" for record in folder_records(manifest, rows, tables)]
     if column in ("format", "mode"):
         return [getattr(row, column) or "unknown" for row in rows]
-    choices = ", ".join(sorted({"size", "format", "mode"} | (columns - {"split", "label", "file", "md5"})))
-    raise BonefracError(f"no stratum column {column!r} for {root}; choose from: {choices}")
+    builtin = {"size", "format", "mode", DATASET_STRATUM}
+    choices = ", ".join(sorted(builtin | (columns - {"split", "label", "file", "md5"})))
+    raise BonefracError(f"no stratum column {column!r} for {manifest.root}; choose from: {choices}")
 
 
 # --- calibration on val --------------------------------------------------------------------------------------------
@@ -246,7 +258,7 @@ def _threshold_key(operating_point: str, min_sensitivity: float) -> str:
 
 def calibrate_run(
     run: Run | str | Path,
-    data_root: str | Path | None = None,
+    data_root: DataPaths | None = None,
     *,
     manifest: Manifest | None = None,
     model: nn.Module | None = None,
@@ -259,7 +271,8 @@ def calibrate_run(
 ) -> dict:
     """Fit the temperature and choose thresholds on the VAL split; write RUN/calibration.json and return it.
 
-    data_root: default the run's own data folder (manifest: its scan, when the caller has it). Only val is read, so
+    data_root: default the run's own data folders (manifest: their scan, when the caller has it); with several
+    folders their val splits are pooled. Only val is read, so
     nothing about the test split can move the result. The thresholds are chosen on temperature-scaled
     probabilities, the ones every later prediction uses. operating_point: which threshold is used from now on
     ("sensitivity": the highest threshold whose val sensitivity is at least min_sensitivity, since a screening aid
@@ -267,7 +280,7 @@ def calibrate_run(
     """
     run = Run.of(run)
     chosen = _threshold_key(operating_point, min_sensitivity)
-    manifest = manifest or scan_folder(_data_root(run, data_root))
+    manifest = manifest or scan_data(data_paths(run, data_root))
     root = manifest.root
     val = predict_split(run, split="val", manifest=manifest, model=model, batch_size=batch_size, workers=workers,
                         cache_dir=cache_dir, progress=progress)
@@ -281,6 +294,7 @@ def calibrate_run(
         "temperature": temperature,
         "fitted_on": "val",
         "data_root": str(root),
+        "datasets": _dataset_paths(manifest),
         "n_files": len(val.files),
         "n_groups": len(set(groups)),
         "groups_from": "manifest.csv" if all(val.groups) else "files (no group column)",
@@ -291,7 +305,7 @@ def calibrate_run(
         "ece": {"before": expected_calibration_error(val.y_true, val.probabilities()),
                 "after": expected_calibration_error(val.y_true, proba)},
         "skipped_files": val.skipped,
-        "synthetic_data": (root / "SYNTHETIC_DATA.txt").exists(),
+        "synthetic_data": manifest.synthetic,
         "disclaimer": DISCLAIMER,
     }
     if run.binary:
@@ -306,6 +320,11 @@ def calibrate_run(
         result |= {"thresholds": {}, "operating_point": "argmax", "threshold": None}
     run.save_calibration(result)
     return result
+
+
+def _dataset_paths(manifest: Manifest) -> dict[str, str]:
+    """{data folder name: its path}, as calibration.json and metrics.json record what they were computed on."""
+    return {name: str(path) for name, path in manifest.datasets.items()}
 
 
 def _groups_or_files(predictions: SplitPredictions) -> list[str]:
@@ -340,21 +359,22 @@ def check_leakage(run: Run, manifest: Manifest, split: str, *, workers: int = 1)
         return Leakage([f"evaluating the training split itself ({len(manifest.rows)} files seen in training)"], {},
                        "the split")
     if split == ALL_SPLIT:  # no train split to compare with; duplicates among the files still group them for CIs
-        report = audit_manifest(Manifest(manifest.root, manifest.labels, split_rows(manifest, split)),
-                                workers=workers)
+        report = audit_manifest(manifest.subset(split_rows(manifest, split)), workers=workers)
         sizes = Counter(report.group_of.values())
         group_of = {path: g for path, g in report.group_of.items() if sizes[g] > 1}
         return Leakage([], group_of, "a fresh audit of the folder", checked=False)
     audit = run.audit()
-    counts = Manifest(manifest.root, manifest.labels, manifest.rows).counts()
+    counts = manifest.counts()
     if audit is not None:
         same_root = Path(audit.get("root", "")).resolve() == Path(manifest.root).resolve()
         audited = audit.get("counts", {})
-        if same_root and all(audited.get(s) == counts.get(s) for s in ("train", split)):
+        if same_root and _trained_on(run) == set(manifest.datasets.values()) and all(
+            audited.get(s) == counts.get(s) for s in ("train", split)
+        ):
             entries = [e for e in audit.get("leakage", []) if e["split"] == split and e["other"] == "train"]
             group_of = {path: g["group"] for g in audit.get("groups", []) for path in g["paths"]}
             return Leakage([leak_line(e) for e in entries if e["files"]], group_of, f"the run's {AUDIT_FILE}")
-    subset = Manifest(manifest.root, manifest.labels, [r for r in manifest.rows if r.split in ("train", split)])
+    subset = manifest.subset([r for r in manifest.rows if r.split in ("train", split)])
     report: AuditReport = audit_manifest(subset, workers=workers)
     entries = [e for e in report.leakage if e["split"] == split and e["other"] == "train"]
     sizes = Counter(report.group_of.values())
@@ -362,12 +382,17 @@ def check_leakage(run: Run, manifest: Manifest, split: str, *, workers: int = 1)
     return Leakage([leak_line(e) for e in entries if e["files"]], group_of, "a fresh audit of train and " + split)
 
 
+def _trained_on(run: Run) -> set[Path]:
+    """The run's data folders, resolved."""
+    return {Path(root).expanduser().resolve() for root in run.config.data.roots}
+
+
 def leakage_notes(run: Run, manifest: Manifest, split: str) -> list[str]:
-    """What the leakage check could not see: the run's training data, when this folder is not it."""
-    trained_on = (run.audit() or {}).get("root") or run.config.data.root
+    """What the leakage check could not see: the run's training data, when these folders do not hold all of it."""
+    trained_on = ", ".join(run.config.data.roots)
     if split == ALL_SPLIT:
         return [f"no train split in this folder: leakage against the run's training data ({trained_on}) not checked"]
-    if split != "train" and Path(trained_on).expanduser().resolve() != Path(manifest.root).resolve():
+    if split != "train" and not _trained_on(run) <= set(manifest.datasets.values()):
         return [f"the run was trained on {trained_on}, not on this folder: leakage checked against this folder's "
                 "train split only, not against the run's training data"]
     return []
@@ -377,7 +402,7 @@ def _manifest_group_leakage(manifest: Manifest, split: str) -> list[str]:
     """The data folder's own groups (manifest.csv) shared by `split` and train, as a leakage line."""
     if split == "train":
         return []
-    groups = manifest_groups(manifest.root, manifest.rows)
+    groups = manifest_groups(manifest, manifest.rows)
     train = {groups[r.path] for r in manifest.rows if r.split == "train" and r.path in groups}
     mine = [r for r in manifest.rows if r.split == split and r.path in groups]
     shared = [r for r in mine if groups[r.path] in train]
@@ -451,7 +476,7 @@ def _strata_table(
 
 def evaluate_run(
     run: Run | str | Path,
-    data_root: str | Path | None = None,
+    data_root: DataPaths | None = None,
     split: str | None = None,
     *,
     manifest: Manifest | None = None,
@@ -468,6 +493,8 @@ def evaluate_run(
 ) -> Evaluation:
     """Predict `split`, compute every metric with its 95 % CI, and write them to out_dir (default_eval_dir).
 
+    data_root: a data folder or CSV, or several data folders; default the run's own folders. With several, the
+    split is pooled across them, and a `dataset` stratum gives each folder's metrics.
     split: default test, or ALL_SPLIT (every image) for a folder without split folders (resolve_split).
     Probabilities are temperature-scaled and predictions use the run's decision rule (run.Calibration: the
     threshold chosen on val, or T = 1 and 0.5 when the run is not calibrated, said in metrics.json). CIs resample
@@ -475,20 +502,28 @@ def evaluate_run(
     file without duplicates is its own group).
     """
     run = Run.of(run)
-    manifest = manifest or scan_data(_data_root(run, data_root))
+    manifest = manifest or scan_data(data_paths(run, data_root))
     root = manifest.root
     split = resolve_split(manifest, split)
+    if manifest.several and DATASET_STRATUM not in strata:
+        strata = [*strata, DATASET_STRATUM]
     predictions = predict_split(run, split=split, manifest=manifest, model=model, batch_size=batch_size,
                                 workers=workers, tta=tta, cache_dir=cache_dir, progress=progress)
     leakage = check_leakage(run, manifest, split, workers=max(1, workers))
     notes = leakage_notes(run, manifest, split)
     leak_lines = leakage.lines + _manifest_group_leakage(manifest, split)
     leaky = bool(leak_lines)
+    # Per file: its folder's manifest.csv group, else its audit duplicate group, else itself. With several data
+    # folders some may list groups and others not; each file keeps what its own folder knows.
+    audit_groups = f"duplicate groups of the audit ({leakage.source})"
+    groups = [group or leakage.group_of.get(path, f"file:{path}")
+              for group, path in zip(predictions.groups, predictions.files, strict=True)]
     if all(predictions.groups):
-        groups, groups_from = predictions.groups, "manifest.csv group column"
+        groups_from = "manifest.csv group column"
+    elif any(predictions.groups):
+        groups_from = f"manifest.csv group column where listed, else {audit_groups}"
     else:
-        groups = [leakage.group_of.get(path, f"file:{path}") for path in predictions.files]
-        groups_from = f"duplicate groups of the audit ({leakage.source})"
+        groups_from = audit_groups
 
     calibration = run.calibration
     proba = predictions.probabilities(calibration.temperature)
@@ -498,15 +533,16 @@ def evaluate_run(
                              n_resamples=n_resamples, seed=seed)
     n_files, n_groups = len(predictions.files), len(set(groups))
     points = _operating_points(run, proba, predictions.y_true, groups, n_resamples=n_resamples, seed=seed)
-    strata_tables, warnings = _strata(root, predictions, proba, groups, strata, metric_fn, seed=seed)
+    strata_tables, warnings = _strata(manifest, predictions, proba, groups, strata, metric_fn, seed=seed)
     y_pred = run.decide(proba)
-    out_dir = Path(out_dir) if out_dir is not None else default_eval_dir(run, root, split)
+    out_dir = Path(out_dir) if out_dir is not None else default_eval_dir(run, manifest, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_predictions(out_dir / "predictions.csv", predictions, proba, y_pred, groups)
     metrics = {
         "split": split,
         "run": str(run.path),
         "data_root": str(root),
+        "datasets": _dataset_paths(manifest),
         "n_files": n_files,
         "n_groups": n_groups,
         "support": {label: int(np.sum(predictions.y_true == k)) for k, label in enumerate(run.labels)},
@@ -523,7 +559,7 @@ def evaluate_run(
         "leakage": leak_lines,
         "leakage_checked": leakage.checked,
         "leakage_notes": notes,
-        "synthetic_data": (root / "SYNTHETIC_DATA.txt").exists(),
+        "synthetic_data": manifest.synthetic,
         "skipped_files": predictions.skipped,
         "metrics": {key: _interval_dict(value, n_files, n_groups, leaky) for key, value in intervals.items()},
         "operating_points": {name: {"threshold": point["threshold"], "chosen": name == calibration.operating_point,
@@ -542,12 +578,13 @@ def evaluate_run(
     return Evaluation(out_dir, metrics, _report_text(metrics, intervals, run.labels))
 
 
-def default_eval_dir(run: Run, data_root: Path, split: str) -> Path:
-    """RUN/eval/<split>/; out/eval/<run name>/<data folder name>/<split>/ for the shipped model (package data) or a
-    run folder that cannot be written."""
+def default_eval_dir(run: Run, manifest: Manifest, split: str) -> Path:
+    """RUN/eval/<split>/; out/eval/<run name>/<data folder name>/<split>/ (several folders: their names joined by
+    '+') for the shipped model (package data) or a run folder that cannot be written."""
     if not is_shipped(run.path) and _writable(run.eval_dir(split)):
         return run.eval_dir(split)
-    return Path("out") / "eval" / run.path.name / Path(data_root).name / split
+    name = "+".join(manifest.datasets) if manifest.several else manifest.root.name
+    return Path("out") / "eval" / run.path.name / name.replace("/", "_") / split
 
 
 def _writable(folder: Path) -> bool:
@@ -557,13 +594,13 @@ def _writable(folder: Path) -> bool:
 
 
 def _strata(
-    root: Path, predictions: SplitPredictions, proba: np.ndarray, groups: list[str], columns: Sequence[str],
+    manifest: Manifest, predictions: SplitPredictions, proba: np.ndarray, groups: list[str], columns: Sequence[str],
     metric_fn, *, seed: int,
 ) -> tuple[dict, list[str]]:
     """({column: per-value table}, warnings where stratum AUCs differ by more than STRATUM_AUC_SPREAD)."""
     tables, warnings = {}, []
     for column in columns:
-        values = stratum_values(root, predictions.rows, column)
+        values = stratum_values(manifest, predictions.rows, column)
         table = _strata_table(predictions, proba, groups, values, metric_fn, seed=seed)
         tables[column] = table
         aucs = {v: e["roc_auc"]["point"] for v, e in table.items() if e.get("roc_auc", {}).get("point") is not None}

@@ -38,14 +38,15 @@ class ExportError(BonefracError):
 
 
 def _parity_inputs(run: Run, *, seed: int = 0) -> tuple[torch.Tensor, int]:
-    """(inputs, how many of them are real val images): 32 random images, plus up to 32 from DATA/val if readable."""
+    """(inputs, how many of them are real val images): 32 random images, plus up to 32 from the data folders' val/ where
+    readable."""
     preprocessing = run.preprocessing
     size, preset = preprocessing.image_size, preprocessing.eval_preset()
     rng = np.random.default_rng(seed)
     tensors = [preset(rng.integers(0, 256, (size, size), dtype=np.uint8)) for _ in range(N_PARITY_INPUTS)]
-    val = Path(run.config.data.root).expanduser() / "val"
+    vals = [Path(root).expanduser() / "val" for root in run.config.data.roots]
     n_real = 0
-    if val.is_dir():
+    for val in (folder for folder in vals if folder.is_dir()):
         for path in sorted(p for p in val.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             if n_real == N_PARITY_INPUTS:
                 break

@@ -58,8 +58,9 @@ LBFGS_ITERATIONS = 25  # per round; a round is one row of metrics.csv ("epoch"),
 # Config keys a probe does not use (it fits one linear layer full-batch on fixed features, without augmentation):
 # the report says so beside the config, so that nobody reads "lr 1e-4, adam" as what trained the head.
 UNUSED_KEYS = (
-    "data.augment", "data.group_balance", "data.epoch_size", "train.recipe", "train.optimizer", "train.lr",
-    "train.weight_decay", "train.momentum", "train.scheduler", "train.plateau_factor", "train.plateau_patience",
+    "data.augment", "data.group_balance", "data.dataset_balance", "data.epoch_size", "train.recipe",
+    "train.optimizer", "train.lr", "train.weight_decay", "train.momentum", "train.scheduler", "train.plateau_factor",
+    "train.plateau_patience",
     "train.early_stopping_patience", "train.freeze_epochs", "train.unfreeze_blocks", "train.phase2_lr",
     "train.precision", "train.max_time",
 )

@@ -23,7 +23,7 @@ from PIL import Image
 
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.data.audit import leak_line
-from bonefrac.data.dataset import find_layout
+from bonefrac.data.dataset import SYNTHETIC_NOTICE, common_root, find_layout
 from bonefrac.data.io import read_image
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import METRIC_NAMES, format_interval, format_number
@@ -153,16 +153,24 @@ def _audit_section(audit: dict | None) -> str:
     return "".join(parts)
 
 
-def _samples_section(root: Path | None, synthetic: bool) -> str:
+def _samples_section(folders: Sequence[Path], synthetic: bool) -> str:
     parts = ["<h2 id='samples'>Sample images per class</h2>"]
     if synthetic:
         parts.append("<p class='synthetic'>SYNTHETIC phantom images, not radiographs of people.</p>")
-    if root is None or not root.is_dir():
-        return "".join(parts) + f"<p>The data folder {esc(str(root))} is not here: no samples shown.</p>"
+    for root in folders:
+        parts.append(_folder_samples(root, synthetic, named=len(folders) > 1))
+    return "".join(parts)
+
+
+def _folder_samples(root: Path, synthetic: bool, *, named: bool) -> str:
+    """A few thumbnails per class of one data folder; named: each class heading names the folder too."""
+    if not root.is_dir():
+        return f"<p>The data folder {esc(str(root))} is not here: no samples shown.</p>"
     try:
         samples = sample_files(root)
     except BonefracError as err:
-        return "".join(parts) + f"<p>No samples: {esc(str(err))}</p>"
+        return f"<p>No samples: {esc(str(err))}</p>"
+    parts = []
     for label, files in samples.items():
         cells = []
         for path in files:
@@ -175,7 +183,8 @@ def _samples_section(root: Path | None, synthetic: bool) -> str:
                          f"<figcaption>{esc(name)}</figcaption></figure>")
             if len(cells) == SAMPLES_PER_CLASS:
                 break
-        parts.append(f"<h3>{esc(label)}</h3><div class='grid'>{''.join(cells) or '<p>no readable file</p>'}</div>")
+        heading = f"{root.name}: {label}" if named else label
+        parts.append(f"<h3>{esc(heading)}</h3><div class='grid'>{''.join(cells) or '<p>no readable file</p>'}</div>")
     return "".join(parts)
 
 
@@ -310,7 +319,7 @@ def _calibration_section(calibration: dict | None, test: dict | None) -> str:
 
 
 def _model_card(run: Run, summary: dict | None, audit: dict | None, evals: dict[str, dict],
-                calibration: dict | None, root: Path | None, synthetic: bool) -> str:
+                calibration: dict | None, folders: Sequence[Path], synthetic: bool) -> str:
     summary = summary or {}
     test = evals.get("test") or (next(iter(evals.values())) if evals else None)
     parts = ["<h2 id='model-card'>Model card</h2>", "<h3>Intended use</h3>",
@@ -321,8 +330,12 @@ def _model_card(run: Run, summary: dict | None, audit: dict | None, evals: dict[
     count_text = "; ".join(f"{split or 'all'}: " + ", ".join(f"{k} {v}" for k, v in c.items())
                            for split, c in counts.items())
     groups = test.get("groups_from") if test else "unknown"
+    # summary.json's account of each folder trained on (name, path, counts, manifest.csv md5), else the folders
+    seen = [f"<code>{esc(d['path'])}</code> ({esc(d['name'])}; manifest.csv md5 {esc(str(d['manifest_md5']))})"
+            for d in summary.get("datasets", [])] or [f"<code>{esc(str(folder))}</code>" for folder in folders]
     parts.append(
-        f"<ul><li>source folder: <code>{esc(str(root))}</code></li><li>counts: {esc(count_text or 'unknown')}</li>"
+        f"<ul><li>source folder{'s' if len(seen) > 1 else ''}: {', '.join(seen)}</li>"
+        f"<li>counts: {esc(count_text or 'unknown')}</li>"
         f"<li>groups for CIs: {esc(str(groups))}</li><li>{'SYNTHETIC phantom images' if synthetic else 'real images'}"
         f"</li><li>classes: {esc(', '.join(summary.get('labels', [])))}"
         + (f" (positive: {esc(summary['positive_label'])})" if summary.get("positive_label") else "")
@@ -441,19 +454,22 @@ def _gradcam_section(run: Run, evals: dict[str, dict], root: Path) -> str:
 # --- the page -------------------------------------------------------------------------------------------------------
 
 
-def write_report(run: Run | str | Path, data_root: str | Path | None = None) -> Path:
+def write_report(run: Run | str | Path, data_root: str | Path | Sequence[str | Path] | None = None) -> Path:
     """Write RUN/report.html (one self-contained file) and return its path.
 
-    data_root: where the sample thumbnails come from; default the run's own data folder (config.yaml).
+    data_root: the data folder(s) the sample thumbnails and the Grad-CAM gallery come from; default the run's own
+    (config.yaml).
     """
     run = Run.of(run)
-    root = Path(data_root or run.config.data.root).expanduser()
-    root = root.resolve() if root.exists() else root
+    given = [data_root] if isinstance(data_root, str | Path) else list(data_root or [])
+    folders = [Path(folder).expanduser().resolve() for folder in given or run.config.data.roots]
+    root = common_root(folders)  # what the evaluation's file paths are relative to
     summary = run.summary()
     audit = run.audit()
     calibration = run.calibration.record if run.calibration.fitted else None
     evals = run.evaluations()
-    synthetic = bool((root / "SYNTHETIC_DATA.txt").exists() or (summary or {}).get("synthetic_data"))
+    synthetic = bool(any((folder / SYNTHETIC_NOTICE).exists() for folder in folders)
+                     or (summary or {}).get("synthetic_data"))
     name = run.path.resolve().name
     nav = [("audit", "Data audit"), ("samples", "Sample images"), ("training", "Training"),
            ("evaluation", "Evaluation"), ("calibration", "Calibration"), ("gradcam", "Grad-CAM"),
@@ -473,12 +489,12 @@ def write_report(run: Run | str | Path, data_root: str | Path | None = None) -> 
                  + "</ul></nav></header><main>")
     parts += [
         _audit_section(audit),
-        _samples_section(root, synthetic),
+        _samples_section(folders, synthetic),
         _training_section(run, summary),
         _evaluation_section(evals, run),
         _calibration_section(calibration, evals.get("test")),
         _gradcam_section(run, evals, root),
-        _model_card(run, summary, audit, evals, calibration, root, synthetic),
+        _model_card(run, summary, audit, evals, calibration, folders, synthetic),
         f"</main><footer><p>Written by bonefrac {esc(__version__)} from <code>{esc(str(run.path))}</code>. "
         f"{esc(DISCLAIMER)}</p></footer>",
     ]

@@ -1,7 +1,8 @@
 """Training: `fit(config, run_dir)` trains one model and writes a run directory (run.py says what is in it).
 
-In order: scan the data folder and audit it, refusing splits that share duplicates unless `allow_leakage`, and
-decode train and val once into the image cache (data/trainset.py); resolve the run's Preprocessing and write the
+In order: scan the data folder (or folders, as one manifest, each keeping its own splits) and audit it, refusing
+splits that share duplicates unless `allow_leakage`, and decode train and val once into the image cache
+(data/trainset.py); resolve the run's Preprocessing and write the
 run's first files (run.Run.create); then either fit a linear probe on cached backbone features (probe.py) or train
 `FractureClassifier` (classifier.py) with Lightning's checkpoints, early stopping, LR monitor, CSV logger and
 progress bar (callbacks.py); write the weights of the best epoch (val AUROC), metrics.csv, learning curves and
@@ -343,11 +344,11 @@ def _loaders(data: TrainingData, config: RunConfig) -> tuple[DataLoader, DataLoa
 
 def _resolved(config: RunConfig) -> RunConfig:
     """The config with absolute paths, as the run directory stores it."""
-    if not config.data.root:
+    if not config.data.roots:
         raise DatasetError("no data folder given (data.root)")
     data = replace(
         config.data,
-        root=str(Path(config.data.root).expanduser().resolve()),
+        root=[str(Path(root).expanduser().resolve()) for root in config.data.roots],
         cache_dir=str(Path(config.data.cache_dir).expanduser().resolve()),
     )
     weights = config.model.weights and str(Path(config.model.weights).expanduser().resolve())

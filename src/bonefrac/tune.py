@@ -516,8 +516,8 @@ def write_plots(study: optuna.Study, out: Path) -> list[Path]:
 
 def _with_absolute_paths(config: RunConfig) -> RunConfig:
     raw = asdict(config)
-    for section, name in (("data", "root"), ("data", "cache_dir")):
-        raw[section][name] = str(Path(raw[section][name]).expanduser().resolve())
+    raw["data"]["root"] = [str(Path(root).expanduser().resolve()) for root in config.data.roots]
+    raw["data"]["cache_dir"] = str(Path(config.data.cache_dir).expanduser().resolve())
     return from_yaml(yaml.safe_dump(raw, sort_keys=False), source="base config")
 
 

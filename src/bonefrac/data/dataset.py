@@ -8,6 +8,13 @@ Two layouts are understood, the ones public fracture data sets use:
 and, for evaluation, a CSV of path,label[,group] (paths relative to the CSV's folder, or absolute): a labelled list
 of images wherever they lie, read as a manifest without splits (`scan_data` takes either).
 
+Several data folders (`scan_folders`) become ONE manifest that the rest of bonefrac reads like any other: its root
+is the folders' common ancestor, each row's path is relative to it (so `manifest.root / row.path` is the file
+wherever it came from), each row names its folder (`row.dataset`, the folder's name), and `manifest.folders` maps
+each name to its folder. What a folder says about its own files (its manifest.csv: groups, strata columns) is
+looked up in that folder (`folder_records`), and its group ids are prefixed with its name, since two hospitals'
+"g12" are not one patient. A single folder's manifest has the root, paths and groups it always had.
+
 Class folder names are matched case- and separator-insensitively, so "Not Fractured", "not-fractured" and
 "not_fractured" are one label. Files below a class folder are found recursively. Files that are not images are
 listed with a reason, never fatal: a stray .DS_Store or notes.txt must not stop anyone.
@@ -37,6 +44,8 @@ SPLIT_NAMES = {
     "testing": "test",
 }
 SPLITS = ("train", "val", "test")
+DATA_MANIFEST = "manifest.csv"  # a data folder's own list of its files (split, label, file, group, ...), optional
+SYNTHETIC_NOTICE = "SYNTHETIC_DATA.txt"  # written by data/synth.py into every phantom folder
 
 
 def canonical_label(folder_name: str) -> str:
@@ -58,6 +67,7 @@ class ManifestRow:
     height: int = 0
     size_bytes: int = 0
     group: str = ""
+    dataset: str = ""  # the name of the data folder the row comes from (Manifest.folders); '' for a CSV's rows
 
 
 @dataclass
@@ -70,14 +80,52 @@ class FileProblem:
 
 @dataclass
 class Manifest:
+    """Images of one or several data folders. `folders`: name -> the folder, relative to root ('' for root itself);
+    a manifest built without it is the manifest of root alone."""
+
     root: Path
     labels: list[str]
     rows: list[ManifestRow]
     problems: list[FileProblem] = field(default_factory=list)
+    folders: dict[str, str] = field(default_factory=dict)
 
     @property
     def has_splits(self) -> bool:
         return any(row.split for row in self.rows)
+
+    @property
+    def datasets(self) -> dict[str, Path]:
+        """Data folder name -> its absolute path; {root.name: root} for a manifest of one folder or a CSV."""
+        return {name: self.root / relative for name, relative in self.folders.items()} or {self.root.name: self.root}
+
+    @property
+    def several(self) -> bool:
+        """Does it combine several data folders (row.dataset then tells them apart)?"""
+        return len(self.folders) > 1
+
+    @property
+    def synthetic(self) -> bool:
+        """Is any of its folders a SYNTHETIC phantom set (data/synth.py)?"""
+        return any((folder / SYNTHETIC_NOTICE).exists() for folder in self.datasets.values())
+
+    def unsplit_folders(self) -> list[str]:
+        """The names of its folders laid out as root/<class>/, without split folders (several folders only)."""
+        return [name for name in self.folders if not any(row.split for row in self.rows if row.dataset == name)]
+
+    def folder(self, name: str) -> Path:
+        """The absolute data folder of dataset `name` (root for '' or a name it does not know)."""
+        return self.root / self.folders.get(name, "")
+
+    def within_folder(self, path: str) -> str:
+        """A manifest path relative to its own data folder: 'hospA/test/fractured/1.png' -> 'test/fractured/1.png'."""
+        for relative in self.folders.values():
+            if relative and path.startswith(f"{relative}/"):
+                return path[len(relative) + 1 :]
+        return path
+
+    def subset(self, rows: list[ManifestRow]) -> Manifest:
+        """The same root, labels and folders with only these rows (no problems)."""
+        return Manifest(self.root, self.labels, rows, folders=self.folders)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{split: {label: count}}; split is '' for a folder without splits."""
@@ -148,12 +196,47 @@ def scan_folder(
     progress: Callable[[int, int], None] | None = None,
 ) -> Manifest:
     """Scan `root` into a Manifest. Reads only image headers (and file bytes for md5), never decodes pixels."""
-    root = Path(root).resolve()
-    layout = find_layout(root)
-    labels = sorted({label for _, label, _ in layout})
-    files = [ManifestRow(path.relative_to(root).as_posix(), label, split)
+    return scan_folders([root], compute_md5=compute_md5, progress=progress)
+
+
+def scan_folders(
+    roots: Sequence[str | Path],
+    *,
+    compute_md5: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> Manifest:
+    """Scan several data folders into one Manifest rooted at their common ancestor (one folder: rooted at it).
+
+    Each folder keeps its own layout and splits; labels are the union of theirs. A folder is named after its last
+    path component, or after its path below the common ancestor when two share that name ('a/data', 'b/data').
+    The same folder twice, or one folder inside another, is refused: its images would be counted twice.
+    """
+    folders = [Path(root).expanduser().resolve() for root in roots]
+    if not folders:
+        raise DatasetError("no data folder given")
+    for i, one in enumerate(folders):
+        for other in folders[i + 1 :]:
+            if one == other or one in other.parents or other in one.parents:
+                raise DatasetError(f"{one} and {other}: the same folder twice, or one inside the other; give each "
+                                   "data folder once")
+    root = common_root(folders)
+    relative = [folder.relative_to(root).as_posix() if folder != root else "" for folder in folders]
+    short = [folder.name for folder in folders]
+    names = [s if short.count(s) == 1 else r for s, r in zip(short, relative, strict=True)]
+    layouts = [find_layout(folder) for folder in folders]
+    labels = sorted({label for layout in layouts for _, label, _ in layout})
+    files = [ManifestRow(path.relative_to(root).as_posix(), label, split, dataset=name)
+             for name, layout in zip(names, layouts, strict=True)
              for split, label, folder in layout for path in _walk_files(folder)]
-    return _probed(root, labels, files, compute_md5=compute_md5, progress=progress)
+    manifest = _probed(root, labels, files, compute_md5=compute_md5, progress=progress)
+    manifest.folders = dict(zip(names, relative, strict=True))
+    return manifest
+
+
+def common_root(folders: Sequence[Path]) -> Path:
+    """The folder a manifest of these data folders is rooted at: their deepest common ancestor (one folder: itself),
+    so that root / row.path finds every row's file."""
+    return Path(os.path.commonpath([Path(folder) for folder in folders]))
 
 
 def read_labelled_csv(
@@ -176,10 +259,13 @@ def read_labelled_csv(
     return _probed(path.parent, labels, files, compute_md5=compute_md5, progress=progress)
 
 
-def scan_data(path: str | Path, **kwargs) -> Manifest:
-    """scan_folder of a folder, read_labelled_csv of a .csv file."""
-    is_csv = Path(path).suffix.lower() == ".csv" and Path(path).is_file()
-    return read_labelled_csv(path, **kwargs) if is_csv else scan_folder(path, **kwargs)
+def scan_data(paths: str | Path | Sequence[str | Path], **kwargs) -> Manifest:
+    """scan_folders of one or several folders; read_labelled_csv of one .csv file."""
+    paths = [paths] if isinstance(paths, str | Path) else list(paths)
+    csvs = [p for p in paths if Path(p).suffix.lower() == ".csv" and Path(p).is_file()]
+    if csvs and len(paths) > 1:
+        raise DatasetError(f"{csvs[0]}: a CSV of path,label[,group] is read alone, not with other data")
+    return read_labelled_csv(paths[0], **kwargs) if csvs else scan_folders(paths, **kwargs)
 
 
 def _probed(
@@ -248,23 +334,23 @@ def read_manifest(out_dir: str | Path) -> Manifest:
     return Manifest(root=Path(meta["root"]), labels=list(meta["labels"]), rows=rows, problems=problems)
 
 
-# --- what the data folder says about its files (its own manifest.csv, e.g. a group column) ---------------
+# --- what each data folder says about its files (its own manifest.csv, e.g. a group column) ---------------
 
 
-def manifest_key(row: ManifestRow) -> tuple[str, str, str]:
-    """(split, label, file) of a row, the key of a data folder's manifest.csv: its path is root/<split>/<class>/<file>
-    or, in a folder without split folders, root/<class>/<file> (split '')."""
-    folders = 2 if row.split else 1  # <split>/<class>/ or <class>/ before the file
-    parts = row.path.split("/", folders)
+def manifest_key(split: str, path: str) -> tuple[str, str, str]:
+    """(split, label, file) of a file, the key of a data folder's manifest.csv, from its path within that folder:
+    <split>/<class>/<file> or, in a folder without split folders, <class>/<file> (split '')."""
+    folders = 2 if split else 1  # <split>/<class>/ or <class>/ before the file
+    parts = path.split("/", folders)
     if len(parts) <= folders:
-        return ("", "", row.path)
-    return (row.split, canonical_label(parts[-2]), parts[-1])
+        return ("", "", path)
+    return (split, canonical_label(parts[-2]), parts[-1])
 
 
 def read_data_manifest(root: str | Path) -> dict[tuple[str, str, str], dict[str, str]]:
     """A data folder's own manifest.csv (columns label, file, ..., and split unless the folder has no split
     folders), keyed by (split, label, file); or {}."""
-    path = Path(root) / "manifest.csv"
+    path = Path(root) / DATA_MANIFEST
     if not path.is_file():
         return {}
     with open(path, newline="") as handle:
@@ -274,15 +360,45 @@ def read_data_manifest(root: str | Path) -> dict[tuple[str, str, str], dict[str,
     return {(r.get("split") or "", canonical_label(r["label"]), r["file"]): r for r in records}
 
 
-def manifest_groups(root: str | Path, rows: Sequence[ManifestRow]) -> dict[str, str]:
-    """path -> the `group` column of the data folder's manifest.csv, for the rows it lists; {} without one."""
-    table = read_data_manifest(root)
+def folder_tables(manifest: Manifest) -> dict[str, dict[tuple[str, str, str], dict[str, str]]]:
+    """Dataset name -> its data folder's own manifest.csv (read_data_manifest), for every folder of the manifest."""
+    names = set(manifest.folders) | {row.dataset for row in manifest.rows}
+    return {name: read_data_manifest(manifest.folder(name)) for name in names}
+
+
+def folder_records(
+    manifest: Manifest, rows: Sequence[ManifestRow], tables: dict | None = None
+) -> list[dict[str, str]]:
+    """Each row's record in its own data folder's manifest.csv ({} where there is none). tables: folder_tables, when
+    the caller has read them already."""
+    tables = folder_tables(manifest) if tables is None else tables
+    return [tables.get(row.dataset, {}).get(manifest_key(row.split, manifest.within_folder(row.path))) or {}
+            for row in rows]
+
+
+def manifest_groups(manifest: Manifest, rows: Sequence[ManifestRow]) -> dict[str, str]:
+    """path -> the `group` column of its data folder's manifest.csv, for the rows listed there; {} without one.
+
+    With several folders a group is named 'folder:group': each folder numbers its own patients.
+    """
     out = {}
-    for row in rows:
-        record = table.get(manifest_key(row))
-        if record and record.get("group"):
-            out[row.path] = record["group"]
+    for row, record in zip(rows, folder_records(manifest, rows), strict=True):
+        if record.get("group"):
+            out[row.path] = f"{row.dataset}:{record['group']}" if manifest.several else record["group"]
     return out
+
+
+def folder_accounts(manifest: Manifest) -> list[dict]:
+    """What a run records about each data folder it saw: name, resolved path, images per split and class, and the
+    md5 of the folder's manifest.csv (None without one), so that a changed folder can be told from the one trained
+    on."""
+    accounts = []
+    for name, folder in manifest.datasets.items():
+        listed = folder / DATA_MANIFEST
+        mine = manifest.subset([row for row in manifest.rows if (row.dataset or name) == name])
+        accounts.append({"name": name, "path": str(folder), "counts": mine.counts(),
+                         "manifest_md5": file_md5(listed) if listed.is_file() else None})
+    return accounts
 
 
 # Labels that name the absence of a finding; the other class of a binary task is the positive one.

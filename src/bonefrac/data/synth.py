@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from bonefrac import __version__
+from bonefrac.data.dataset import SYNTHETIC_NOTICE
 from bonefrac.errors import DatasetError
 
 FRACTURE_TYPES = ("transverse", "oblique", "spiral", "comminuted", "hairline")
@@ -742,7 +743,7 @@ def generate_dataset(
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    (out / "SYNTHETIC_DATA.txt").write_text(_notice(n, size, labels, seed, split))
+    (out / SYNTHETIC_NOTICE).write_text(_notice(n, size, labels, seed, split))
     return out
 
 

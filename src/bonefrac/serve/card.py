@@ -75,7 +75,7 @@ def model_card(predictor: Predictor) -> dict:
         "threshold_meaning": threshold_meaning(run.calibration),
         "metrics": evaluations,
         "data": {
-            "root": str(run.config.data.root),
+            "root": ", ".join(run.config.data.roots),  # several data folders: their paths, comma-separated
             "counts": audit.get("counts") or summary.get("data") or {},
             "synthetic": synthetic,
             "leaky": bool(summary.get("leaky")),
