@@ -7,6 +7,7 @@
     png_bytes(array)                         PNG of a uint8 gray / RGB / RGBA array
     pointing_game(explanations, boxes)       faithfulness: how often the peak falls inside a known lesion box, with
                                              a (study-)bootstrap CI; pointing_game_for_points for baselines
+    read_boxes(boxes_csv, split)             a data folder's radiologists' boxes, per file, in its pixels
     explain_paths(explainer, paths, out)     `bonefrac explain`: an overlay PNG per file and explain.csv
 
 The maps come from `pytorch_grad_cam` (GradCAM, GradCAM++, EigenCAM); what is ours is the geometry around them.
@@ -71,6 +72,11 @@ class Explanation:
         """(x, y) of the hottest pixel in original-image coordinates."""
         y, x = np.unravel_index(int(np.argmax(self.heatmap)), self.heatmap.shape)
         return int(x), int(y)
+
+    @property
+    def point(self) -> tuple[int, int] | None:
+        """Where the map points: its peak, or None when it is flat (it points nowhere)."""
+        return None if self.flat else self.peak
 
 
 class Explainer:
@@ -211,6 +217,20 @@ def box_mask(boxes: Sequence[Box], shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def read_boxes(path: str | Path, split: str | None = None) -> dict[str, list[Box]]:
+    """A data folder's lesion boxes (its boxes.csv: split, label, file, x0, y0, x1, y1; one row per box, so an
+    image may have several) as {"split/label/file": [Box, ...]}, in the pixels of the file the key names."""
+    import csv
+
+    boxes: dict[str, list[Box]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if split is None or row["split"] == split:
+                key = f"{row['split']}/{row['label']}/{row['file']}"
+                boxes.setdefault(key, []).append(tuple(float(row[k]) for k in ("x0", "y0", "x1", "y1")))
+    return boxes
+
+
 def _as_boxes(entry: Box | Sequence[Box]) -> Sequence[Box]:
     """One image's boxes, given as one Box (four numbers) or a sequence of Boxes."""
     if len(entry) == 4 and all(isinstance(v, numbers.Real) for v in entry):
@@ -230,9 +250,8 @@ def pointing_game(
     boxes holds, per map, one Box or several (a hit when the peak is in any of them); groups, one id per map
     (the study), makes the bootstrap interval resample whole studies: two views of one fracture are not two
     independent tries."""
-    points = [None if explanation.flat else explanation.peak for explanation in explanations]
     shapes = [explanation.heatmap.shape for explanation in explanations]
-    return pointing_game_for_points(points, shapes, boxes, groups=groups, seed=seed)
+    return pointing_game_for_points([e.point for e in explanations], shapes, boxes, groups=groups, seed=seed)
 
 
 def pointing_game_for_points(
