@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REAL_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "bone-xray-grouped"
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+REAL_DATA = SHARED_DATA / "bone-xray-grouped"
+FRACATLAS = SHARED_DATA / "fracatlas-grouped"  # with the radiologists' fracture boxes (boxes.csv)
 
 
 def smooth_image(seed: int, size: int = 96) -> Image.Image:
@@ -45,11 +47,20 @@ def clean_set(tmp_path: Path) -> Path:
     return write_set(tmp_path / "clean", layout)
 
 
+def _shared_folder(folder: Path) -> Path:
+    if not (folder / "manifest.csv").exists():
+        pytest.skip(f"real data not found at {folder.resolve()} (only on machines with ../shared/data)")
+    return folder.resolve()
+
+
 @pytest.fixture
 def real_data() -> Path:
-    if not (REAL_DATA / "manifest.csv").exists():
-        pytest.skip(f"real data not found at {REAL_DATA.resolve()} (only on machines with ../shared/data)")
-    return REAL_DATA.resolve()
+    return _shared_folder(REAL_DATA)
+
+
+@pytest.fixture
+def fracatlas() -> Path:
+    return _shared_folder(FRACATLAS)
 
 
 @pytest.fixture(scope="session")

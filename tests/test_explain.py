@@ -27,11 +27,14 @@ from bonefrac.errors import BonefracError
 from bonefrac.explain import (
     METHODS,
     Explainer,
+    Explanation,
+    box_mask,
     explain_paths,
     heatmap_rgba,
     overlay_rgb,
     png_bytes,
     pointing_game,
+    pointing_game_for_points,
     unletterbox,
 )
 from bonefrac.models import create_model, feature_layer, list_models
@@ -165,15 +168,68 @@ def test_gradcam_points_at_phantom_fractures_far_above_chance(tmp_path):
     assert game.hit_rate >= max(0.15, 4 * game.chance), game.as_dict()
 
 
-def test_pointing_game_counts_flat_maps_as_misses():
-    from bonefrac.explain import Explanation
+def _map_peaking_at(shape: tuple[int, int], x: int, y: int) -> Explanation:
+    heatmap = np.zeros(shape, np.float32)
+    heatmap[y, x] = 1.0
+    return Explanation(heatmap, "fractured", {}, "fractured", "gradcam")
 
-    hot = np.zeros((10, 10), np.float32)
-    hot[2, 3] = 1.0
-    made = [Explanation(hot, "f", {}, "f", "gradcam"), Explanation(np.zeros((10, 10), np.float32), "f", {}, "f", "x")]
-    game = pointing_game(made, [(3, 2, 4, 3), (0, 0, 10, 10)])
+
+def test_pointing_game_counts_flat_maps_as_misses():
+    flat = Explanation(np.zeros((10, 10), np.float32), "f", {}, "f", "x")
+    game = pointing_game([_map_peaking_at((10, 10), 3, 2), flat], [(3, 2, 4, 3), (0, 0, 10, 10)])
     assert (game.hits, game.flat, game.n) == (1, 1, 2)
     assert game.chance == pytest.approx((0.01 + 1.0) / 2)
+
+
+def test_pointing_game_takes_several_boxes_per_image():
+    maps = [_map_peaking_at((10, 10), 8, 7), _map_peaking_at((10, 20), 0, 0), _map_peaking_at((10, 10), 5, 5)]
+    boxes = [
+        [(0, 0, 2, 2), (8, 7, 10, 10)],  # the peak in the second box: a hit; union 4 + 6 of 100 pixels
+        [(2, 2, 6, 6), (4, 4, 8, 8)],  # the peak in neither: a miss; the boxes overlap by 4, union 28 of 200
+        (5, 5, 6, 6),  # a single Box, as before: a hit, 1 of 100
+    ]
+    game = pointing_game(maps, boxes)
+    assert (game.hits, game.n, game.flat) == (2, 3, 0)
+    assert game.chance == pytest.approx((0.10 + 0.14 + 0.01) / 3)
+    assert game.as_dict()["hit_rate"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize(
+    "box, rows, columns",
+    [
+        ((3, 2, 5, 4), [2, 3], [3, 4]),  # whole pixels: x0 .. x1 - 1, as a PIL crop
+        ((0.4, 0.6, 2.6, 2.4), [1], [0, 1, 2]),  # fractional: the pixels whose centre (x + 0.5) is inside
+        ((-3.0, 8.2, 4.0, 14.0), [8, 9], [0, 1, 2, 3]),  # clipped to the image
+    ],
+)
+def test_box_mask_takes_the_pixels_whose_centre_is_inside(box, rows, columns):
+    mask = box_mask([box], (10, 10))
+    expected = np.zeros((10, 10), bool)
+    expected[np.ix_(rows, columns)] = True
+    assert (mask == expected).all()
+
+
+def test_pointing_game_interval_resamples_whole_studies():
+    # 20 maps in two studies of 10: every map of one study hits, none of the other. Images drawn one by one give a
+    # narrow interval around 0.5; drawing whole studies can give 0 or 1 (both studies alike) a quarter of the time.
+    maps = [_map_peaking_at((10, 10), 1 if i < 10 else 8, 1) for i in range(20)]
+    boxes = [(0, 0, 3, 3)] * 20
+    by_image = pointing_game(maps, boxes)
+    by_study = pointing_game(maps, boxes, groups=["a"] * 10 + ["b"] * 10)
+    assert by_image.hit_rate == by_study.hit_rate == 0.5
+    assert (by_image.groups, by_study.groups) == (20, 2)
+    assert 0.2 < by_image.low < 0.5 < by_image.high < 0.8
+    assert (by_study.low, by_study.high) == (0.0, 1.0)
+    assert by_study.as_dict()["hit_rate_ci"] == [0.0, 1.0]
+    assert pointing_game(maps, boxes, seed=3).as_dict() == pointing_game(maps, boxes, seed=3).as_dict()
+
+
+def test_pointing_game_for_points_scores_a_baseline():
+    shapes = [(10, 10), (10, 20)]
+    centres = [(w // 2, h // 2) for h, w in shapes]
+    game = pointing_game_for_points(centres, shapes, [(4, 4, 6, 6), [(0, 0, 1, 1), (9, 4, 11, 6)]])
+    assert (game.hits, game.n) == (2, 2)
+    assert pointing_game_for_points([None], [(4, 4)], [(0, 0, 4, 4)]).as_dict()["hits"] == 0
 
 
 def test_cli_explain_writes_overlays_and_reports_bad_files(run, tmp_path, capsys):

@@ -5,7 +5,9 @@
     overlay_rgb(pixels, heatmap)             the heatmap drawn on the radiograph (uint8 RGB)
     heatmap_rgba(heatmap)                    the coloured heatmap alone, transparent where cold (for layering)
     png_bytes(array)                         PNG of a uint8 gray / RGB / RGBA array
-    pointing_game(heatmaps, boxes)           faithfulness: how often the peak falls inside the known lesion box
+    pointing_game(explanations, boxes)       faithfulness: how often the peak falls inside a known lesion box, with
+                                             a (study-)bootstrap CI; pointing_game_for_points for baselines
+    read_boxes(boxes_csv, split)             a data folder's radiologists' boxes, per file, in its pixels
     explain_paths(explainer, paths, out)     `bonefrac explain`: an overlay PNG per file and explain.csv
 
 The maps come from `pytorch_grad_cam` (GradCAM, GradCAM++, EigenCAM); what is ours is the geometry around them.
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import io
+import math
+import numbers
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +42,7 @@ from bonefrac.calibration import apply_temperature
 from bonefrac.choices import CAM_METHODS
 from bonefrac.data.io import read_image
 from bonefrac.errors import BonefracError, ImageReadError
+from bonefrac.metrics import bootstrap_indices
 from bonefrac.models import feature_layer
 from bonefrac.predict import Predictor, expand_paths
 
@@ -67,6 +72,11 @@ class Explanation:
         """(x, y) of the hottest pixel in original-image coordinates."""
         y, x = np.unravel_index(int(np.argmax(self.heatmap)), self.heatmap.shape)
         return int(x), int(y)
+
+    @property
+    def point(self) -> tuple[int, int] | None:
+        """Where the map points: its peak, or None when it is flat (it points nowhere)."""
+        return None if self.flat else self.peak
 
 
 class Explainer:
@@ -168,42 +178,116 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 # --- faithfulness --------------------------------------------------------------------------------------------------
 
-Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), x1 and y1 exclusive, as a PIL crop box
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in the image's pixels, x1 and y1 exclusive (a PIL crop box)
+Point = tuple[int, int]  # (x, y) of a pixel
 
 
 @dataclass
 class PointingGame:
-    """How often the map's peak falls inside the known lesion box, against where chance would put it."""
+    """How often the map's peak falls inside a known lesion box, against where chance would put it."""
 
     hits: int
     n: int  # maps judged (flat maps count as misses: they point nowhere)
-    chance: float  # mean box area / image area: the hit rate of a peak placed uniformly at random
+    chance: float  # mean area fraction of each image's boxes: the hit rate of a peak placed uniformly at random
     flat: int  # maps with no peak
+    low: float  # 95 % bootstrap interval of the hit rate, resampling whole groups (studies) when they are given
+    high: float
+    groups: int  # the units resampled: groups, else images
 
     @property
     def hit_rate(self) -> float:
         return self.hits / self.n if self.n else float("nan")
 
     def as_dict(self) -> dict:
-        return {"hits": self.hits, "n": self.n, "hit_rate": self.hit_rate, "chance": self.chance, "flat": self.flat}
+        return {
+            "hits": self.hits, "n": self.n, "hit_rate": self.hit_rate, "hit_rate_ci": [self.low, self.high],
+            "groups": self.groups, "chance": self.chance, "flat": self.flat,
+        }
 
 
-def pointing_game(explanations: Sequence[Explanation], boxes: Sequence[Box]) -> PointingGame:
-    """Score each map's peak against its lesion box (the pointing game of Zhang et al., 2016)."""
-    if len(explanations) != len(boxes):
-        raise ValueError(f"{len(explanations)} maps but {len(boxes)} boxes")
-    hits = flat = 0
-    area_fractions = []
-    for explanation, (x0, y0, x1, y1) in zip(explanations, boxes, strict=True):
-        height, width = explanation.heatmap.shape
-        area_fractions.append((x1 - x0) * (y1 - y0) / (height * width))
-        if explanation.flat:
-            flat += 1
-            continue
-        x, y = explanation.peak
-        hits += x0 <= x < x1 and y0 <= y < y1
-    chance = float(np.mean(area_fractions)) if area_fractions else float("nan")
-    return PointingGame(hits=hits, n=len(boxes), chance=chance, flat=flat)
+def box_mask(boxes: Sequence[Box], shape: tuple[int, int]) -> np.ndarray:
+    """Boolean (H, W): the pixels whose centre lies inside any of the boxes.
+
+    Pixel x covers [x, x + 1), so it is in a box when x0 <= x + 0.5 < x1: for whole-number boxes exactly the
+    columns x0 .. x1 - 1 (as a PIL crop), and fractional boxes (FracAtlas's) take the pixels they mostly cover."""
+    mask = np.zeros(shape, dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        left, top, right, bottom = (max(0, math.ceil(v - 0.5)) for v in (x0, y0, x1, y1))
+        mask[top:bottom, left:right] = True
+    return mask
+
+
+def read_boxes(path: str | Path, split: str | None = None) -> dict[str, list[Box]]:
+    """A data folder's lesion boxes (its boxes.csv: split, label, file, x0, y0, x1, y1; one row per box, so an
+    image may have several) as {"split/label/file": [Box, ...]}, in the pixels of the file the key names."""
+    import csv
+
+    boxes: dict[str, list[Box]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if split is None or row["split"] == split:
+                key = f"{row['split']}/{row['label']}/{row['file']}"
+                boxes.setdefault(key, []).append(tuple(float(row[k]) for k in ("x0", "y0", "x1", "y1")))
+    return boxes
+
+
+def _as_boxes(entry: Box | Sequence[Box]) -> Sequence[Box]:
+    """One image's boxes, given as one Box (four numbers) or a sequence of Boxes."""
+    if len(entry) == 4 and all(isinstance(v, numbers.Real) for v in entry):
+        return [entry]
+    return entry
+
+
+def pointing_game(
+    explanations: Sequence[Explanation],
+    boxes: Sequence[Box | Sequence[Box]],
+    *,
+    groups: Sequence | None = None,
+    seed: int = 0,
+) -> PointingGame:
+    """Score each map's peak against its image's lesion boxes (the pointing game of Zhang et al., 2016).
+
+    boxes holds, per map, one Box or several (a hit when the peak is in any of them); groups, one id per map
+    (the study), makes the bootstrap interval resample whole studies: two views of one fracture are not two
+    independent tries."""
+    shapes = [explanation.heatmap.shape for explanation in explanations]
+    return pointing_game_for_points([e.point for e in explanations], shapes, boxes, groups=groups, seed=seed)
+
+
+def pointing_game_for_points(
+    points: Sequence[Point | None],
+    shapes: Sequence[tuple[int, int]],
+    boxes: Sequence[Box | Sequence[Box]],
+    *,
+    groups: Sequence | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> PointingGame:
+    """The pointing game for one point per image of the given (H, W) (None: no point, a miss): a map's peak, or a
+    baseline's guess such as the image centre. boxes and groups as in `pointing_game`."""
+    if not len(points) == len(shapes) == len(boxes):
+        raise ValueError(f"{len(points)} points, {len(shapes)} image sizes and {len(boxes)} box entries")
+    hits, area_fractions = [], []
+    for point, shape, entry in zip(points, shapes, boxes, strict=True):
+        mask = box_mask(_as_boxes(entry), shape)
+        area_fractions.append(mask.mean())
+        hits.append(point is not None and bool(mask[point[1], point[0]]))
+    hit = np.asarray(hits, dtype=float)
+    if hit.size:
+        resamples = bootstrap_indices(hit.size, groups=None if groups is None else np.asarray(groups),
+                                      n_resamples=n_resamples, seed=seed)
+        low, high = np.quantile([hit[idx].mean() for idx in resamples], [0.025, 0.975])
+    else:
+        low = high = float("nan")
+    return PointingGame(
+        hits=int(hit.sum()),
+        n=hit.size,
+        chance=float(np.mean(area_fractions)) if area_fractions else float("nan"),
+        flat=sum(point is None for point in points),
+        low=float(low),
+        high=float(high),
+        groups=len(set(groups)) if groups is not None else hit.size,
+    )
 
 
 # --- files ---------------------------------------------------------------------------------------------------------
