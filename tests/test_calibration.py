@@ -142,7 +142,7 @@ def test_three_levels_without_a_doubt_band_or_without_both_points():
     assert [level(p, levels) for p in (0.6, 0.59)] == ["fracture", "no fracture"]
     assert levels_text(levels).startswith("no doubt band: 0.6000 (specificity>=0.95) is not above 0.6000")
     del points["specificity>=0.95"]  # a calibration.json from before specificity points
-    assert three_levels(points) is None and levels_text(None).startswith("no three-level answer")
+    assert three_levels(points) is None and levels_text(None).startswith("none (calibration.json lacks")
 
 
 def test_predictive_values_by_bayes():

@@ -192,8 +192,8 @@ def level(p_positive: float, levels: dict) -> str:
 def levels_text(levels: dict | None) -> str:
     """The rule in words, for the terminal and the model card."""
     if levels is None:
-        return (f"no three-level answer: calibration.json lacks {' or '.join(LEVEL_POINTS.values())} "
-                "(calibrate again: bonefrac calibrate RUN)")
+        return (f"none (calibration.json lacks {' or '.join(LEVEL_POINTS.values())}: calibrate again with "
+                "bonefrac calibrate RUN)")
     low, high = levels["low"], levels["high"]
     if not levels["doubt_band"]:
         return (f"no doubt band: {high['threshold']:.4f} ({high['operating_point']}) is not above "
