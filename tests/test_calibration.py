@@ -9,8 +9,12 @@ from bonefrac.calibration import (
     choose_thresholds,
     expected_calibration_error,
     fit_temperature,
+    level,
+    levels_text,
     negative_log_likelihood,
+    predictive_values,
     reliability_curve,
+    three_levels,
 )
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -90,8 +94,65 @@ def test_thresholds_on_a_hand_made_example():
     assert chosen["sensitivity>=0.8"] == {"threshold": 0.60, "sensitivity": 4 / 5, "specificity": 6 / 7}
     assert choose_thresholds(Y, P)["sensitivity>=0.95"]["threshold"] == 0.45
     # Every calibration names the targets 0.9 and 0.95 besides its own: 4 of 5 fractures is below 0.9.
-    assert set(chosen) == {"default", "youden", "sensitivity>=0.8", "sensitivity>=0.9", "sensitivity>=0.95"}
+    assert set(chosen) == {"default", "youden", "sensitivity>=0.8", "sensitivity>=0.9", "sensitivity>=0.95",
+                           "specificity>=0.95"}
     assert chosen["sensitivity>=0.9"]["threshold"] == 0.45
+    # 6 of 7 normals (0.857) is below 0.95: every normal must be under the threshold, and 0.85 is the lowest score
+    # above the highest normal (0.80); it finds 2 of 5 fractures (0.95, 0.85).
+    assert chosen["specificity>=0.95"] == {"threshold": 0.85, "sensitivity": 2 / 5, "specificity": 1.0}
+
+
+@pytest.mark.parametrize("target", [0.9, 0.95])
+def test_specificity_point_is_the_lowest_threshold_reaching_the_target(target, monkeypatch):
+    import bonefrac.calibration
+
+    monkeypatch.setattr(bonefrac.calibration, "SPECIFICITY_TARGETS", (target,))
+    rng = np.random.default_rng(int(target * 100))
+    y = rng.integers(0, 2, 400)
+    p = np.round(1 / (1 + np.exp(-(1.5 * (2 * y - 1) + rng.normal(size=400)))), 2)  # rounded: ties
+    point = choose_thresholds(y, p)[f"specificity>={target:g}"]
+    specificity = (p[y == 0] < point["threshold"]).mean()
+    assert specificity >= target and specificity == point["specificity"]
+    assert point["sensitivity"] == (p[y == 1] >= point["threshold"]).mean()
+    lower = p[p < point["threshold"]]  # the next lower observed score misses the target: the best sensitivity
+    assert (p[y == 0] < lower.max()).mean() < target
+
+
+def test_specificity_point_when_the_highest_score_is_a_normal():
+    # One of two normals scores highest: no observed threshold clears 95 % of the normals, so nothing is flagged.
+    point = choose_thresholds(np.array([0, 1, 0]), np.array([0.9, 0.5, 0.1]))["specificity>=0.95"]
+    assert point == {"threshold": np.nextafter(0.9, 1), "sensitivity": 0.0, "specificity": 1.0}
+
+
+def test_three_levels_on_the_hand_made_example():
+    levels = three_levels(choose_thresholds(Y, P))
+    assert levels == {"low": {"operating_point": "sensitivity>=0.95", "threshold": 0.45},
+                      "high": {"operating_point": "specificity>=0.95", "threshold": 0.85}, "doubt_band": True}
+    assert [level(p, levels) for p in (0.95, 0.85, 0.84, 0.45, 0.449, 0.0)] == [
+        "fracture", "fracture", "doubt", "doubt", "no fracture", "no fracture"]
+    assert levels_text(levels) == ("no fracture below 0.4500 (sensitivity>=0.95), fracture at or above 0.8500 "
+                                   "(specificity>=0.95), doubt between")
+
+
+def test_three_levels_without_a_doubt_band_or_without_both_points():
+    # Separable: 0.6 reaches sensitivity 1 and specificity 1 at once, so the low threshold is above the high one.
+    points = choose_thresholds(np.array([1, 1, 0, 0]), np.array([0.9, 0.6, 0.4, 0.1]))
+    levels = three_levels(points)
+    assert (levels["low"]["threshold"], levels["high"]["threshold"], levels["doubt_band"]) == (0.6, 0.6, False)
+    assert [level(p, levels) for p in (0.6, 0.59)] == ["fracture", "no fracture"]
+    assert levels_text(levels).startswith("no doubt band: 0.6000 (specificity>=0.95) is not above 0.6000")
+    del points["specificity>=0.95"]  # a calibration.json from before specificity points
+    assert three_levels(points) is None and levels_text(None).startswith("none (calibration.json lacks")
+
+
+def test_predictive_values_by_bayes():
+    # 1000 images at prevalence 0.1: 100 fractures, 90 found; 900 normals, 720 cleared, 180 flagged.
+    ppv, npv = predictive_values(0.9, 0.8, 0.1)
+    assert ppv == pytest.approx(90 / 270) and npv == pytest.approx(720 / 730)
+    assert predictive_values(0.0, 1.0, 0.5) == (None, 0.5)  # nothing is flagged: no PPV
+    for prevalence in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            predictive_values(0.9, 0.8, prevalence)
 
 
 @pytest.mark.parametrize("target", [0.8, 0.9, 0.95, 0.99, 1.0])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bonefrac import DISCLAIMER
+from bonefrac.calibration import three_levels
 from bonefrac.cli import main
 from bonefrac.evaluate import calibrate_run, evaluate_run, predict_split
 from bonefrac.run import Run
@@ -94,11 +95,16 @@ def test_calibration_json(run):
     result = json.loads((run / "calibration.json").read_text())
     assert result["temperature"] > 0 and result["fitted_on"] == "val"
     assert result["n_files"] == 2 * COUNTS["val"] and result["n_groups"] == 2 * COUNTS["val"]
-    assert set(result["thresholds"]) == {"default", "youden", "sensitivity>=0.9", "sensitivity>=0.95"}
+    assert set(result["thresholds"]) == {"default", "youden", "sensitivity>=0.9", "sensitivity>=0.95",
+                                         "specificity>=0.95"}
     assert result["operating_point"] == "sensitivity>=0.95"
     chosen = result["thresholds"]["sensitivity>=0.95"]
     assert chosen["sensitivity"] >= 0.95 and result["threshold"] == chosen["threshold"]
     assert 0 <= chosen["specificity"] <= 1
+    assert result["thresholds"]["specificity>=0.95"]["specificity"] >= 0.95
+    # the three-level rule is stored with the thresholds it comes from
+    assert result["levels"] == three_levels(result["thresholds"]) and result["levels"]["low"] == {
+        "operating_point": "sensitivity>=0.95", "threshold": chosen["threshold"]}
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_val_auroc"] > 0.8  # the tiny model learned something: the numbers below mean something
 
@@ -209,6 +215,7 @@ def test_cli_calibrate_and_evaluate(run, bars, tmp_path, capsys):
     assert main(["calibrate", str(run_copy), "--data", str(bars), "--min-sensitivity", "0.9"]) == 0
     out, err = capsys.readouterr()
     assert "sensitivity>=0.9" in out and "operating point" in out and DISCLAIMER in " ".join(err.split())
+    assert "specificity>=0.95" in out and "three levels: " in " ".join(out.split())
     assert main(["evaluate", str(run_copy), "--data", str(bars), "--split", "val", "--strata", "source"]) == 0
     out, err = capsys.readouterr()
     assert "f1-score" in out and "by source:" in out and "at threshold" in out and DISCLAIMER in " ".join(err.split())

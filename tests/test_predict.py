@@ -169,7 +169,7 @@ def test_cli_predict_writes_csv_and_json_and_exit_codes(exported, folder, tmp_pa
     out, err = (" ".join(text.split()) for text in capsys.readouterr())
     assert "7 files: 5 predicted, 2 errors" in out and DISCLAIMER in err
     rows = read_csv(out_csv)
-    assert list(rows[0]) == ["file", "status", "p_fractured", "p_not_fractured", "prediction", "threshold",
+    assert list(rows[0]) == ["file", "status", "p_fractured", "p_not_fractured", "prediction", "level", "threshold",
                              "operating_point", "accepted", "ood_score", "ood_reason", "error"]
     assert len(rows) == 7 and sum(row["status"] == "error" for row in rows) == 2
     assert main(["predict", str(exported), str(folder / "a.png"), str(folder / "sub"), "--out", str(out_json),
@@ -314,8 +314,10 @@ def test_the_table_keeps_decisions_whole_at_80_columns(run, folder, tmp_path, mo
     assert main(["predict", str(run), "a.png", str(long_name), "text.png"]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert max(len(line) for line in lines if line[0] in "┏┃┡│└") <= 80
-    decisions = [line.split("│")[-2].strip() for line in lines if line.startswith("│") and ".png" in line]
+    cells = [[cell.strip() for cell in line.split("│")] for line in lines if line.startswith("│") and ".png" in line]
+    decisions = [row[-3] for row in cells]
     assert {d for d in decisions if d and not d.startswith("error:")} <= {"fractured", "not_fractured"}  # whole
+    assert {row[-2] for row in cells} <= {"fracture", "doubt", "no fracture", ""} and "level" in " ".join(lines)
     assert any(d.startswith("error:") for d in decisions) and "p(fractured)" in " ".join(lines)
 
 
@@ -342,7 +344,7 @@ def test_predict_at_another_val_chosen_operating_point_or_a_given_threshold(run,
     "options, message",
     [
         ({"operating_point": "spec95"},
-         "this run's calibration.json has default, youden, sensitivity>=0.9, sensitivity>=0.95"),
+         "this run's calibration.json has default, youden, sensitivity>=0.9, sensitivity>=0.95, specificity>=0.95"),
         ({"threshold": 1.5}, "a probability, in \\[0, 1\\]"),
         ({"operating_point": "youden", "threshold": 0.3}, "not both"),
     ],
@@ -360,3 +362,81 @@ def test_cli_predict_operating_point(run, folder, capsys):
     with pytest.raises(SystemExit) as refused:  # argparse: the two options exclude each other
         main(["predict", str(run), str(folder / "b.png"), "--threshold", "0.2", "--operating-point", "youden"])
     assert refused.value.code == 2
+
+
+def test_predictor_at_shares_the_loaded_model(run):
+    predictor = Predictor(run, backend="torch")
+    youden = predictor.at(operating_point="youden")
+    assert youden.model is predictor.model and youden.operating_point == "youden"
+    assert predictor.operating_point == "sensitivity>=0.95" and predictor.at() is predictor
+
+
+# --- the three-level answer and predictive values (issue 16, item 1) ----------------------------------------------
+
+
+def test_every_row_has_the_three_level_answer_whatever_the_operating_point(run, folder):
+    levels = json.loads((run / "calibration.json").read_text())["levels"]
+    low, high = levels["low"]["threshold"], levels["high"]["threshold"]
+    for options in ({}, {"operating_point": "youden"}, {"threshold": 0.0}):
+        rows = [row for row in Predictor(run, backend="torch", **options).predict_paths([folder]).rows]
+        for row in rows:
+            if row.status != "ok":
+                assert row.level is None
+                continue
+            p = row.probabilities["fractured"]
+            assert row.level == ("fracture" if p >= high else "no fracture" if p < low else "doubt")
+
+
+@pytest.mark.parametrize("drop", [["levels"], ["levels", "specificity>=0.95"]])
+def test_a_calibration_from_before_levels_still_predicts(run, folder, tmp_path, drop):
+    """levels derived from the thresholds when both points are there; no level (and no error) when one is missing."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    calibration = json.loads((copy / "calibration.json").read_text())
+    levels = calibration.pop("levels")
+    for name in drop[1:]:
+        del calibration["thresholds"][name]
+    (copy / "calibration.json").write_text(json.dumps(calibration))
+    predictor = Predictor(copy, backend="torch")
+    assert predictor.run.calibration.levels == (levels if len(drop) == 1 else None)
+    rows = [row for row in predictor.predict_paths([folder]).rows if row.status == "ok"]
+    assert rows and all((row.level is None) == (len(drop) == 2) for row in rows)
+
+
+def test_cli_prevalence_adds_ppv_and_npv_once(run, folder, tmp_path, capsys):
+    out = tmp_path / "preds.json"
+    assert main(["predict", str(run), str(folder / "a.png"), "--out", str(out), "--prevalence", "0.1"]) == 0
+    chosen = json.loads((run / "calibration.json").read_text())["thresholds"]["sensitivity>=0.95"]
+    sensitivity, specificity = chosen["sensitivity"], chosen["specificity"]
+    ppv = sensitivity * 0.1 / (sensitivity * 0.1 + (1 - specificity) * 0.9)
+    values = json.loads(out.read_text())["predictive_values"]
+    assert values["prevalence"] == 0.1 and values["operating_point"] == "sensitivity>=0.95"
+    assert values["ppv"] == pytest.approx(ppv)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed.count("PPV") == 1 and f"at prevalence 0.1: PPV {ppv:.3f}, NPV {values['npv']:.3f}" in printed
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--prevalence", "1.5"], "prevalence 1.5: the share of fractures among the images, strictly between 0 and 1"),
+     (["--prevalence", "0"], "strictly between 0 and 1"),
+     (["--prevalence", "0.1", "--threshold", "0.3"], "'threshold given' has none")],
+)
+def test_cli_refuses_a_prevalence_it_cannot_use_before_reading_images(run, folder, monkeypatch, capsys, options,
+                                                                      message):
+    import bonefrac.predict
+
+    monkeypatch.setattr(bonefrac.predict, "expand_paths", lambda *a, **k: pytest.fail("images were read"))
+    assert main(["predict", str(run), str(folder), *options]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_cli_lists_the_operating_points_and_the_levels(run, capsys):
+    assert main(["predict", str(run), "--list-operating-points"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    calibration = json.loads((run / "calibration.json").read_text())
+    for name, point in calibration["thresholds"].items():
+        assert f"{name} │ {point['threshold']:.4f} │ {point['sensitivity']:.3f} │ {point['specificity']:.3f}" in out
+    assert "in use" in out and "three levels: " in out and "(specificity>=0.95)" in out
+    assert main(["predict", str(run)]) == 2  # a run and no images, without --list-operating-points
+    assert "give the images after it" in " ".join(capsys.readouterr().err.split())

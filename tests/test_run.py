@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bonefrac.calibration import predictive_values
 from bonefrac.config import build_config
 from bonefrac.data.cache import CachedImageDataset, ImageCache
 from bonefrac.data.dataset import file_md5
@@ -197,3 +198,34 @@ def test_another_operating_point_keeps_the_temperature_and_needs_two_classes(run
         Calibration.uncalibrated(6).at(threshold=0.3)
     with pytest.raises(BonefracError, match="not calibrated"):
         Calibration.uncalibrated(2).at(operating_point="youden")
+
+
+def test_operating_points_pair_val_with_test_only_at_the_same_threshold(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    thresholds = Run.load(copy).calibration.record["thresholds"]
+    on_test = {"sensitivity": {"point": 0.9, "low": 0.8, "high": 1.0}, "specificity": {"point": 0.7, "low": 0.5,
+                                                                                        "high": 0.9}}
+    (copy / "eval" / "test").mkdir(parents=True)
+    (copy / "eval" / "test" / "metrics.json").write_text(json.dumps({"operating_points": {
+        "youden": {"threshold": thresholds["youden"]["threshold"], **on_test},
+        "default": {"threshold": 0.25, **on_test},  # from an older calibration: not this threshold's figures
+    }}))
+    points = {point["name"]: point for point in Run.load(copy).operating_points()}
+    assert list(points) == list(thresholds)
+    assert points["youden"]["test"] == on_test and points["default"]["test"] is None
+    assert points["sensitivity>=0.95"]["in_use"] and not points["youden"]["in_use"]
+    assert points["specificity>=0.95"]["val"] == {key: thresholds["specificity>=0.95"][key]
+                                                  for key in ("sensitivity", "specificity")}
+
+
+def test_predictive_values_of_the_operating_point_in_use(run):
+    calibration = Run.load(run).calibration
+    chosen = calibration.on_val
+    values = calibration.predictive_values(0.2)
+    assert values["operating_point"] == "sensitivity>=0.95" and values["sensitivity"] == chosen["sensitivity"]
+    assert (values["ppv"], values["npv"]) == predictive_values(chosen["sensitivity"], chosen["specificity"], 0.2)
+    with pytest.raises(BonefracError, match="'threshold given' has none"):
+        calibration.at(threshold=0.3).predictive_values(0.2)
+    with pytest.raises(BonefracError, match="strictly between 0 and 1"):
+        calibration.predictive_values(1.0)

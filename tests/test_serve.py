@@ -34,7 +34,7 @@ from bonefrac.export import export_onnx
 from bonefrac.predict import Predictor
 from bonefrac.serve import ServeSettings, create_app
 from bonefrac.serve.app import STATIC
-from bonefrac.serve.uploads import UploadError, read_uploads
+from bonefrac.serve.uploads import UploadError, read_form
 from bonefrac.shipped import shipped_run
 from tests.helpers import bar_image, tiny_fit, write_bar_set, write_dicom
 
@@ -332,7 +332,7 @@ def test_a_client_that_disconnects_mid_upload_is_a_400_not_a_crash():
         return next(messages)
 
     with pytest.raises(UploadError) as caught:
-        anyio.run(partial(read_uploads, Request(scope, receive), max_file_bytes=1000, max_files=1))
+        anyio.run(partial(read_form, Request(scope, receive), max_file_bytes=1000, max_files=1))
     assert caught.value.status == 400 and caught.value.reason == "the client disconnected before the body was complete"
 
 
@@ -434,3 +434,86 @@ def test_cli_serve_passes_settings_and_refuses_a_missing_run(run, tmp_path, monk
     assert calls[-1][0] == shipped_run() and "using the shipped model" in capsys.readouterr().out
     monkeypatch.undo()
     assert main(["serve", str(tmp_path / "missing"), "--port", "8124"]) == 2
+
+
+# --- operating points, the three-level answer and predictive values (issue 16, item 1) ---------------------------
+
+
+def test_model_card_lists_every_operating_point_with_val_and_test_figures(client, run):
+    card = client.get("/v1/model").json()
+    calibration = json.loads((run / "calibration.json").read_text())
+    on_test = json.loads((run / "eval" / "test" / "metrics.json").read_text())["operating_points"]
+    points = {point["name"]: point for point in card["operating_points"]}
+    assert list(points) == list(calibration["thresholds"]) and "specificity>=0.95" in points
+    for name, point in points.items():
+        assert point["threshold"] == calibration["thresholds"][name]["threshold"]
+        assert point["val"]["specificity"] == calibration["thresholds"][name]["specificity"]
+        assert point["test"]["sensitivity"] == on_test[name]["sensitivity"]  # point, low, high, n
+        assert point["in_use"] == (name == "sensitivity>=0.95")
+    assert card["levels"] == calibration["levels"]
+    assert card["levels_meaning"].startswith(("no fracture below", "no doubt band"))
+
+
+def test_predict_at_another_operating_point_as_query_or_form_field(client, run, xray):
+    youden = json.loads((run / "calibration.json").read_text())["thresholds"]["youden"]
+    by_query = post(client, xray, query="?operating_point=youden&heatmap=true").json()
+    by_form = client.post("/v1/predict", data={"operating_point": "youden"}, files={"file": ("x.png", xray)}).json()
+    for answer in (by_query, by_form):
+        assert answer["operating_point"] == "youden" and answer["threshold"] == youden["threshold"]
+        assert answer["threshold_meaning"].startswith("chosen to maximise Youden's J")
+        assert answer["prediction"] == ("fractured" if answer["probability"] >= youden["threshold"]
+                                        else "not_fractured")
+    assert by_query["heatmap"]["target"] == by_query["prediction"]  # the heatmap explains the decision asked for
+    both = client.post("/v1/predict?operating_point=default", data={"operating_point": "youden"},
+                       files={"file": ("x.png", xray)}).json()
+    assert both["operating_point"] == "default"  # the query wins over the form field
+    given = post(client, xray, query="?threshold=0").json()
+    assert given["prediction"] == "fractured" and given["operating_point"] == "threshold given"
+    assert given["threshold_meaning"] == "given with the request, not chosen on validation"
+    assert post(client, xray).json()["operating_point"] == "sensitivity>=0.95"  # the server's own is untouched
+
+
+def test_every_answer_has_the_three_level_answer(client, run, xray):
+    levels = json.loads((run / "calibration.json").read_text())["levels"]
+    low, high = levels["low"]["threshold"], levels["high"]["threshold"]
+    answer = post(client, xray, query="?operating_point=youden").json()
+    p = answer["probability"]
+    assert answer["level"] == ("fracture" if p >= high else "no fracture" if p < low else "doubt")
+    assert answer["level_words"].startswith(f"{answer['level']}: p(fractured) = {p:.3f} is ")
+    batch = client.post("/v1/predict/batch?threshold=0.5", files=[("files", ("a.png", xray))]).json()
+    assert batch["results"][0]["level"] == answer["level"] and batch["results"][0]["threshold"] == 0.5
+
+
+def test_prevalence_adds_ppv_and_npv(client, run, xray):
+    chosen = json.loads((run / "calibration.json").read_text())["thresholds"]["sensitivity>=0.95"]
+    values = client.post("/v1/predict", data={"prevalence": "0.2"}, files={"file": ("x.png", xray)}).json()[
+        "predictive_values"]
+    assert values["prevalence"] == 0.2 and values["operating_point"] == "sensitivity>=0.95"
+    assert values["sensitivity"] == chosen["sensitivity"] and values["specificity"] == chosen["specificity"]
+    assert post(client, xray).json()["predictive_values"] is None
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("?operating_point=spec99", "operating point 'spec99': this run's calibration.json has default, youden, "
+                                    "sensitivity>=0.9, sensitivity>=0.95, specificity>=0.95"),
+        ("?threshold=abc", "threshold 'abc': not a number"),
+        ("?threshold=1.5", "threshold 1.5: a probability, in [0, 1]"),
+        ("?threshold=0.3&operating_point=youden", "give an operating point or a threshold, not both"),
+        ("?prevalence=1", "prevalence 1: the share of fractures among the images, strictly between 0 and 1 (e.g. 0.1)"),
+        ("?prevalence=0.1&threshold=0.3", "PPV and NPV need the val sensitivity and specificity of an operating "
+                                          "point chosen on val; 'threshold given' has none"),
+    ],
+)
+def test_a_decision_parameter_it_cannot_use_is_422_with_the_reason(client, xray, query, reason):
+    for path in ("/v1/predict", "/v1/predict/batch"):
+        response = client.post(f"{path}{query}", files={"file" if path == "/v1/predict" else "files": ("x.png", xray)})
+        assert response.status_code == 422 and response.json() == {"detail": reason}
+
+
+def test_openapi_docs_describe_the_decision_parameters(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/predict", "/v1/predict/batch"):
+        names = {parameter["name"] for parameter in spec["paths"][path]["post"]["parameters"]}
+        assert names == {"heatmap", "image", "operating_point", "threshold", "prevalence"}

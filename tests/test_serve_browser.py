@@ -1,5 +1,6 @@
 """End to end: `bonefrac serve` on a free localhost port, Debian's headless Chromium driven by Playwright uploads a
-SYNTHETIC phantom radiograph through the page, and the decision, the probability bar and the heatmap appear."""
+SYNTHETIC phantom radiograph through the page, and the decision, the three-level answer, the probability bar and the
+heatmap appear; choosing another operating point asks again."""
 
 from __future__ import annotations
 
@@ -120,6 +121,17 @@ def test_upload_a_phantom_and_see_the_decision_and_the_heatmap(server, phantom, 
             fill = result.locator(".bar .fill").evaluate("el => el.style.width")
             marker = result.locator(".bar .marker").evaluate("el => el.style.left")
             assert fill.endswith("%") and marker.endswith("%") and float(marker.rstrip("%")) > 0
+            assert re.match(r"Three-level answer: (fracture|doubt|no fracture): p\(fractured\) = ",
+                            result.locator(".level").inner_text())
+
+            # Another operating point from the selector (filled from /v1/model): the image is asked for again.
+            select = page.locator("#operating-point")
+            assert select.locator("option").count() == 5 and select.input_value() == "sensitivity>=0.95"
+            select.select_option("youden")
+            meaning = page.locator(".result .meaning")
+            expect(meaning).to_have_text(re.compile(r"^Threshold \(youden\): chosen to maximise"), timeout=60_000)
+            expect(page.locator("#status")).to_have_text(re.compile("^Done: 1 file analysed"), timeout=60_000)
+            assert page.locator(".result").count() == 1
             page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
         finally:
             browser.close()

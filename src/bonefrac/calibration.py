@@ -85,13 +85,20 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
 # --- thresholds ---------------------------------------------------------------------------------------------------
 
 
-# The sensitivity targets every calibration names an operating point for (a run's own min_sensitivity is added).
+# The sensitivity targets every calibration names an operating point for (a run's own min_sensitivity is added),
+# and the specificity targets.
 SENSITIVITY_TARGETS = (0.90, 0.95)
+SPECIFICITY_TARGETS = (0.95,)
 
 
 def sensitivity_point(target: float) -> str:
     """The name of the operating point with val sensitivity >= target: "sensitivity>=0.95"."""
     return f"sensitivity>={target:g}"
+
+
+def specificity_point(target: float) -> str:
+    """The name of the operating point with val specificity >= target: "specificity>=0.95"."""
+    return f"specificity>={target:g}"
 
 
 def choose_thresholds(
@@ -108,6 +115,9 @@ def choose_thresholds(
       at least T, i.e. the best specificity under that constraint. A screening aid must miss few fractures, so
       these are the operating points that matter; their sensitivity on new data is an estimate, and the CI of the
       test sensitivity says how far it may fall.
+    - "specificity>=T" for T in SPECIFICITY_TARGETS: the lowest threshold whose specificity is at least T, i.e. the
+      best sensitivity under that constraint (the rule-in threshold of the three-level answer, `three_levels`).
+      When even the highest score flags too many negatives, a threshold just above it: nothing is flagged.
 
     The sensitivity and specificity given are those on the data passed in.
     """
@@ -141,4 +151,72 @@ def choose_thresholds(
     for target in sorted({*SENSITIVITY_TARGETS, min_sensitivity}):
         reaching = int(np.flatnonzero(sensitivity >= target)[0])  # sensitivity rises as the threshold falls
         points[sensitivity_point(target)] = operating_point(reaching)
+    for target in SPECIFICITY_TARGETS:
+        reaching = np.flatnonzero(specificity >= target)  # specificity falls as the threshold falls
+        points[specificity_point(target)] = operating_point(int(reaching[-1])) if reaching.size else {
+            "threshold": float(np.nextafter(thresholds[0], np.inf)), "sensitivity": 0.0, "specificity": 1.0}
     return points
+
+
+# --- the three-level answer ---------------------------------------------------------------------------------------
+
+# Clinical decision aids answer in three levels from two thresholds: below a rule-out threshold chosen for high
+# sensitivity few fractures are missed, at or above a rule-in threshold chosen for high specificity few normals are
+# flagged, and between them the model does not know enough to say either.
+FRACTURE, DOUBT, NO_FRACTURE = "fracture", "doubt", "no fracture"
+LEVEL_POINTS = {"low": sensitivity_point(0.95), "high": specificity_point(0.95)}  # rule out below, rule in at/above
+
+
+def three_levels(points: dict[str, dict[str, float]]) -> dict | None:
+    """The three-level rule from choose_thresholds' points: {"low": {"operating_point", "threshold"}, "high": ...,
+    "doubt_band": low < high}; None when either point of LEVEL_POINTS is missing (a run calibrated before
+    specificity points existed).
+
+    Without a doubt band (low >= high) one threshold, the high one, reaches both targets on val, and `level` is
+    then a plain two-way answer at it.
+    """
+    if not all(name in points for name in LEVEL_POINTS.values()):
+        return None
+    levels = {side: {"operating_point": name, "threshold": float(points[name]["threshold"])}
+              for side, name in LEVEL_POINTS.items()}
+    return levels | {"doubt_band": levels["low"]["threshold"] < levels["high"]["threshold"]}
+
+
+def level(p_positive: float, levels: dict) -> str:
+    """FRACTURE at or above the high threshold, else NO_FRACTURE below the low one, else DOUBT."""
+    if p_positive >= levels["high"]["threshold"]:
+        return FRACTURE
+    return NO_FRACTURE if p_positive < levels["low"]["threshold"] else DOUBT
+
+
+def levels_text(levels: dict | None) -> str:
+    """The rule in words, for the terminal and the model card."""
+    if levels is None:
+        return (f"none (calibration.json lacks {' or '.join(LEVEL_POINTS.values())}: calibrate again with "
+                "bonefrac calibrate RUN)")
+    low, high = levels["low"], levels["high"]
+    if not levels["doubt_band"]:
+        return (f"no doubt band: {high['threshold']:.4f} ({high['operating_point']}) is not above "
+                f"{low['threshold']:.4f} ({low['operating_point']}), so one threshold reaches both on val: "
+                f"{FRACTURE} at or above {high['threshold']:.4f}, {NO_FRACTURE} below")
+    return (f"{NO_FRACTURE} below {low['threshold']:.4f} ({low['operating_point']}), {FRACTURE} at or above "
+            f"{high['threshold']:.4f} ({high['operating_point']}), {DOUBT} between")
+
+
+# --- predictive values --------------------------------------------------------------------------------------------
+
+
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> tuple[float | None, float | None]:
+    """(PPV, NPV) by Bayes' rule at a prevalence in (0, 1); None where nothing is flagged (PPV) or cleared (NPV).
+
+    Sensitivity and specificity do not depend on how common fractures are; the chance that a flagged image is a
+    fracture does, so it is computed for the prevalence of the place the model is used in.
+    """
+    if not 0 < prevalence < 1:
+        raise ValueError(f"prevalence {prevalence:g}: the share of fractures among the images, strictly between 0 "
+                         "and 1 (e.g. 0.1)")
+    flagged_true, flagged_false = sensitivity * prevalence, (1 - specificity) * (1 - prevalence)
+    cleared_true, cleared_false = specificity * (1 - prevalence), (1 - sensitivity) * prevalence
+    ppv = flagged_true / (flagged_true + flagged_false) if flagged_true + flagged_false > 0 else None
+    npv = cleared_true / (cleared_true + cleared_false) if cleared_true + cleared_false > 0 else None
+    return ppv, npv

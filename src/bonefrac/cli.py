@@ -361,8 +361,15 @@ def _run_and_paths(items: Sequence[str], say: Console = console) -> tuple[Path, 
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from bonefrac.predict import Predictor, output_format, prediction_table, write_predictions
+    from bonefrac.predict import Predictor, operating_points_table, output_format, prediction_table, write_predictions
+    from bonefrac.run import Run
 
+    if args.list_operating_points:
+        run = Run.load(args.items[0]) if args.items else Run.load(_run_and_paths([])[0])
+        console.print(operating_points_table(run), highlight=False)
+        return 0
+    if not args.items:
+        raise BonefracError("give image files, folders or globs (after the run directory, if any)")
     to_stdout = args.out == "-"
     fmt = output_format(args.out, args.format) if args.out else None  # a wrong --out fails before any work
     if args.format and not args.out:
@@ -372,7 +379,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(run, backend=args.backend, batch_size=args.batch_size, tta=args.tta,
                           operating_point=args.operating_point, threshold=args.threshold)
     with progress("predicting") as update:
-        result = predictor.predict_paths(paths, progress=update)
+        result = predictor.predict_paths(paths, progress=update, prevalence=args.prevalence)
     if to_stdout:
         _rows_to_stdout(result, fmt)
     elif args.out:
@@ -690,9 +697,11 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser(
         "predict",
         help="calibrated probabilities and the decision at the run's threshold for files, folders and globs",
-        description="One row per image-like file; unreadable files get an error row. Exit code 1 if any failed.",
+        description="One row per image-like file; unreadable files get an error row. Exit code 1 if any failed. "
+                    "Each row also has the three-level answer (fracture, doubt, no fracture) from two thresholds "
+                    "chosen on val: sensitivity>=0.95 and specificity>=0.95.",
     )
-    predict.add_argument("items", nargs="+", metavar="[RUN] PATH", help=RUN_THEN_PATHS)
+    predict.add_argument("items", nargs="*", metavar="[RUN] PATH", help=RUN_THEN_PATHS)
     predict.add_argument(
         "--out", help="preds.csv, preds.json or preds.jsonl, or - for stdout (default: a table on the terminal)"
     )
@@ -710,10 +719,21 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
     decision.add_argument(
         "--operating-point", metavar="NAME",
         help="decide at another threshold the run chose on val: youden, default, sensitivity (its target), or a "
-             "name in RUN/calibration.json (default: the run's operating point)",
+             "name in RUN/calibration.json such as specificity>=0.95 (default: the run's operating point; "
+             "--list-operating-points shows them)",
     )
     decision.add_argument(
         "--threshold", type=float, metavar="P", help="decide at p(positive) >= P instead (not chosen on val)"
+    )
+    predict.add_argument(
+        "--prevalence", type=float, metavar="P",
+        help="add PPV and NPV at this share of fractures (0 < P < 1), from the operating point's val sensitivity "
+             "and specificity, to the summary and the JSON output",
+    )
+    predict.add_argument(
+        "--list-operating-points", action="store_true",
+        help="print the run's operating points (threshold, val and test sensitivity and specificity with CIs) and "
+             "its three-level rule, then stop; RUN alone (default: the shipped model)",
     )
     predict.set_defaults(func=cmd_predict)
 

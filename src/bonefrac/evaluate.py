@@ -45,8 +45,10 @@ from bonefrac.calibration import (
     choose_thresholds,
     expected_calibration_error,
     fit_temperature,
+    levels_text,
     negative_log_likelihood,
     sensitivity_point,
+    three_levels,
 )
 from bonefrac.choices import OPERATING_POINTS
 from bonefrac.data.audit import AUDIT_FILE, AuditReport, audit_manifest, leak_line
@@ -315,6 +317,7 @@ def calibrate_run(
             "thresholds": thresholds,
             "operating_point": chosen,
             "threshold": thresholds[chosen]["threshold"],
+            "levels": three_levels(thresholds),
         }
     else:  # multi-class predictions are the argmax of the calibrated probabilities
         result |= {"thresholds": {}, "operating_point": "argmax", "threshold": None}
@@ -711,6 +714,8 @@ def format_calibration(result: dict) -> str:
             f"  {name:<20} threshold {point['threshold']:.4f}: val sensitivity {point['sensitivity']:.3f}, "
             f"specificity {point['specificity']:.3f}{mark}"
         )
+    if result["thresholds"]:
+        lines.append(f"three levels: {levels_text(result['levels'])}")
     if result["skipped_files"]:
         lines.append(f"{len(result['skipped_files'])} unreadable val files skipped")
     if result["synthetic_data"]:

@@ -2,7 +2,10 @@
 
     Predictor(run_dir, backend="auto")   the run's model (onnxruntime when RUN/model.onnx exists, else PyTorch);
                                          tta=True averages each image's logits over mirror x zoom views (bonefrac.tta)
-    Predictor.predict_paths(paths)       files, folders (recursive) and globs -> one PredictionRow per image-like file
+    Predictor.at(operating_point=...)    the same loaded model deciding at another val-chosen operating point or a
+                                         given threshold (serve asks this per request)
+    Predictor.predict_paths(paths)       files, folders (recursive) and globs -> one PredictionRow per image-like file;
+                                         prevalence=P adds PPV and NPV at P to the result
     Predictor.prepare(source, name)      one file or upload (bytes): read, OOD verdict, preprocessed -> PreparedImage
     Predictor.predict_prepared(images)   one batch of prepared images -> PredictionRows (predict_paths and serve share
                                          these two: one path from bytes to decision)
@@ -10,6 +13,7 @@
     write_predictions(rows, out, fmt)    CSV, JSON or JSON lines, to a file or a stream (stdout); output_format
                                          decides the format before any image is read
     prediction_table(result, ...)        the terminal table (`bonefrac predict`, the demo's real-radiograph stage)
+    operating_points_table(run)          `bonefrac predict --list-operating-points`: Run.operating_points as a table
 
 Every file goes the way of training and evaluation: `read_image`, then the run's stored `Preprocessing` (letterbox
 to its image size, its mean/std: run.py, the one definition used here, by evaluate, export, explain and serve). A
@@ -17,11 +21,14 @@ file that cannot be read becomes a row with its `ImageReadError` reason, never a
 file still gets predictions for the others. Every readable file is also judged by the out-of-distribution guard
 (`bonefrac.ood`): a file that does not look like a radiograph keeps its probabilities but gets accepted=False and the
 reason. Probabilities are softmax(logits / T) and the decision is the run's (`Run.decide`: p(positive) >= the
-threshold chosen on val, 0.5 when the run is not calibrated; multi-class the argmax).
+threshold chosen on val, 0.5 when the run is not calibrated; multi-class the argmax). Beside the decision, every row
+has the three-level answer of a calibrated binary run (fracture, doubt, no fracture: `Calibration.level`, from two
+thresholds chosen on val, whatever the operating point).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import glob
 import json
@@ -34,12 +41,15 @@ from typing import TextIO
 
 import numpy as np
 import torch
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
-from bonefrac.calibration import apply_temperature
+from bonefrac.calibration import apply_temperature, levels_text
 from bonefrac.choices import BACKENDS, PREDICTION_FORMATS
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format
 from bonefrac.errors import BonefracError, ImageReadError
+from bonefrac.metrics import format_interval
 from bonefrac.ood import OODVerdict, check_radiograph
 from bonefrac.run import ONNX_FILE, Run
 from bonefrac.tta import tta_logits
@@ -113,14 +123,17 @@ class PredictionRow:
     accepted: bool | None = None  # the out-of-distribution guard's verdict (bonefrac.ood); None when unreadable
     ood_score: float | None = None  # >= 1 means rejected: the image does not look like a radiograph
     ood_reason: str = ""  # why it was rejected; its probabilities are still given, but mean little
+    level: str | None = None  # fracture, doubt or no fracture (Calibration.level); None without the rule
 
     def record(self, labels: Sequence[str]) -> dict:
-        """The flat CSV/JSON row: file, status, p_<class>..., prediction, threshold, operating_point, guard, error."""
+        """The flat CSV/JSON row: file, status, p_<class>..., prediction, level, threshold, operating_point, guard,
+        error."""
         return {
             "file": self.file,
             "status": self.status,
             **{f"p_{label}": self.probabilities.get(label) for label in labels},
             "prediction": self.prediction,
+            "level": self.level,
             "threshold": self.threshold,
             "operating_point": self.operating_point,
             "accepted": self.accepted,
@@ -149,6 +162,7 @@ class PredictionResult:
     rows: list[PredictionRow]
     skipped_non_images: int
     backend: str
+    predictive_values: dict | None = None  # Calibration.predictive_values at the prevalence asked for
 
     @property
     def n_errors(self) -> int:
@@ -167,7 +181,19 @@ class PredictionResult:
         line += f", {self.n_errors} errors"
         if self.skipped_non_images:
             line += f" ({self.skipped_non_images} non-image files in folders skipped)"
+        if self.predictive_values:
+            line += "; " + predictive_values_text(self.predictive_values)
         return line
+
+
+def predictive_values_text(values: dict) -> str:
+    """Calibration.predictive_values in words: 'at prevalence 0.1: PPV 0.333, NPV 0.986 (...)'."""
+    def shown(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    return (f"at prevalence {values['prevalence']:g}: PPV {shown(values['ppv'])}, NPV {shown(values['npv'])} "
+            f"(val sensitivity {values['sensitivity']:.3f}, specificity {values['specificity']:.3f} at "
+            f"{values['operating_point']})")
 
 
 class Predictor:
@@ -216,6 +242,16 @@ class Predictor:
     threshold = property(lambda self: self.run.calibration.threshold)
     operating_point = property(lambda self: self.run.calibration.operating_point)
     calibrated = property(lambda self: self.run.calibration.fitted)
+
+    def at(self, *, operating_point: str | None = None, threshold: float | None = None) -> Predictor:
+        """The same loaded model deciding at another operating point or threshold (Calibration.at); self when
+        neither is asked for. A shallow copy: the network and the onnxruntime session are shared."""
+        if operating_point is None and threshold is None:
+            return self
+        other = copy.copy(self)
+        other.run = replace(self.run, calibration=self.run.calibration.at(operating_point=operating_point,
+                                                                         threshold=threshold))
+        return other
 
     def _choose_backend(self, backend: str) -> str:
         if backend == "torch":
@@ -272,14 +308,20 @@ class Predictor:
                 accepted=image.verdict.accepted,
                 ood_score=image.verdict.score,
                 ood_reason=image.verdict.reason,
+                level=self.run.calibration.level(float(p[self.positive])),
             )
             for image, p in zip(images, proba, strict=True)
         ]
 
     def predict_paths(
-        self, paths: Iterable[str | os.PathLike[str]], *, progress: Callable[[int, int], None] | None = None
+        self, paths: Iterable[str | os.PathLike[str]], *, progress: Callable[[int, int], None] | None = None,
+        prevalence: float | None = None,
     ) -> PredictionResult:
-        """Predict every image-like file under `paths` (files, folders, globs); unreadable files become error rows."""
+        """Predict every image-like file under `paths` (files, folders, globs); unreadable files become error rows.
+
+        prevalence: add PPV and NPV at it (Calibration.predictive_values; a bad one fails before any image is read).
+        """
+        values = None if prevalence is None else self.run.calibration.predictive_values(prevalence)
         files, skipped = expand_paths(paths)
         rows: list[PredictionRow | None] = [None] * len(files)
         pending: list[tuple[int, PreparedImage]] = []
@@ -302,7 +344,7 @@ class Predictor:
             if progress:
                 progress(index + 1, len(files))
         flush()
-        return PredictionResult(self.labels, [row for row in rows if row is not None], skipped, self.backend)
+        return PredictionResult(self.labels, [row for row in rows if row is not None], skipped, self.backend, values)
 
 
 # --- output ----------------------------------------------------------------------------------------------------------
@@ -325,15 +367,15 @@ def output_format(out: str | Path, fmt: str | None = None) -> str:
     return suffix
 
 
-CSV_FIELDS = ("file", "status", "prediction", "threshold", "operating_point", "accepted", "ood_score", "ood_reason",
-              "error")  # with p_<label> per class after "status"
+CSV_FIELDS = ("file", "status", "prediction", "level", "threshold", "operating_point", "accepted", "ood_score",
+              "ood_reason", "error")  # with p_<label> per class after "status"
 
 
 def write_predictions(result: PredictionResult, out: str | Path | TextIO, fmt: str | None = None) -> str | Path:
     """Write the rows to a file (its suffix, or `fmt`, says the format) or to an open text stream such as stdout.
 
-    csv: one row per file; json: {"labels", "backend", "summary", "rows"}; jsonl: one JSON object per file, each
-    line complete as soon as it is written (for `| head`, `jq`, a log shipper).
+    csv: one row per file; json: {"labels", "backend", "summary", "predictive_values", "rows"}; jsonl: one JSON
+    object per file, each line complete as soon as it is written (for `| head`, `jq`, a log shipper).
     """
     stream = out if hasattr(out, "write") else None
     fmt = output_format("-" if stream else out, fmt)
@@ -350,7 +392,8 @@ def write_predictions(result: PredictionResult, out: str | Path | TextIO, fmt: s
 def _write_rows(result: PredictionResult, handle: TextIO, fmt: str) -> None:
     records = [row.record(result.labels) for row in result.rows]
     if fmt == "json":
-        summary = {"labels": result.labels, "backend": result.backend, "summary": result.summary(), "rows": records}
+        summary = {"labels": result.labels, "backend": result.backend, "summary": result.summary(),
+                   "predictive_values": result.predictive_values, "rows": records}
         handle.write(json.dumps(summary, indent=2) + "\n")
     elif fmt == "jsonl":
         for record in records:
@@ -364,9 +407,9 @@ def _write_rows(result: PredictionResult, handle: TextIO, fmt: str) -> None:
 
 
 def prediction_table(result: PredictionResult, operating_point: str, positive_label: str | None) -> Table:
-    """The terminal table: one row per file with p(positive) (every class's p for N classes) and the decision,
-    which says 'not assessed: <reason>' for what is not a radiograph and 'error: <reason>' for what could not be
-    read. Decisions are never cut: the file column folds first."""
+    """The terminal table: one row per file with p(positive) (every class's p for N classes), the decision, which
+    says 'not assessed: <reason>' for what is not a radiograph and 'error: <reason>' for what could not be read, and
+    the three-level answer when the run has one. Decisions are never cut: the file column folds first."""
     # Paths relative to the folder they share, so that the table has room for them in a narrow terminal.
     base = os.path.commonpath([os.path.abspath(Path(row.file).parent) for row in result.rows]) if result.rows else ""
     table = Table(title=f"files under {base or '.'} ({result.backend} backend, operating point {operating_point})",
@@ -376,6 +419,9 @@ def prediction_table(result: PredictionResult, operating_point: str, positive_la
     for label in shown:
         table.add_column(f"p({label})", justify="right", no_wrap=True)
     table.add_column("decision", min_width=max(map(len, result.labels)), overflow="fold", ratio=2)
+    with_levels = any(row.level for row in result.rows)
+    if with_levels:
+        table.add_column("level", no_wrap=True)
     for row in result.rows:
         probabilities = [f"{row.probabilities[label]:.4f}" if row.probabilities else "" for label in shown]
         name = os.path.relpath(os.path.abspath(row.file), base) if base else row.file
@@ -385,5 +431,28 @@ def prediction_table(result: PredictionResult, operating_point: str, positive_la
             decision = f"not assessed: {row.ood_reason}"
         else:
             decision = row.prediction
-        table.add_row(name, *probabilities, decision)
+        table.add_row(name, *probabilities, decision, *[row.level or ""] * with_levels)
     return table
+
+
+def operating_points_table(run: Run) -> Group:
+    """Every operating point of the run (Run.operating_points): threshold, val sensitivity and specificity, and test
+    ones with 95 % CIs when eval/test/metrics.json has them; below it, the three-level rule in words."""
+    points = run.operating_points()
+    with_test = any(point["test"] for point in points)
+    table = Table(title=f"operating points of {Path(run.path).resolve().name} (chosen on val)")
+    table.add_column("name", no_wrap=True)
+    for header in ("threshold", "val sens", "val spec", *("test sens [95% CI]", "test spec [95% CI]") * with_test):
+        table.add_column(header, justify="right")
+    table.add_column("")
+    for point in points:
+        test = [format_interval((point["test"] or {}).get(key)) for key in ("sensitivity", "specificity")]
+        table.add_row(point["name"], f"{point['threshold']:.4f}", f"{point['val']['sensitivity']:.3f}",
+                      f"{point['val']['specificity']:.3f}", *test * with_test, "in use" if point["in_use"] else "")
+    if not run.binary:
+        words = "more than two classes: the decision is the argmax, with no threshold"
+    elif not run.calibration.fitted:
+        words = "not calibrated: the threshold is 0.5 (bonefrac calibrate RUN chooses them on val)"
+    else:
+        words = f"three levels: {levels_text(run.calibration.levels)}"
+    return Group(table, Text(words))

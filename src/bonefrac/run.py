@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from bonefrac import __version__
-from bonefrac.calibration import sensitivity_point
+from bonefrac.calibration import level, predictive_values, sensitivity_point, three_levels
 from bonefrac.config import RunConfig, from_yaml, to_yaml
 from bonefrac.data.audit import AUDIT_FILE
 from bonefrac.data.dataset import positive_name
@@ -226,6 +226,38 @@ class Calibration:
             raise BonefracError(f"operating point {operating_point!r}: this run's calibration.json has {listed}")
         return replace(self, threshold=float(points[name]["threshold"]), operating_point=name)
 
+    @property
+    def on_val(self) -> dict | None:
+        """{"threshold", "sensitivity", "specificity"} of the operating point in use as chosen on val; None for a
+        threshold given, an uncalibrated run or N classes."""
+        return (self.record.get("thresholds") or {}).get(self.operating_point)
+
+    @property
+    def levels(self) -> dict | None:
+        """The three-level rule (calibration.three_levels): calibration.json's, or for a run calibrated before it was
+        stored, derived from its thresholds; None for N classes or without both val-chosen points."""
+        if self.threshold is None:
+            return None
+        return self.record.get("levels") or three_levels(self.record.get("thresholds") or {})
+
+    def level(self, p_positive: float) -> str | None:
+        """fracture, doubt or no fracture for a calibrated p(positive) (calibration.level); None without levels."""
+        return level(p_positive, self.levels) if self.levels else None
+
+    def predictive_values(self, prevalence: float) -> dict:
+        """PPV and NPV at `prevalence` from the val sensitivity and specificity of the operating point in use:
+        {"prevalence", "operating_point", "sensitivity", "specificity", "ppv", "npv"}."""
+        point = self.on_val
+        if point is None:
+            raise BonefracError("PPV and NPV need the val sensitivity and specificity of an operating point chosen "
+                                f"on val; {self.operating_point!r} has none")
+        try:
+            ppv, npv = predictive_values(point["sensitivity"], point["specificity"], prevalence)
+        except ValueError as err:
+            raise BonefracError(str(err)) from None
+        return {"prevalence": prevalence, "operating_point": self.operating_point,
+                "sensitivity": point["sensitivity"], "specificity": point["specificity"], "ppv": ppv, "npv": npv}
+
 
 # --- the run ----------------------------------------------------------------------------------------------------
 
@@ -364,6 +396,21 @@ class Run:
         self.write_json(CALIBRATION_FILE, record)
         self.calibration = Calibration.from_record(record, self.num_classes)
         return self.calibration
+
+    def operating_points(self) -> list[dict]:
+        """Every operating point calibration.json chose on val: {"name", "threshold", "in_use", "val":
+        {"sensitivity", "specificity"}, "test": {"sensitivity", "specificity"} as eval/test/metrics.json gives them
+        (point and 95 % CI), or None when test was not evaluated at this threshold}. [] when not calibrated."""
+        on_test = (self.evaluation("test") or {}).get("operating_points") or {}
+        points = []
+        for name, point in (self.calibration.record.get("thresholds") or {}).items():
+            test = on_test.get(name)
+            same = test is not None and test["threshold"] == point["threshold"]  # not from an older calibration
+            points.append({"name": name, "threshold": point["threshold"],
+                           "in_use": name == self.calibration.operating_point,
+                           "val": {key: point[key] for key in ("sensitivity", "specificity")},
+                           "test": {key: test[key] for key in ("sensitivity", "specificity")} if same else None})
+        return points
 
     # --- training records ---
 

@@ -4,18 +4,23 @@
     serve(run_dir, settings, host, port, workers)   run it under uvicorn (what `bonefrac serve` calls)
 
 Every upload goes the way `bonefrac predict` takes a file (Predictor.prepare -> predict_prepared: read, OOD verdict,
-letterbox, logits, temperature, threshold), from bytes in memory. The model is loaded and every model call runs on
-the app's own `settings.inference_threads` worker threads (one by default), never on the event loop: on a small CPU,
-more parallel model calls only fight over the cores (PyTorch and onnxruntime already use all of them for one
-batch), so requests queue instead, and the request timeout bounds how long one may wait. Loading the model on the
-thread that runs it matters: with the model loaded on the main thread, PyTorch inference on a worker thread took
-1.7x as long on a 2-core machine (docs/SERVE.md).
+letterbox, logits, temperature, threshold), from bytes in memory. A request may ask for another of the run's
+val-chosen operating points or a threshold, and for PPV and NPV at a prevalence (`operating_point`, `threshold`,
+`prevalence`, as query or form fields), checked as `bonefrac predict` checks them (Calibration.at,
+Calibration.predictive_values); the model stays the one loaded (Predictor.at).
+
+The model is loaded and every model call runs on the app's own `settings.inference_threads` worker threads (one by
+default), never on the event loop: on a small CPU, more parallel model calls only fight over the cores (PyTorch and
+onnxruntime already use all of them for one batch), so requests queue instead, and the request timeout bounds how
+long one may wait. Loading the model on the thread that runs it matters: with the model loaded on the main thread,
+PyTorch inference on a worker thread took 1.7x as long on a 2-core machine (docs/SERVE.md).
 
 What the client gets for a bad request, always as {"detail": reason}: 413 for an upload over the size limit, 415
-for a body or a file that is not an image, 422 for an image that cannot be read (truncated, corrupt) or a request
-without a file, 400 for a malformed multipart body, 503 for a request over the time limit. An image that does not
-look like a radiograph is not an error: 200 with accepted = false and the reason. Uploads stay in memory unless
-`settings.save_uploads` names a folder, and nothing read from a file (DICOM header values included) is logged.
+for a body or a file that is not an image, 422 for an image that cannot be read (truncated, corrupt), a request
+without a file or a decision parameter it cannot use, 400 for a malformed multipart body, 503 for a request over the
+time limit. An image that does not look like a radiograph is not an error: 200 with accepted = false and the reason.
+Uploads stay in memory unless `settings.save_uploads` names a folder, and nothing read from a file (DICOM header
+values included) is logged.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -36,19 +41,20 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from PIL import Image
 
 from bonefrac import DISCLAIMER, __version__
+from bonefrac.calibration import DOUBT, FRACTURE, NO_FRACTURE
 from bonefrac.data.io import sniff_format
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.explain import Explainer, gray_uint8, heatmap_rgba, overlay_rgb, png_bytes
 from bonefrac.predict import BACKENDS, PredictionRow, Predictor, PreparedImage
-from bonefrac.serve.card import model_card
-from bonefrac.serve.uploads import TimeoutMiddleware, Upload, UploadError, read_uploads
+from bonefrac.serve.card import model_card, threshold_meaning
+from bonefrac.serve.uploads import TimeoutMiddleware, Upload, UploadError, read_form
 
 STATIC = Path(__file__).parent / "static"
 ENVIRONMENT_KEY = "BONEFRAC_SERVE"  # how `bonefrac serve --workers N` hands the run and settings to each worker
@@ -99,6 +105,27 @@ def decision_words(row: PredictionRow, positive: str) -> str:
     return f"{row.prediction}: p({positive}) = {p:.3f} is {side} the threshold {row.threshold:.3f}"
 
 
+def level_words(row: PredictionRow, levels: dict | None, positive: str) -> str | None:
+    """The three-level answer as a sentence: the level, and the val-chosen thresholds p falls between."""
+    if row.level is None or levels is None:
+        return None
+    low, high = (f"{levels[side]['threshold']:.3f} ({levels[side]['operating_point']})" for side in ("low", "high"))
+    where = {FRACTURE: f"at or above {high}", NO_FRACTURE: f"below {low}", DOUBT: f"between {low} and {high}"}
+    return f"{row.level}: p({positive}) = {row.probabilities[positive]:.3f} is {where[row.level]}"
+
+
+DECISION_FIELDS = ("operating_point", "threshold", "prevalence")  # what a request may ask of the decision
+
+
+def _number(name: str, text: str | None) -> float | None:
+    if text is None or text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise HTTPException(422, f"{name} {text!r}: not a number") from None
+
+
 class Service:
     """The loaded model with what the endpoints need around it: the explainer, the model card, the settings."""
 
@@ -135,9 +162,23 @@ class Service:
             (folder / (hashlib.sha256(upload.data).hexdigest() + suffix)).write_bytes(upload.data)
         return image
 
-    def result(self, image: PreparedImage, row: PredictionRow, *, heatmap: bool, show_image: bool) -> dict:
-        """One image's JSON: probabilities, decision and its threshold, OOD verdict, and the PNGs asked for."""
-        positive = self.predictor.labels[self.predictor.positive]
+    def decider(self, asked: Mapping[str, str | None]) -> tuple[Predictor, dict | None]:
+        """The predictor at the operating point or threshold a request asks for, and PPV and NPV at its prevalence
+        (None when not asked); 422 with the reason for what `bonefrac predict` would refuse too."""
+        try:
+            predictor = self.predictor.at(operating_point=asked.get("operating_point") or None,
+                                          threshold=_number("threshold", asked.get("threshold")))
+            prevalence = _number("prevalence", asked.get("prevalence"))
+            return predictor, None if prevalence is None else predictor.run.calibration.predictive_values(prevalence)
+        except BonefracError as err:
+            raise HTTPException(422, str(err)) from None
+
+    def result(self, image: PreparedImage, row: PredictionRow, *, heatmap: bool, show_image: bool,
+               predictor: Predictor, predictive_values: dict | None) -> dict:
+        """One image's JSON: probabilities, decision and its threshold, the three-level answer, OOD verdict, PPV and
+        NPV when asked for, and the PNGs asked for."""
+        positive = predictor.labels[predictor.positive]
+        calibration = predictor.run.calibration
         result = {
             "file": image.file,
             "status": "ok",
@@ -151,16 +192,19 @@ class Service:
             "decision": decision_words(row, positive),
             "threshold": row.threshold,
             "operating_point": row.operating_point,
-            "threshold_meaning": self.card["threshold_meaning"],
+            "threshold_meaning": threshold_meaning(calibration),
+            "level": row.level,
+            "level_words": level_words(row, calibration.levels, positive),
+            "predictive_values": predictive_values,
             "image": {"format": image.info.format, "width": image.info.width, "height": image.info.height},
-            "backend": self.predictor.backend,
+            "backend": predictor.backend,
             "disclaimer": DISCLAIMER,
         }
         side = self.settings.display_side
         if show_image or heatmap:
             result["image_png"] = _b64_png(gray_uint8(_fit(image.pixels, side)))
         if heatmap:
-            explanation = self.explainer.explain(image.pixels)
+            explanation = self.explainer.explain(image.pixels, target=row.prediction)  # the decision asked for
             pixels, heat = _fit(image.pixels, side), _fit(explanation.heatmap, side)
             result["heatmap"] = {
                 "method": explanation.method,
@@ -171,8 +215,11 @@ class Service:
             }
         return result
 
-    def predict(self, uploads: list[Upload], *, heatmap: bool, show_image: bool) -> list[dict]:
-        """Every upload's result (an error entry for an unreadable one); readable ones go through the model together."""
+    def predict(self, uploads: list[Upload], *, heatmap: bool, show_image: bool, predictor: Predictor | None = None,
+                predictive_values: dict | None = None) -> list[dict]:
+        """Every upload's result (an error entry for an unreadable one); readable ones go through the model together,
+        decided by `predictor` (what `decider` gave; the run's own operating point by default)."""
+        predictor = predictor or self.predictor
         results: list[dict | None] = [None] * len(uploads)
         prepared: list[tuple[int, PreparedImage]] = []
         for index, upload in enumerate(uploads):
@@ -181,9 +228,10 @@ class Service:
             except UploadError as err:
                 results[index] = {"file": upload.name, "status": "error", "http_status": err.status,
                                   "error": err.reason}
-        rows = self.predictor.predict_prepared([image for _, image in prepared])
+        rows = predictor.predict_prepared([image for _, image in prepared])
         for (index, image), row in zip(prepared, rows, strict=True):
-            results[index] = self.result(image, row, heatmap=heatmap, show_image=show_image)
+            results[index] = self.result(image, row, heatmap=heatmap, show_image=show_image, predictor=predictor,
+                                         predictive_values=predictive_values)
         return [result for result in results if result is not None]
 
 
@@ -247,20 +295,35 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     async def upload_error(request: Request, err: UploadError) -> JSONResponse:
         return JSONResponse({"detail": err.reason}, status_code=err.status)
 
-    async def run_predictions(request: Request, max_files: int, heatmap: bool, image: bool) -> list[dict]:
+    async def run_predictions(request: Request, max_files: int, heatmap: bool, image: bool,
+                              query: dict[str, str | None]) -> list[dict]:
         started = time.perf_counter()
-        uploads = await read_uploads(request, max_file_bytes=settings.max_file_bytes, max_files=max_files)
-        results = await on_model_thread(lambda: service.predict(uploads, heatmap=heatmap, show_image=image))
-        _log_result(results, sum(len(u.data) for u in uploads), time.perf_counter() - started)
+        form = await read_form(request, max_file_bytes=settings.max_file_bytes, max_files=max_files)
+        # The query wins over a form field of the same name; the decision is checked before the model runs.
+        asked = {name: form.fields.get(name) for name in DECISION_FIELDS} | {k: v for k, v in query.items() if v}
+        predictor, values = service.decider(asked)
+        results = await on_model_thread(lambda: service.predict(form.uploads, heatmap=heatmap, show_image=image,
+                                                                predictor=predictor, predictive_values=values))
+        _log_result(results, sum(len(u.data) for u in form.uploads), time.perf_counter() - started)
         return results
 
     heatmap_query = Query(False, description="add the Grad-CAM heatmap (a PNG layer and an overlay); costs a "
                                              "backward pass")
     image_query = Query(False, description="add the image itself as a PNG (the browser cannot show DICOM)")
+    point_query = Query(None, description="decide at another operating point the run chose on val (GET /v1/model "
+                                          "lists them: youden, sensitivity>=0.95, specificity>=0.95, ...); also a "
+                                          "form field")
+    threshold_query = Query(None, description="decide at p(positive) >= this probability instead (not chosen on "
+                                              "val); also a form field")
+    prevalence_query = Query(None, description="add PPV and NPV at this share of fractures, 0 < P < 1, from the "
+                                               "operating point's val sensitivity and specificity; also a form field")
 
     @app.post("/v1/predict", openapi_extra=UPLOAD_BODY, summary="Predict one image (multipart part `file`)")
-    async def predict(request: Request, heatmap: bool = heatmap_query, image: bool = image_query) -> JSONResponse:
-        results = await run_predictions(request, 1, heatmap, image)
+    async def predict(request: Request, heatmap: bool = heatmap_query, image: bool = image_query,
+                      operating_point: str | None = point_query, threshold: str | None = threshold_query,
+                      prevalence: str | None = prevalence_query) -> JSONResponse:
+        query = {"operating_point": operating_point, "threshold": threshold, "prevalence": prevalence}
+        results = await run_predictions(request, 1, heatmap, image, query)
         result = results[0]
         if result["status"] == "error":
             raise UploadError(result["http_status"], result["error"])
@@ -268,9 +331,11 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
 
     @app.post("/v1/predict/batch", openapi_extra=BATCH_BODY,
               summary=f"Predict several images (parts `files`, at most {settings.max_files})")
-    async def predict_batch(request: Request, heatmap: bool = heatmap_query,
-                            image: bool = image_query) -> JSONResponse:
-        results = await run_predictions(request, settings.max_files, heatmap, image)
+    async def predict_batch(request: Request, heatmap: bool = heatmap_query, image: bool = image_query,
+                            operating_point: str | None = point_query, threshold: str | None = threshold_query,
+                            prevalence: str | None = prevalence_query) -> JSONResponse:
+        query = {"operating_point": operating_point, "threshold": threshold, "prevalence": prevalence}
+        results = await run_predictions(request, settings.max_files, heatmap, image, query)
         errors = sum(r["status"] == "error" for r in results)
         return JSONResponse({"results": results, "n_files": len(results), "n_errors": errors,
                              "disclaimer": DISCLAIMER})

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bonefrac import DISCLAIMER, __version__
+from bonefrac.calibration import levels_text
 from bonefrac.metrics import METRIC_NAMES
 from bonefrac.predict import Predictor
 from bonefrac.run import Calibration
@@ -28,20 +29,23 @@ def threshold_meaning(calibration: Calibration) -> str:
     if not calibration.fitted:
         return "0.5 on uncalibrated probabilities: the run was not calibrated (bonefrac calibrate RUN)"
     point = calibration.operating_point
-    chosen = (calibration.record.get("thresholds") or {}).get(point, {})
+    if point == "threshold given":
+        return "given with the request, not chosen on validation"
+    chosen = calibration.on_val or {}
     on_val = f"on validation ({calibration.record.get('n_files', '?')} files"
     if "sensitivity" in chosen:
         on_val += f": sensitivity {chosen['sensitivity']:.3f}, specificity {chosen['specificity']:.3f}"
     on_val += ")"
-    if point.startswith("sensitivity>="):
-        return f"chosen for sensitivity ≥ {point.removeprefix('sensitivity>=')} {on_val}"
+    if point.startswith(("sensitivity>=", "specificity>=")):
+        return f"chosen for {point.replace('>=', ' ≥ ')} {on_val}"
     if point == "youden":
         return f"chosen to maximise Youden's J (sensitivity + specificity - 1) {on_val}"
     return f"the default 0.5 on calibrated probabilities {on_val}"
 
 
 def model_card(predictor: Predictor) -> dict:
-    """GET /v1/model: name, labels, threshold and its meaning, metrics with CIs per evaluated split, data, limits."""
+    """GET /v1/model: name, labels, threshold and its meaning, every operating point (Run.operating_points) and the
+    three-level rule, metrics with CIs per evaluated split, data, limits."""
     run = predictor.run
     summary = run.summary() or {}
     audit = run.audit() or {}
@@ -73,6 +77,9 @@ def model_card(predictor: Predictor) -> dict:
         "threshold": predictor.threshold,
         "operating_point": predictor.operating_point,
         "threshold_meaning": threshold_meaning(run.calibration),
+        "operating_points": run.operating_points(),
+        "levels": run.calibration.levels,
+        "levels_meaning": levels_text(run.calibration.levels) if run.binary and run.calibration.fitted else None,
         "metrics": evaluations,
         "data": {
             "root": ", ".join(run.config.data.roots),  # several data folders: their paths, comma-separated

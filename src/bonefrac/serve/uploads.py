@@ -6,7 +6,8 @@ multipart body is parsed here, with python-multipart's streaming parser (the one
 memory, and the size limit is enforced while the body streams in: an oversized upload is refused after at most the
 limit has been read, never buffered whole.
 
-    read_uploads(request, max_file_bytes=..., max_files=...)   -> [Upload(name, data)], or UploadError(status, reason)
+    read_form(request, max_file_bytes=..., max_files=...)   -> Form([Upload(name, data)], {field: value}), or
+                                                             UploadError(status, reason)
     TimeoutMiddleware(app, seconds)                            503 with a reason when a request takes too long
 """
 
@@ -42,19 +43,28 @@ class Upload:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Form:
+    """A multipart body: its files in order, and its plain fields (parts without a file name) as text."""
+
+    uploads: list[Upload]
+    fields: dict[str, str]
+
+
 @dataclass
 class _Part:
     headers: dict[bytes, bytes] = field(default_factory=dict)
     data: bytearray = field(default_factory=bytearray)
     filename: str | None = None
+    name: str = ""  # the part's form field name
 
 
 def _megabytes(n: int) -> str:
     return f"{n / 1e6:g} MB"
 
 
-async def read_uploads(request: Request, *, max_file_bytes: int, max_files: int) -> list[Upload]:
-    """The file parts of a multipart/form-data body, in order; fields without a file name are ignored.
+async def read_form(request: Request, *, max_file_bytes: int, max_files: int) -> Form:
+    """The file parts of a multipart/form-data body, in order, and its named fields without a file name as text.
 
     Raises UploadError: 415 when the body is not multipart/form-data, 413 when a file is over `max_file_bytes` or
     there are more than `max_files` files, 400 when the multipart body is malformed, 422 when it holds no file.
@@ -90,6 +100,7 @@ async def read_uploads(request: Request, *, max_file_bytes: int, max_files: int)
 
     def on_headers_finished() -> None:
         _, disposition = parse_options_header(parts[-1].headers.get(b"content-disposition", b""))
+        parts[-1].name = disposition.get(b"name", b"").decode("utf-8", errors="replace")
         if b"filename" in disposition:
             parts[-1].filename = disposition[b"filename"].decode("utf-8", errors="replace")
             if sum(part.filename is not None for part in parts) > max_files:
@@ -124,7 +135,9 @@ async def read_uploads(request: Request, *, max_file_bytes: int, max_files: int)
     uploads = [Upload(part.filename or "upload", bytes(part.data)) for part in parts if part.filename is not None]
     if not uploads:
         raise UploadError(422, "no file in the request: send multipart/form-data with the image in a part named file")
-    return uploads
+    fields = {part.name: part.data.decode("utf-8", errors="replace") for part in parts
+              if part.filename is None and part.name}
+    return Form(uploads, fields)
 
 
 class TimeoutMiddleware:

@@ -5,6 +5,7 @@
 
 const $ = (selector, root = document) => root.querySelector(selector);
 let resultCount = 0;
+let shownFiles = []; // the files of the results on the page: asked again when the operating point changes
 
 function setStatus(text) {
   $("#status").textContent = text;
@@ -16,11 +17,16 @@ function percent(p) {
 
 async function analyse(files) {
   const heatmap = $("#want-heatmap").checked;
+  const select = $("#operating-point");
+  const point = select.value;
+  select.disabled = true; // one operating point per round of answers
+  shownFiles = shownFiles.concat(files);
   let done = 0;
   for (const file of files) {
     setStatus(`Analysing ${file.name} (${done + 1} of ${files.length})…`);
     const body = new FormData();
     body.append("file", file, file.name);
+    if (point) body.append("operating_point", point);
     try {
       const response = await fetch(`/v1/predict?heatmap=${heatmap}&image=true`, { method: "POST", body });
       const answer = await response.json();
@@ -34,6 +40,7 @@ async function analyse(files) {
     }
     done += 1;
   }
+  select.disabled = false;
   setStatus(`Done: ${done} file${done === 1 ? "" : "s"} analysed.`);
 }
 
@@ -97,6 +104,13 @@ function showResult(answer) {
   }
 
   $(".decision", node).textContent = `Decision: ${answer.decision}`;
+  const level = $(".level", node);
+  if (answer.level_words) {
+    level.textContent = `Three-level answer: ${answer.level_words}`;
+    level.classList.add(`level-${answer.level.replace(" ", "-")}`);
+  } else {
+    level.remove();
+  }
   const bar = $(".bar", node);
   const legend = $(".bar-legend", node);
   if (answer.probability !== null) {
@@ -164,6 +178,7 @@ async function showCard() {
   } else {
     fact(card.threshold_meaning);
   }
+  if (card.levels_meaning) fact(`three-level answer: ${card.levels_meaning}`);
   fact(card.calibrated ? `calibrated: temperature ${card.temperature.toFixed(3)}, fitted on validation`
     : "not calibrated: raw softmax probabilities");
   const counts = Object.entries(card.data.counts)
@@ -171,6 +186,7 @@ async function showCard() {
   fact(`data: ${counts.join("; ") || "unknown"}`);
   add("p", `Intended use: ${card.intended_use}`);
 
+  showOperatingPoints(card, add);
   const splits = Object.entries(card.metrics);
   if (!splits.length) add("p", "No evaluation yet (bonefrac evaluate RUN --split test).");
   for (const [split, evaluation] of splits) {
@@ -195,6 +211,55 @@ async function showCard() {
     }
   }
   add("p", card.disclaimer, "disclaimer-inline");
+}
+
+function interval(entry) {
+  if (!entry) return "n/a";
+  return entry.low === null ? fixed(entry.point) : `${fixed(entry.point)} [${fixed(entry.low)}, ${fixed(entry.high)}]`;
+}
+
+// The operating points of the card as a table, and in the selector above the drop zone.
+function showOperatingPoints(card, add) {
+  const points = card.operating_points;
+  if (!points.length) return;
+  const select = $("#operating-point");
+  select.replaceChildren();
+  const table = add("table", "");
+  const caption = document.createElement("caption");
+  caption.textContent = "Operating points: thresholds chosen on validation, then applied once to test";
+  table.append(caption);
+  const headRow = document.createElement("tr");
+  table.append(document.createElement("thead"));
+  table.tHead.append(headRow);
+  for (const title of ["operating point", "threshold", "val sensitivity", "val specificity",
+    "test sensitivity [95 % CI]", "test specificity [95 % CI]"]) cell(headRow, title, true);
+  const body = document.createElement("tbody");
+  table.append(body);
+  for (const point of points) {
+    const row = document.createElement("tr");
+    body.append(row);
+    cell(row, point.name + (point.in_use ? " (default)" : ""), true);
+    cell(row, point.threshold.toFixed(4));
+    cell(row, fixed(point.val.sensitivity));
+    cell(row, fixed(point.val.specificity));
+    cell(row, interval(point.test && point.test.sensitivity));
+    cell(row, interval(point.test && point.test.specificity));
+    const option = document.createElement("option");
+    option.value = point.name;
+    option.textContent = `${point.name}: threshold ${point.threshold.toFixed(3)}, val sensitivity ` +
+      `${fixed(point.val.sensitivity)}, specificity ${fixed(point.val.specificity)}`;
+    option.selected = point.in_use;
+    select.append(option);
+  }
+  $("#operating-point-control").hidden = false;
+}
+
+function reanalyse() {
+  const files = shownFiles;
+  shownFiles = [];
+  $("#results").replaceChildren();
+  $("#no-results").hidden = files.length > 0;
+  if (files.length) analyse(files);
 }
 
 function setUp() {
@@ -224,6 +289,7 @@ function setUp() {
     event.preventDefault();
     if (event.dataTransfer.files.length) analyse([...event.dataTransfer.files]);
   });
+  $("#operating-point").addEventListener("change", reanalyse);
   showCard();
 }
 
