@@ -73,6 +73,12 @@ EXPERIMENTS: dict[str, tuple[dict, str]] = {
         "EfficientNet-Lite0 fine-tuned in two phases (head 1 epoch, then last 4 blocks 6 epochs, 768 draws each), "
         "group- and class-balanced sampling, label smoothing 0.1 (384 px)",
     ),
+    "lite0-finetune-512": (
+        {**FINETUNE, "data.image_size": 512, "train.epochs": 7, "train.freeze_epochs": 1,
+         "train.unfreeze_blocks": 4, "train.phase2_lr": 3e-4, "data.epoch_size": 768},
+        "EfficientNet-Lite0 fine-tuned in two phases (head 1 epoch, then last 4 blocks 6 epochs, 768 draws each), "
+        "group- and class-balanced sampling, label smoothing 0.1 (512 px)",
+    ),
     "cnn-small": (
         {
             "model.name": "cnn-small",

@@ -291,7 +291,7 @@ def _evaluation_section(evals: dict[str, dict], run: Run) -> str:
     return "".join(parts)
 
 
-def _calibration_section(calibration: dict | None, test: dict | None) -> str:
+def _calibration_section(run: Run, calibration: dict | None) -> str:
     parts = ["<h2 id='calibration'>Calibration and operating point</h2>"]
     if calibration is None:
         return parts[0] + ("<p>Not calibrated: probabilities are raw softmax outputs and the threshold is 0.5. "
@@ -302,12 +302,13 @@ def _calibration_section(calibration: dict | None, test: dict | None) -> str:
         f"NLL {calibration['nll']['before']:.4f} → {calibration['nll']['after']:.4f}; ECE "
         f"{calibration['ece']['before']:.4f} → {calibration['ece']['after']:.4f}.</p>"
     )
-    thresholds = calibration.get("thresholds") or {}
-    on_test = (test or {}).get("operating_points") or {}  # the same thresholds applied to test, with CIs
-    rows = [[name, f"{p['threshold']:.4f}", f"{p['sensitivity']:.3f}", f"{p['specificity']:.3f}",
-             *([format_interval(on_test[name]["sensitivity"]), format_interval(on_test[name]["specificity"])]
-               if name in on_test else ["", ""]) * bool(on_test),
-             "operating point" if name == calibration["operating_point"] else ""] for name, p in thresholds.items()]
+    points = run.operating_points()  # val figures, and test's with CIs where test was evaluated at the threshold
+    on_test = any(point["test"] for point in points)
+    rows = [[point["name"], f"{point['threshold']:.4f}", f"{point['val']['sensitivity']:.3f}",
+             f"{point['val']['specificity']:.3f}",
+             *([format_interval((point["test"] or {}).get(key)) if point["test"] else ""
+                for key in ("sensitivity", "specificity")] if on_test else []),
+             "operating point" if point["in_use"] else ""] for point in points]
     if rows:
         test_columns = ["test sensitivity [95 % CI]", "test specificity [95 % CI]"] if on_test else []
         parts.append(_table(["threshold rule", "threshold", "val sensitivity", "val specificity", *test_columns,
@@ -492,7 +493,7 @@ def write_report(run: Run | str | Path, data_root: str | Path | Sequence[str | P
         _samples_section(folders, synthetic),
         _training_section(run, summary),
         _evaluation_section(evals, run),
-        _calibration_section(calibration, evals.get("test")),
+        _calibration_section(run, calibration),
         _gradcam_section(run, evals, root),
         _model_card(run, summary, audit, evals, calibration, folders, synthetic),
         f"</main><footer><p>Written by bonefrac {esc(__version__)} from <code>{esc(str(run.path))}</code>. "
