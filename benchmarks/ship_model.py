@@ -95,9 +95,11 @@ def model_card(name: str, run: Run, summary: dict, evals: dict[str, dict], bench
         "",
         "## Data",
         *(f"- {DATA_DESCRIPTIONS.get(d, d)}" for d in data),
-        f"- Trained on: {summary.get('data', {})} (images per split and class; unreadable files skipped and named "
-        "in summary.json). Training drew each study as often as one image, and both classes equally often."
-        if config["data"].get("group_balance") else "",
+        "- Images used: " + "; ".join(f"{split} " + ", ".join(f"{n:,} {label}" for label, n in counts.items())
+                                      for split, counts in summary.get("data", {}).items() if isinstance(counts, dict))
+        + " (unreadable files skipped and named in summary.json)."
+        + (" Training drew each study as often as one image, and both classes equally often."
+           if config["data"].get("group_balance") else ""),
         "- No patient information, no age or sex; body region, view and hardware flags come from the data's manifest.",
         "",
         "## Measured performance (95 % CIs from 1,000 bootstrap resamples of studies/groups)",
@@ -127,7 +129,8 @@ def model_card(name: str, run: Run, summary: dict, evals: dict[str, dict], bench
                   "|---|---:|---:|---:|---|---|---|", *strata]
     for other, cross in (benchmark or {}).get("cross", {}).items():
         lines += ["", f"On a data folder it never saw, **{other}** test ({cross['n_files']} files, "
-                  f"{cross['n_groups']} groups): ROC AUC {format_interval(cross['roc_auc'])}; at the threshold in use "
+                  f"{cross['n_groups']} groups): ROC AUC {format_interval(cross['roc_auc'])}; at threshold "
+                  f"{cross['threshold']:.3f} ({cross['operating_point']}, the run's calibration when it was measured) "
                   f"sensitivity {format_interval(cross['sensitivity'])}, specificity "
                   f"{format_interval(cross['specificity'])}."]
         for column, table in cross.get("strata", {}).items():
@@ -138,7 +141,9 @@ def model_card(name: str, run: Run, summary: dict, evals: dict[str, dict], bench
         "## Limits",
         "- One public data set from three hospitals in one country, read by its own radiologists: no external "
         "clinical validation. Performance on a hospital's own images is unknown until measured there (`bonefrac "
-        "evaluate --data YOUR_FOLDER`, docs/VALIDATION.md).",
+        "evaluate --data YOUR_FOLDER`: your labelled images, with CIs).",
+        "- Val chose the best epoch and the thresholds, so val figures are optimistic; test was looked at once, "
+        "after the choice.",
         "- Strata with few fractured images (hip, shoulder) have wide CIs or none; do not read a figure without its "
         "CI and n.",
         "- The threshold was chosen on val for a sensitivity target; on test the sensitivity is what the table says. "
@@ -147,7 +152,7 @@ def model_card(name: str, run: Run, summary: dict, evals: dict[str, dict], bench
         "(docs/OOD.md), not refused; other body parts or modalities may pass it.",
         "- Grad-CAM maps show what moved the score, not where a fracture is (docs/EXPLAIN.md).",
         "",
-        f"Source run: `{run.path.name}`; bonefrac {summary['bonefrac_version']}.",
+        f"Source run: `{benchmark['name'] if benchmark else run.path.name}`; bonefrac {summary['bonefrac_version']}.",
     ]
     return "\n".join(line for line in lines if line is not None) + "\n"
 

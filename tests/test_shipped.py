@@ -50,4 +50,4 @@ def test_run_and_paths(tmp_path):
     assert run_and_paths([str(tmp_path / "a.png")]) == (shipped_run(), [str(tmp_path / "a.png")])
     with pytest.raises(BonefracError, match="give the images after it"):
         run_and_paths([str(run)])
-    assert Path(shipped_run()).name == "bone-xray-lite0"
+    assert Path(shipped_run()).name == "fracatlas-lite0"

@@ -415,16 +415,16 @@ def prediction_table(result: PredictionResult, operating_point: str, positive_la
     table = Table(title=f"files under {base or '.'} ({result.backend} backend, operating point {operating_point})",
                   expand=True)
     shown = [positive_label] if positive_label else list(result.labels)
-    table.add_column("file", overflow="fold", ratio=3)
+    names = [os.path.relpath(os.path.abspath(row.file), base) if base else row.file for row in result.rows]
+    table.add_column("file", overflow="fold", ratio=1, min_width=min(24, max(map(len, names), default=4)))
     for label in shown:
         table.add_column(f"p({label})", justify="right", no_wrap=True)
-    table.add_column("decision", min_width=max(map(len, result.labels)), overflow="fold", ratio=2)
+    table.add_column("decision", min_width=max(map(len, result.labels)), overflow="fold")
     with_levels = any(row.level for row in result.rows)
     if with_levels:
         table.add_column("level", no_wrap=True)
-    for row in result.rows:
+    for name, row in zip(names, result.rows, strict=True):
         probabilities = [f"{row.probabilities[label]:.4f}" if row.probabilities else "" for label in shown]
-        name = os.path.relpath(os.path.abspath(row.file), base) if base else row.file
         if row.status != "ok":
             decision = f"{row.status}: {row.error}"
         elif row.accepted is False:

@@ -3,7 +3,7 @@
 It is an ordinary run directory (run.py: config.yaml, labels.json, preprocessing.json, model.safetensors,
 calibration.json, summary.json, eval/<split>/metrics.json) installed as package data, plus MODEL_CARD.md: what it
 was trained on, how it was chosen, its test metrics with 95 % CIs and what it cannot do. It was trained by
-benchmarks/real_accuracy.py on the real radiographs of bone-xray-grouped (docs/RESULTS.md) and chosen among the
+benchmarks/real_accuracy.py on the hospital radiographs of fracatlas-grouped (docs/RESULTS.md) and chosen among the
 candidates by val AUROC, never by test.
 
     shipped_run()              the run directory (BonefracError when the package was installed without it)
@@ -23,7 +23,7 @@ from pathlib import Path
 from bonefrac.errors import BonefracError
 from bonefrac.run import CALIBRATION_FILE, PREPROCESSING_FILE, REQUIRED_FILES, Run
 
-SHIPPED_NAME = "bone-xray-lite0"
+SHIPPED_NAME = "fracatlas-lite0"
 # A shipped model is a finished run that is calibrated and states its preprocessing (no derivation at load time).
 RUN_FILES = (*REQUIRED_FILES, PREPROCESSING_FILE, CALIBRATION_FILE)
 
