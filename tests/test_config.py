@@ -166,8 +166,8 @@ def test_differences_lists_changed_keys():
 
 def test_data_root_is_one_folder_or_several_and_one_reads_as_before():
     shipped = Run.load(shipped_run()).config  # its config.yaml: written before data.root could be a list
-    assert shipped.data.root == "bone-xray-grouped (not shipped)" and shipped.data.roots == [shipped.data.root]
-    assert "root: bone-xray-grouped (not shipped)\n" in to_yaml(shipped) and from_yaml(to_yaml(shipped)) == shipped
+    assert shipped.data.root == "fracatlas-grouped (not shipped)" and shipped.data.roots == [shipped.data.root]
+    assert "root: fracatlas-grouped (not shipped)\n" in to_yaml(shipped) and from_yaml(to_yaml(shipped)) == shipped
 
     several = build_config(overrides={"data.root": ["/d/a", "/d/b"]})
     assert several.data.roots == ["/d/a", "/d/b"] and from_yaml(to_yaml(several)) == several

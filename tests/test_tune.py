@@ -194,7 +194,10 @@ def test_two_worker_processes_share_one_study(bars, tmp_path):
         name: sorted(path.name for path in (tmp_path / name / "trials").glob("trial-*"))
         for name in ("worker-a", "worker-b")
     }
-    assert all(by_worker.values()), by_worker  # both took part
+    # Each trial ran once, in one worker, and no worker ran a trial beyond the study's 4. Which worker ran how many
+    # is a race: on a loaded machine one worker has finished all 4 before the other has imported torch (seen in a
+    # full run beside a training job), so "both took part" is not asserted; the surplus and waiting tests above
+    # cover the hand-over between workers.
     assert sorted(by_worker["worker-a"] + by_worker["worker-b"]) == [f"trial-{n:04d}" for n in range(4)]
     assert all("4/4 trials done" in output for output in outputs)
 
