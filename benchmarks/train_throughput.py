@@ -57,12 +57,16 @@ def training_images(data: Path | None, n: int, image_size: int, cache_dir: Path)
     ), source
 
 
-def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches) -> tuple[int, float]:
-    """(images, seconds) of forward + backward + step over `batches`."""
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, *, bf16: bool = False
+                ) -> tuple[int, float]:
+    """(images, seconds) of forward + backward + step over `batches`; bf16: the forward pass under CPU autocast to
+    bfloat16, as Lightning's precision "bf16-mixed" runs it (the weights and the optimizer stay float32)."""
     images_seen, started = 0, time.perf_counter()
     for images, targets in batches:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), targets).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(images), targets)
+        loss.backward()
         optimizer.step()
         images_seen += len(targets)
     return images_seen, time.perf_counter() - started
@@ -76,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
+                        help="bf16-mixed: autocast to bfloat16 on the CPU (train.precision of the same name)")
+    parser.add_argument("--data-name", help="a folder under ../shared/data instead of --data (e.g. fracatlas-grouped)")
     args = parser.parse_args(argv)
+    if args.data_name:
+        args.data = REAL_DATA.parent / args.data_name
+    bf16 = args.precision == "bf16-mixed"
 
     with tempfile.TemporaryDirectory() as tmp:
         dataset, source = training_images(args.data, args.n, args.image_size, Path(tmp))
@@ -88,17 +98,17 @@ def main(argv: list[str] | None = None) -> int:
         steps = len(dataset) // args.batch_size
         size = args.image_size
         warmup = [(torch.randn(args.batch_size, 3, size, size), torch.randint(0, 2, (args.batch_size,)))]
-        train_steps(model, optimizer, warmup)  # first-call allocations and kernel choice, outside every timing
+        train_steps(model, optimizer, warmup, bf16=bf16)  # first-call allocations, kernel choice: outside the timings
 
         random_batches = [
             (torch.randn(args.batch_size, 3, size, size), torch.randint(0, 2, (args.batch_size,))) for _ in range(steps)
         ]
-        n_compute, seconds = train_steps(model, optimizer, random_batches)
+        n_compute, seconds = train_steps(model, optimizer, random_batches, bf16=bf16)
         compute = n_compute / seconds
         del random_batches
 
         print(f"# {args.model}, {size} px, batch {args.batch_size}, {len(dataset)} images ({source}), "
-              f"torch threads {torch.get_num_threads()}")  # fmt: skip
+              f"precision {args.precision}, torch threads {torch.get_num_threads()}")  # fmt: skip
         print(
             "| workers | pipeline images/s | compute images/s | ratio | epoch s | peak RSS MB (main) | worker RSS MB |"
         )
@@ -108,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 dataset, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=workers,
                 generator=torch.Generator().manual_seed(0),
             )  # fmt: skip
-            n_pipeline, seconds = train_steps(model, optimizer, loader)
+            n_pipeline, seconds = train_steps(model, optimizer, loader, bf16=bf16)
             pipeline = n_pipeline / seconds
             main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
             worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if workers else 0

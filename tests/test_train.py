@@ -103,6 +103,16 @@ def test_training_lowers_val_loss(trained_run):
     assert rows[-1]["val_auroc"] > 0.9
 
 
+def test_bfloat16_autocast_trains_on_the_cpu_and_keeps_float32_weights(learnable_set, cache_dir, tmp_path):
+    config = tiny_config(learnable_set, cache_dir, **{"train.precision": "bf16-mixed", "train.epochs": 3})
+    run = fit(config, tmp_path / "bf16", progress=False)
+    rows = read_history(run / "metrics.csv")
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # it learns under autocast
+    weights = safetensors.torch.load_file(str(run / "model.safetensors"))
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}  # autocast, not a bfloat16 model
+    assert json.loads((run / "summary.json").read_text())["precision"] == "bf16-mixed"
+
+
 def test_run_directory_holds_every_file(trained_run, learnable_set):
     config, run = trained_run
     for name in RUN_FILES:

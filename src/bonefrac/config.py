@@ -29,7 +29,9 @@ CLASS_BALANCE = ("none", "weights", "sampler")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "plateau")
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
-GPU_PRECISIONS = ("16-mixed", "bf16-mixed")
+# float16 autocast needs a CUDA GPU; bfloat16 autocast also runs on CPUs (faster where they have AVX-512 BF16 or
+# AMX: +20 % at 224 px and +35 % at 384 px here, docs/PERFORMANCE.md).
+GPU_PRECISIONS = ("16-mixed",)
 # "full" trains the whole network (with `freeze_epochs`, first the head alone); "linear-probe" caches backbone
 # features once and trains only the head (planned: issue 3, item 6).
 STRATEGIES = ("full", "linear-probe")
@@ -109,7 +111,7 @@ class TrainConfig:
     unfreeze_blocks: int = 2  # after freeze_epochs: how many of the backbone's last blocks train with the head
     phase2_lr: float | None = None  # learning rate after freeze_epochs (None: lr)
     label_smoothing: float = 0.0
-    precision: str = "32"  # "16-mixed" / "bf16-mixed": GPU only
+    precision: str = "32"  # "16-mixed": GPU only; "bf16-mixed": GPU or CPU (weights stay float32)
     seed: int = 0
     strategy: str = "full"
     allow_leakage: bool = False  # train even when the audit finds duplicates across splits; the run is marked leaky
