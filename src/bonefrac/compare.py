@@ -387,7 +387,7 @@ def plot_auc_bars(result: dict, path: str | Path) -> None:
     ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
     ax.set(ylim=(0, 1.05), ylabel="ROC AUC", xticks=range(len(names)), xticklabels=names,
            title="AUC with 95% CI" + (" (SYNTHETIC data)" if result["synthetic_data"] else ""))
-    ax.legend(loc="lower right")
+    figure.legend(loc="outside lower center", ncols=2, frameon=False)  # below the axes: inside, it covered a bar
     figure.savefig(path)
 
 
@@ -401,5 +401,5 @@ def plot_operating_point_bars(result: dict, path: str | Path) -> None:
     _bars(ax, names, [r["specificity"] for r in runs], 0.2, 0.4, "specificity")
     ax.set(ylim=(0, 1.05), xticks=range(len(names)), xticklabels=names,
            title=f"{result['split']}: at the threshold chosen on val (95% CI)")
-    ax.legend(loc="lower right")
+    figure.legend(loc="outside lower center", ncols=2, frameon=False)  # below the axes: inside, it covered a bar
     figure.savefig(path)
