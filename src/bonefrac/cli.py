@@ -205,7 +205,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     # No outer edge: the two columns it frees let an 80-column terminal show a package name whole.
     table = Table(
-        title="bonefrac models (parameters with a 2-class head; any other timm name works too)", show_edge=False
+        title="bonefrac models (parameters with a 2-class head and 3 input channels: a --channels 1 run has a few "
+        "fewer; any other timm name works too)", show_edge=False
     )
     for header in ("model", "parameters", "input", "pretrained weights"):
         table.add_column(header, justify="right" if header == "parameters" else "left")
