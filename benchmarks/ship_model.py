@@ -117,11 +117,11 @@ def model_card(name: str, run: Run, summary: dict, evals: dict[str, dict], bench
               "| operating point | threshold | val sensitivity | val specificity | test sensitivity | "
               "test specificity |",
               "|---|---:|---:|---:|---|---|"]
-    for point, entry in test.get("operating_points", {}).items():
-        on_val = calibration["thresholds"][point]
-        lines.append(f"| {point} | {entry['threshold']:.3f} | {on_val['sensitivity']:.3f} | "
-                     f"{on_val['specificity']:.3f} | {format_interval(entry['sensitivity'])} | "
-                     f"{format_interval(entry['specificity'])} |")
+    for point in run.operating_points():  # val figures, and test's where test was evaluated at that threshold
+        on_test = point["test"] or {}
+        lines.append(f"| {point['name']} | {point['threshold']:.3f} | {point['val']['sensitivity']:.3f} | "
+                     f"{point['val']['specificity']:.3f} | {format_interval(on_test.get('sensitivity'))} | "
+                     f"{format_interval(on_test.get('specificity'))} |")
     strata = _strata_rows(test, positive)
     if strata:
         lines += ["", "Test, per stratum (sensitivity and specificity at the threshold in use):", "",
