@@ -93,6 +93,33 @@ def test_second_build_reuses_the_folder_without_decoding(image_folder: Path, tmp
     assert (again.root / "images.npy").stat().st_mtime_ns == written
 
 
+def test_a_new_set_copies_what_other_caches_hold_and_decodes_only_the_rest(image_folder: Path, tmp_path: Path,
+                                                                           monkeypatch):
+    paths, md5s = inputs(image_folder)
+    cache_dir = tmp_path / "cache"
+    ImageCache.build(paths[:2], md5s[:2], image_size=SIZE, cache_dir=cache_dir)  # wide, tall
+    ImageCache.build(paths[2:3] + paths[5:6], md5s[2:3] + md5s[5:6], image_size=SIZE, cache_dir=cache_dir)
+    ImageCache.build(paths[3:4], md5s[3:4], image_size=48, cache_dir=cache_dir)  # small, at another size
+    decoded: list[str] = []
+    real_read = cache_module.read_image
+
+    def counting(path, *args, **kwargs):
+        decoded.append(Path(path).name)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "read_image", counting)
+    calls: list[tuple[int, int]] = []
+    # wide, tall, square come from two earlier caches; small (cached at 48 px only) and the truncated file (a
+    # failure there) are decoded.
+    mixed = ImageCache.build(paths[:6], md5s[:6], image_size=SIZE, cache_dir=cache_dir,
+                             progress=lambda done, total: calls.append((done, total)))
+    assert sorted(decoded) == ["small.jpeg", "truncated.png"]
+    assert calls[-1] == (5, 5)
+    for path, md5 in zip(paths[:4], md5s[:4], strict=True):
+        np.testing.assert_array_equal(mixed.array()[mixed.row(md5)], letterbox(real_read(path)[0], SIZE))
+    assert set(mixed.failures) == {md5s[5]}
+
+
 def test_key_changes_with_size_files_and_version(image_folder: Path, tmp_path: Path, monkeypatch):
     paths, md5s = inputs(image_folder)
     at_32 = ImageCache.build(paths, md5s, image_size=32, cache_dir=tmp_path / "cache")

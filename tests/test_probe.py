@@ -213,3 +213,39 @@ def test_the_report_of_a_probe_shows_its_penalty_sweep_not_epochs(probe_run):
     assert page.count("chosen (lowest val loss)") == 1 and f"{summary['probe']['penalty']:g}" in page
     assert "Per-epoch metrics.csv" not in page and "best epoch" not in page
     assert "A linear probe does not use" in page and all(key in page for key in UNUSED_KEYS)
+
+
+def test_features_of_a_new_set_come_from_earlier_sets_where_they_can(tmp_path, monkeypatch):
+    """A cross-validation fold's train set shares most images with the last fold's: only the new ones are run."""
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 30), dtype=np.uint8)).save(paths[-1])
+    md5s = [f"{i:032x}" for i in range(4)]
+    images = ImageCache.build(paths, md5s, image_size=16, cache_dir=tmp_path / "images")
+    backbone = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+    key_parts = {"model": "pool", "weights": {"sha256": "x"}, "preprocessing": {"image_size": 16}}
+    seen: list[int] = []
+    extract = probe.extract_features
+
+    def counting(model, loader, progress=None):
+        seen.append(len(loader.dataset))
+        return extract(model, loader)
+
+    monkeypatch.setattr(probe, "extract_features", counting)
+
+    def features(chosen, parts=key_parts):
+        return probe.cached_features(
+            backbone, images, [md5s[i] for i in chosen], key_parts=parts, cache_dir=tmp_path / "features",
+            transform=lambda pixels: torch.from_numpy(pixels.astype(np.float32))[None], batch_size=2, workers=0)
+
+    first, _ = features([0, 1, 2])
+    second, reused = features([1, 2, 3])
+    assert seen == [3, 1] and reused is False  # image 3 alone went through the network
+    np.testing.assert_array_equal(second.take(md5s[1:3]), first.take(md5s[1:3]))
+    whole, _ = features([3])
+    assert seen == [3, 1]  # all known now
+    expected = backbone(torch.from_numpy(np.asarray(images.array()[images.row(md5s[3])], np.float32))[None, None])
+    np.testing.assert_allclose(whole.take(md5s[3:]).numpy(), expected.numpy(), rtol=1e-6)
+    features([0], parts=key_parts | {"model": "other"})
+    assert seen == [3, 1, 1]  # another backbone's features are never borrowed

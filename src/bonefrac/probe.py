@@ -148,9 +148,15 @@ def cached_features(
     cached = _open_complete(folder, unique)
     if cached is not None:
         return cached, True
-    dataset = CachedImageDataset(image_cache, unique, [0] * len(unique), transform)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-    features = extract_features(backbone, loader, progress=progress)
+    # Features other sets of images already got from this backbone (a cross-validation fold's train set holds most
+    # of the previous fold's): only the images none of them holds go through the network.
+    known = _features_elsewhere(folder.parent, key_parts, unique)
+    missing = [md5 for md5 in unique if md5 not in known]
+    if missing:
+        dataset = CachedImageDataset(image_cache, missing, [0] * len(missing), transform)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+        known.update(zip(missing, extract_features(backbone, loader, progress=progress), strict=True))
+    features = np.stack([known[md5] for md5 in unique]).astype(np.float32)
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
     try:
@@ -167,6 +173,30 @@ def cached_features(
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return FeatureCache(root=folder, md5s=unique, features=features), False
+
+
+def _features_elsewhere(features_dir: Path, key_parts: dict, md5s: Sequence[str]) -> dict[str, np.ndarray]:
+    """md5 -> its feature row, from the complete feature folders of the same model, weights and preprocessing."""
+    wanted, found = set(md5s), {}
+    same = json.loads(json.dumps(key_parts, default=str))  # as index.json stores it
+    folders = sorted(p for p in features_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if features_dir.is_dir() else []
+    for folder in folders:
+        try:
+            index = json.loads((folder / _INDEX).read_text())
+        except (OSError, ValueError):
+            continue
+        if index.get("version") != FEATURES_VERSION or any(index.get(key) != value for key, value in same.items()):
+            continue
+        rows = [(row, md5) for row, md5 in enumerate(index.get("md5s", [])) if md5 in wanted and md5 not in found]
+        if not rows:
+            continue
+        cache = _open_complete(folder, index["md5s"])
+        if cache is not None:
+            found.update((md5, cache.features[row]) for row, md5 in rows)
+        if len(found) == len(wanted):
+            break
+    return found
 
 
 def _open_complete(folder: Path, md5s: list[str]) -> FeatureCache | None:

@@ -6,8 +6,10 @@ S x S (`transforms.letterbox`) and stores it as one row of `images.npy`, an (N, 
 DataLoader worker memory-maps: the pages are shared by the operating system, not copied per worker.
 
 A cache folder is named by a key over what determines its contents (CACHE_VERSION, S, the sorted md5s), so a
-second run over the same files reuses it, and any change of files, size or decoding gets a new folder. It is
-written under a temporary name and renamed when complete: an interrupted build is never mistaken for a cache.
+second run over the same files reuses it, and any change of files, size or decoding gets a new folder. A new
+set of files (a cross-validation fold, a subset) copies the rows other complete folders of the same size already
+hold and decodes only the rest. A folder is written under a temporary name and renamed when complete: an
+interrupted build is never mistaken for a cache.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ _INDEX = "index.json"
 _IMAGES = "images.npy"
 _CHUNK = 16  # files per worker task: large enough to amortise the inter-process hop, small enough to balance
 _PARALLEL_MIN = 64  # below this many files, starting worker processes costs more than it saves
+_COPY_ROWS = 1024  # rows copied at a time from another cache folder (bounded memory at any image size)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class ImageCache:
                 image_size,
                 workers=workers or min(os.cpu_count() or 1, 8),
                 progress=progress,
+                cached=_cached_elsewhere(Path(cache_dir), unique, image_size),
             )
             index = {
                 "version": CACHE_VERSION,
@@ -169,6 +173,31 @@ _Job = tuple[int, str, str]
 _Result = tuple[int, "np.ndarray | str", list[str]]
 
 
+def _cached_elsewhere(cache_dir: Path, md5s: Sequence[str], image_size: int) -> dict[int, tuple[Path, int]]:
+    """Row i of a new cache of `md5s` -> (another complete cache folder, its row) holding the same file's pixels
+    at this size: a cache of a subset or a mix of other sets (a cross-validation fold, a second data folder) copies
+    what earlier caches decoded instead of decoding it again."""
+    wanted = {md5: row for row, md5 in enumerate(md5s)}
+    found: dict[int, tuple[Path, int]] = {}
+    folders = sorted(p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if cache_dir.is_dir() else []
+    for folder in folders:
+        if len(found) == len(wanted):
+            break
+        try:
+            index = json.loads((folder / _INDEX).read_text())
+        except (OSError, ValueError):
+            continue
+        if index.get("version") != CACHE_VERSION or index.get("image_size") != image_size:
+            continue
+        failed = index.get("failures", {})
+        for their_row, md5 in enumerate(index.get("md5s", [])):
+            row = wanted.get(md5)
+            if row is not None and row not in found and md5 not in failed:
+                found[row] = (folder, their_row)
+    return found
+
+
 def _decode_into(
     out: Path,
     jobs: list[_Job],
@@ -176,11 +205,34 @@ def _decode_into(
     *,
     workers: int,
     progress: Callable[[int, int], None] | None,
+    cached: dict[int, tuple[Path, int]] | None = None,
 ) -> dict[int, str]:
-    """Write each job's letterboxed image into row `row` of a new .npy file as results arrive; {row: reason}."""
+    """Write each job's letterboxed image into row `row` of a new .npy file as results arrive; {row: reason}.
+
+    cached: rows to copy from other cache folders (_cached_elsewhere) instead of decoding their files.
+    """
     images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(jobs), image_size, image_size))
     failures: dict[int, str] = {}
     done = 0
+    total = len(jobs)
+    by_folder: dict[Path, list[tuple[int, int]]] = {}
+    for row, (folder, their_row) in (cached or {}).items():
+        by_folder.setdefault(folder, []).append((row, their_row))
+    copied: set[int] = set()
+    for folder, pairs in by_folder.items():
+        mine, theirs = (np.array(column) for column in zip(*sorted(pairs, key=lambda p: p[1]), strict=True))
+        try:
+            donor = np.load(folder / _IMAGES, mmap_mode="r")
+            for start in range(0, len(mine), _COPY_ROWS):
+                part = slice(start, start + _COPY_ROWS)
+                images[mine[part]] = donor[theirs[part]]
+        except (OSError, ValueError, IndexError):  # a cache removed or damaged meanwhile: decode these files
+            continue
+        copied.update(mine.tolist())
+        done += len(pairs)
+        if progress:
+            progress(done, total)
+    jobs = [job for job in jobs if job[0] not in copied]
     for results in _decode_chunks(jobs, image_size, workers):
         for row, pixels, notes in results:
             if isinstance(pixels, str):
@@ -191,7 +243,7 @@ def _decode_into(
                 warnings.warn(note, stacklevel=3)
         done += len(results)
         if progress:
-            progress(done, len(jobs))
+            progress(done, total)
     images.flush()
     del images
     return failures

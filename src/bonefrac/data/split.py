@@ -39,29 +39,47 @@ def group_stratified_split(
         raise ValueError(
             f"fractions must be three non-negative numbers that sum to 1, got {tuple(fractions)}"
         )
+    return [SPLITS[part] for part in assign_groups(labels, groups, fractions, seed=seed)]
+
+
+def grouped_folds(labels: Sequence[str], groups: Sequence[str], k: int, *, seed: int = 0) -> list[int]:
+    """Fold 0..k-1 of each item for grouped, class-stratified k-fold cross-validation: a group is never in two
+    folds, and each class is spread over the folds as evenly as its groups allow (within one image per class when
+    every group is one image)."""
+    if k < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {k}")
+    return assign_groups(labels, groups, [1 / k] * k, seed=seed)
+
+
+def assign_groups(labels: Sequence[str], groups: Sequence[str], shares: Sequence[float], *, seed: int = 0
+                  ) -> list[int]:
+    """Part 0..len(shares)-1 of each item, whole groups at a time, each class split in these shares.
+
+    A group is stratified under its most common label (ties: the label that sorts first). Within each label, groups
+    go largest first (random among equal sizes) to the part furthest below its target share.
+    """
     members: dict[str, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         members[group].append(index)
-    # A group is stratified under its most common label (ties: the label that sorts first).
     by_label: dict[str, list[str]] = defaultdict(list)
     for group, idx in members.items():
         counts = Counter(labels[i] for i in idx)
         by_label[min(counts, key=lambda lab: (-counts[lab], lab))].append(group)
 
     rng = np.random.default_rng(seed)
-    assignment = [""] * len(labels)
+    assignment = [-1] * len(labels)
     for label in sorted(by_label):
         names = sorted(by_label[label])
         order = rng.permutation(len(names))  # random among equal sizes, then largest first (stable sort)
         names = sorted((names[i] for i in order), key=lambda g: -len(members[g]))
         total = sum(len(members[g]) for g in names)
-        assigned = np.zeros(3)
+        assigned = np.zeros(len(shares))
         for group in names:
-            deficit = np.asarray(fractions) * total - assigned
-            split = int(np.argmax(deficit))
-            assigned[split] += len(members[group])
+            deficit = np.asarray(shares) * total - assigned
+            part = int(np.argmax(deficit))
+            assigned[part] += len(members[group])
             for i in members[group]:
-                assignment[i] = SPLITS[split]
+                assignment[i] = part
     return assignment
 
 
