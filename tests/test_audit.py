@@ -8,14 +8,18 @@ import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 from bonefrac import DISCLAIMER
+from bonefrac.data import audit as audit_module
 from bonefrac.data.audit import (
     audit_folder,
+    audit_manifest,
     close_pairs,
     duplicate_groups,
+    manifest_hashes,
     near_duplicate_pairs,
     write_html,
     write_json,
 )
+from bonefrac.data.dataset import scan_folder
 
 from .conftest import write_set
 
@@ -161,3 +165,24 @@ def test_real_data_has_no_cross_split_duplicates_but_one_mirrored_copy(real_data
     cross = {(e["split"], e["other"]): e["paths"] for e in report.leakage}
     assert cross == {("val", "train"): ["val/fractured/128.jpg"], ("test", "train"): [], ("test", "val"): []}
     assert report.label_conflicts == []
+
+
+def test_known_hashes_are_not_computed_again(clean_set, tmp_path, monkeypatch):
+    """A reshuffled copy of the same files (a cross-validation fold) is audited from the hashes taken once."""
+    train = sorted((clean_set / "train" / "fractured").glob("*.png"))
+    shutil.copy(train[0], clean_set / "test" / "fractured" / "copy.png")
+    manifest = scan_folder(clean_set)
+    known, unreadable = manifest_hashes(manifest, workers=1)
+    assert unreadable == {} and len(known) == len(manifest.rows) - 1  # the byte copy is hashed once
+    moved = tmp_path / "moved"
+    shutil.copytree(clean_set / "train", moved / "val")  # train becomes val, test becomes train
+    shutil.copytree(clean_set / "test", moved / "train")
+
+    def no_hashing(paths, **kwargs):
+        assert list(paths) == [], "hashed a file whose hashes were known"
+        return np.zeros((0, 2, 8, 4), dtype=np.uint64), {}
+
+    monkeypatch.setattr(audit_module, "hash_files", no_hashing)
+    report = audit_manifest(scan_folder(moved), known_hashes=known)
+    entry = leakage(report, "val")
+    assert entry["paths"] == [f"val/fractured/{train[0].name}"] and entry["exact"] == 1

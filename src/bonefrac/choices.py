@@ -9,3 +9,5 @@ OPERATING_POINTS = ("default", "youden", "sensitivity")  # evaluate: how calibra
 CAM_METHODS = ("gradcam", "gradcam++", "eigencam")  # explain.METHODS, the pytorch-grad-cam class of each
 PRUNERS = ("median", "hyperband", "none")  # tune: Optuna's pruner of unpromising trials
 PREDICTION_FORMATS = ("csv", "json", "jsonl")  # predict --format: rows as CSV, one JSON document, or a line each
+CV_FOLDS = 5  # cv: K of grouped K-fold cross-validation
+CV_VAL_SHARE = 0.125  # cv: of each fold's training groups, held out to choose the epoch, temperature and threshold

@@ -10,7 +10,15 @@ from pathlib import Path
 from rich.console import Console
 
 from bonefrac import DISCLAIMER, __version__
-from bonefrac.choices import BACKENDS, CAM_METHODS, OPERATING_POINTS, PREDICTION_FORMATS, PRUNERS
+from bonefrac.choices import (
+    BACKENDS,
+    CAM_METHODS,
+    CV_FOLDS,
+    CV_VAL_SHARE,
+    OPERATING_POINTS,
+    PREDICTION_FORMATS,
+    PRUNERS,
+)
 from bonefrac.config import (
     AUGMENTATIONS,
     CHANNELS,
@@ -194,6 +202,28 @@ WEIGHT_SOURCES = {
     "package": "offline: PyPI {package}",
     "hub": "timm hub (downloaded once)",
 }
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from bonefrac.config import build_config
+    from bonefrac.cv import REPORT_FILE, cross_validate, fold_summary
+
+    overrides = {key: getattr(args, key) for key in TRAIN_OVERRIDE_KEYS} | {"data.root": args.data}
+    config = build_config(config_file=args.config, overrides=overrides)
+    name = "+".join(Path(folder).resolve().name for folder in args.data)
+    out = Path(args.out or Path("out") / "cv" / (f"{name}-by-{args.by}" if args.by else name))
+    result = cross_validate(args.data, config, out, folds=args.folds, by=args.by, seed=args.fold_seed,
+                            val_share=args.val_share, strata=args.strata or (), say=console.print)
+    table = Table(title=f"{result.metrics['kind']}: {result.metrics['n_files']} images, pooled out-of-fold")
+    table.add_column("metric")
+    table.add_column("value [95 % CI]")
+    for metric, value in fold_summary(result.metrics):
+        table.add_row(metric, value)
+    console.print(table)
+    console.print(f"per fold and plots: {out / REPORT_FILE}; every image's prediction: {out / 'oof_predictions.csv'}")
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -552,6 +582,30 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--verbose", action="store_true", help=VERBOSE)
     add_config_options(train)
     train.set_defaults(func=cmd_train)
+
+    cv = commands.add_parser(
+        "cv",
+        help="grouped k-fold cross-validation, or leave-one-source-out (--by), of a training config",
+        description=(
+            "Cross-validate: the images of DATA (splits pooled) are cut into K folds, whole groups at a time (the "
+            "data folders' manifest.csv group column joined with the audit's duplicate groups) and class-stratified; "
+            "each fold is a normal run trained on the other folds (val: a share of their groups) and evaluated on "
+            "its own. Every image gets one out-of-fold prediction; the pooled metrics have group-bootstrap CIs. "
+            "Run it again with the same options to resume: finished folds are kept."
+        ),
+    )
+    cv.add_argument("data", nargs="+", metavar="DATA", help="data folders: root/<class>/ or root/<split>/<class>/")
+    cv.add_argument("--folds", type=int, default=CV_FOLDS, help=f"K (default {CV_FOLDS}); not with --by")
+    cv.add_argument("--by", metavar="COLUMN",
+                    help="leave one value out instead: 'dataset' (each data folder in turn) or a column of the data "
+                         "folders' manifest.csv, such as source or region")
+    cv.add_argument("--out", help="cross-validation folder (default out/cv/<data>)")
+    cv.add_argument("--val-share", type=float, default=CV_VAL_SHARE, metavar="SHARE",
+                    help=f"of each fold's training groups, held out as its val split (default {CV_VAL_SHARE})")
+    cv.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
+    cv.add_argument("--strata", nargs="+", metavar="COLUMN", help="also per-stratum metrics in each fold")
+    add_config_options(cv)
+    cv.set_defaults(func=cmd_cv)
 
     models = commands.add_parser("models", help="list the models with parameter count and weight sources")
     models.set_defaults(func=cmd_models)

@@ -84,10 +84,12 @@ def classification_metrics(
     labels: Sequence[str],
     positive: int | None,
     threshold: float | None = None,
+    y_pred: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All metrics of one sample, flat and named: "accuracy", "f1/macro", "precision/<label>", "roc_auc", ...
 
-    Label-based metrics use `predicted_labels` (binary: p[positive] >= threshold, default 0.5; else argmax).
+    Label-based metrics use `predicted_labels` (binary: p[positive] >= threshold, default 0.5; else argmax), or
+    y_pred when the decisions were made elsewhere (out-of-fold predictions, each by its own fold's threshold).
     `positive` (an index into labels) makes a binary task's "roc_auc" and "pr_auc" those of the positive class and
     adds "sensitivity" and "specificity" (for more classes: of positive-vs-rest under argmax). Without a binary
     positive class, "roc_auc" and "pr_auc" are one-vs-rest macro averages, with "roc_auc/<label>" per class.
@@ -104,7 +106,11 @@ def classification_metrics(
     if positive is not None and not 0 <= positive < n_classes:
         raise ValueError(f"positive must be a class index in [0, {n_classes}), got {positive}")
     n = y.size
-    y_pred = predicted_labels(proba, positive=positive, threshold=threshold)
+    if y_pred is None:
+        y_pred = predicted_labels(proba, positive=positive, threshold=threshold)
+    elif np.shape(y_pred) != (n,):
+        raise ValueError(f"y_pred must hold one class index per case ({n}), got shape {np.shape(y_pred)}")
+    y_pred = np.asarray(y_pred).astype(int)
 
     confusion = np.bincount(n_classes * y + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
     true_pos = np.diag(confusion).astype(float)

@@ -137,6 +137,44 @@ def plot_roc(
     return _finish(figure, path)
 
 
+def plot_roc_folds(
+    folds: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    pooled: tuple[np.ndarray, np.ndarray],
+    *,
+    pooled_auc: Mapping[str, float | None] | None = None,
+    title: str = "ROC curves per fold",
+    path: str | Path | None = None,
+) -> Figure:
+    """Cross-validation: each fold's ROC curve (thin) and the pooled out-of-fold one (thick, AUC [95 % CI]).
+
+    folds: name -> (is_positive, score) of the fold's test images; pooled: the same over every image;
+    pooled_auc: {"point", "low", "high"} of the pooled AUC.
+    """
+    figure = _figure(4.8, 4.4)
+    ax = figure.add_subplot()
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1, label="chance")
+    for name, (is_case, score) in folds.items():
+        if 0 < np.sum(is_case) < len(is_case):
+            fpr, tpr, _ = roc_curve(is_case, score)
+            ax.plot(fpr, tpr, linewidth=0.9, alpha=0.7,
+                    label=f"{name}: AUC {binary_roc_auc(is_case, score):.3f} (n {len(is_case)})")
+    is_case, score = pooled
+    fpr, tpr, _ = roc_curve(is_case, score)
+    text = f"{binary_roc_auc(is_case, score):.3f}"
+    if pooled_auc and pooled_auc.get("low") is not None:
+        text += f" [{pooled_auc['low']:.3f}, {pooled_auc['high']:.3f}]"
+    ax.plot(fpr, tpr, color="black", linewidth=2, label=f"pooled: AUC {text}")
+    ax.set_xlabel("1 - specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title(f"{title} ({len(is_case)} images)", fontsize=10)
+    return _finish(figure, path)
+
+
 def plot_precision_recall(
     y_true: np.ndarray,
     proba: np.ndarray,

@@ -21,7 +21,7 @@ import io
 import json
 import os
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +34,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.metrics import roc_auc_score
 
 from bonefrac import DISCLAIMER
-from bonefrac.data.dataset import SPLITS, FileProblem, Manifest, scan_folder
+from bonefrac.data.dataset import SPLITS, FileProblem, Manifest, ManifestRow, scan_folder
 from bonefrac.data.io import read_image
 from bonefrac.errors import ImageReadError
 
@@ -103,6 +103,38 @@ def hash_files(
     else:
         _collect(map(_hash_or_reason, jobs), hashes, failures, len(jobs), progress)
     return hashes, failures
+
+
+_NO_HASH = np.zeros((len(HASHERS), 8, HASH_SIZE * HASH_SIZE // 64), dtype=np.uint64)
+
+
+def manifest_hashes(
+    manifest: Manifest,
+    *,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    known_hashes: Mapping[str, np.ndarray] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(md5 -> image_hashes, md5 -> why the file could not be read) for every file of the manifest, hashing only
+    the files whose md5 `known_hashes` lacks: an audit of a reshuffled copy of the same files (a cross-validation
+    fold) decodes nothing."""
+    known = dict(known_hashes or {})
+    todo: dict[str, Path] = {}
+    for row in manifest.rows:
+        if _file_key(row) not in known:
+            todo.setdefault(_file_key(row), manifest.root / row.path)
+    hashes, failures = hash_files(list(todo.values()), workers=workers, progress=progress)
+    reasons = {}
+    for index, md5 in enumerate(todo):
+        if index in failures:
+            reasons[md5] = failures[index]
+        else:
+            known[md5] = hashes[index]
+    return known, reasons
+
+
+def _file_key(row: ManifestRow) -> str:
+    return row.md5 or f"path:{row.path}"  # a manifest scanned without md5s: each path hashed once
 
 
 def _collect(results, hashes, failures, total, progress) -> None:
@@ -292,18 +324,23 @@ def audit_manifest(
     workers: int | None = None,
     max_bits: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    known_hashes: Mapping[str, np.ndarray] | None = None,
 ) -> AuditReport:
     """Decode and hash every image of the manifest, then group duplicates and measure leakage and confounding.
 
     max_bits: near-duplicate threshold in pHash bits of 256 (None: NEAR_DUPLICATE_BITS).
+    known_hashes: md5 -> image_hashes of files hashed before (manifest_hashes); those are not decoded again.
     """
     max_bits = NEAR_DUPLICATE_BITS if max_bits is None else max_bits
-    paths = [manifest.root / row.path for row in manifest.rows]
-    hashes, failures = hash_files(paths, workers=workers, progress=progress)
+    known, reasons = manifest_hashes(manifest, workers=workers, progress=progress, known_hashes=known_hashes)
+    keys = [_file_key(row) for row in manifest.rows]
+    hashes = np.stack([known.get(key, _NO_HASH) for key in keys]) if keys else np.zeros((0, *_NO_HASH.shape),
+                                                                                         dtype=np.uint64)
+    failures = {i: reasons[key] for i, key in enumerate(keys) if key not in known}
     problems = list(manifest.problems) + [
         FileProblem(manifest.rows[i].path, r) for i, r in sorted(failures.items())
     ]
-    readable = [i for i in range(len(paths)) if i not in failures]
+    readable = [i for i in range(len(keys)) if i not in failures]
     kept = Manifest(manifest.root, manifest.labels, [manifest.rows[i] for i in readable], problems)
     hashes = hashes[readable]
 
