@@ -9,3 +9,6 @@ OPERATING_POINTS = ("default", "youden", "sensitivity")  # evaluate: how calibra
 CAM_METHODS = ("gradcam", "gradcam++", "eigencam")  # explain.METHODS, the pytorch-grad-cam class of each
 PRUNERS = ("median", "hyperband", "none")  # tune: Optuna's pruner of unpromising trials
 PREDICTION_FORMATS = ("csv", "json", "jsonl")  # predict --format: rows as CSV, one JSON document, or a line each
+# data/io.read_image's allow_truncated on the command line: the skip message of a truncated file names it, every
+# command that reads images takes it, and whatever loads one says so (io.truncated_loaded)
+ALLOW_TRUNCATED_OPTION = "--allow-truncated"
