@@ -35,7 +35,7 @@ from sklearn.metrics import roc_auc_score
 
 from bonefrac import DISCLAIMER
 from bonefrac.data.dataset import SPLITS, FileProblem, Manifest, scan_folder
-from bonefrac.data.io import read_image
+from bonefrac.data.io import ImageInfo, read_image, truncated_loaded
 from bonefrac.errors import ImageReadError
 
 HASH_SIZE = 16  # 16x16 DCT coefficients -> 256 bits
@@ -61,28 +61,35 @@ def _dihedral(image: Image.Image) -> list[Image.Image]:
     return variants
 
 
-def thumbnail(path: str | Path) -> Image.Image:
-    """Decode once at reduced size (JPEG draft mode) and squash to a THUMBNAIL x THUMBNAIL grayscale image.
+def thumbnail(path: str | Path, *, allow_truncated: bool = False) -> tuple[Image.Image, ImageInfo]:
+    """Decode once at reduced size (JPEG draft mode) and squash to a THUMBNAIL x THUMBNAIL grayscale image; with
+    read_image's description of the file (info.truncated: a truncated file loaded, allow_truncated).
 
     Squashing (not padding) keeps resized copies identical whatever their aspect rounding.
     """
-    pixels, _ = read_image(path, max_side=2 * THUMBNAIL)
+    pixels, info = read_image(path, max_side=2 * THUMBNAIL, allow_truncated=allow_truncated)
     image = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")
-    return image.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR)
+    return image.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR), info
 
 
-def image_hashes(path: str | Path) -> np.ndarray:
-    """(2, 8, HASH_SIZE**2 // 64) uint64: pHash and dHash of the image under each of its 8 flips/quarter turns."""
-    variants = _dihedral(thumbnail(path))
-    bits = [[hasher(v, hash_size=HASH_SIZE).hash.reshape(-1) for v in variants] for hasher in HASHERS]
+def thumbnail_hashes(image: Image.Image) -> np.ndarray:
+    """(2, 8, HASH_SIZE**2 // 64) uint64: pHash and dHash of a thumbnail under each of its 8 flips/quarter turns."""
+    bits = [[hasher(v, hash_size=HASH_SIZE).hash.reshape(-1) for v in _dihedral(image)] for hasher in HASHERS]
     return np.packbits(np.array(bits), axis=-1).view(np.uint64)
 
 
-def _hash_or_reason(path: str) -> np.ndarray | str:
+def image_hashes(path: str | Path) -> np.ndarray:
+    """thumbnail_hashes of the file's thumbnail."""
+    return thumbnail_hashes(thumbnail(path)[0])
+
+
+def _hash_or_reason(path: str, allow_truncated: bool) -> tuple[np.ndarray | str, bool]:
+    """(the file's hashes, or why it cannot be read; whether it was a truncated file loaded anyway)."""
     try:
-        return image_hashes(path)
+        image, info = thumbnail(path, allow_truncated=allow_truncated)
     except ImageReadError as err:
-        return err.reason
+        return err.reason, False
+    return thumbnail_hashes(image), info.truncated
 
 
 def hash_files(
@@ -90,27 +97,33 @@ def hash_files(
     *,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, dict[int, str]]:
-    """Hash every file in parallel. Returns (hashes (n, 2, 8, words), {index: reason} for unreadable files)."""
+    allow_truncated: bool = False,
+) -> tuple[np.ndarray, dict[int, str], list[int]]:
+    """Hash every file in parallel. Returns (hashes (n, 2, 8, words), {index: reason} for unreadable files, indices
+    of truncated files loaded anyway: allow_truncated)."""
     hashes = np.zeros((len(paths), len(HASHERS), 8, HASH_SIZE * HASH_SIZE // 64), dtype=np.uint64)
     failures: dict[int, str] = {}
+    truncated: list[int] = []
     workers = workers or min(os.cpu_count() or 1, 8)
     jobs = [str(p) for p in paths]
+    flags = [allow_truncated] * len(jobs)
     if workers > 1 and len(jobs) >= 64:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = pool.map(_hash_or_reason, jobs, chunksize=16)
-            _collect(results, hashes, failures, len(jobs), progress)
+            results = pool.map(_hash_or_reason, jobs, flags, chunksize=16)
+            _collect(results, hashes, failures, truncated, len(jobs), progress)
     else:
-        _collect(map(_hash_or_reason, jobs), hashes, failures, len(jobs), progress)
-    return hashes, failures
+        _collect(map(_hash_or_reason, jobs, flags), hashes, failures, truncated, len(jobs), progress)
+    return hashes, failures, truncated
 
 
-def _collect(results, hashes, failures, total, progress) -> None:
-    for index, result in enumerate(results):
+def _collect(results, hashes, failures, truncated, total, progress) -> None:
+    for index, (result, was_truncated) in enumerate(results):
         if isinstance(result, str):
             failures[index] = result
         else:
             hashes[index] = result
+        if was_truncated:
+            truncated.append(index)
         if progress:
             progress(index + 1, total)
 
@@ -229,6 +242,7 @@ class AuditReport:
     counts: dict[str, dict[str, int]]
     n_images: int
     problems: list[FileProblem]
+    truncated: list[str]  # truncated files loaded anyway (allow_truncated), and audited like the others
     groups: list[dict]  # duplicate groups with more than one file, largest first
     exact_duplicate_files: int  # files that are a byte copy of an earlier file
     leakage: list[dict]  # per evaluated split: files with a twin in another split
@@ -292,14 +306,17 @@ def audit_manifest(
     workers: int | None = None,
     max_bits: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    allow_truncated: bool = False,
 ) -> AuditReport:
     """Decode and hash every image of the manifest, then group duplicates and measure leakage and confounding.
 
     max_bits: near-duplicate threshold in pHash bits of 256 (None: NEAR_DUPLICATE_BITS).
+    allow_truncated: audit truncated files (read_image loads them) instead of listing them as unreadable.
     """
     max_bits = NEAR_DUPLICATE_BITS if max_bits is None else max_bits
     paths = [manifest.root / row.path for row in manifest.rows]
-    hashes, failures = hash_files(paths, workers=workers, progress=progress)
+    hashes, failures, truncated = hash_files(paths, workers=workers, progress=progress,
+                                             allow_truncated=allow_truncated)
     problems = list(manifest.problems) + [
         FileProblem(manifest.rows[i].path, r) for i, r in sorted(failures.items())
     ]
@@ -336,6 +353,7 @@ def audit_manifest(
         counts=kept.counts(),
         n_images=len(kept.rows),
         problems=problems,
+        truncated=[manifest.rows[i].path for i in truncated],
         groups=groups,
         exact_duplicate_files=len(exact),
         leakage=_leakage(kept, group),
@@ -410,6 +428,9 @@ def write_html(report: AuditReport, out_dir: str | Path, *, max_groups: int = 12
         f"<h2>Unreadable or skipped files ({len(report.problems)})</h2>",
         table(["file", "reason"], [[p.path, p.reason] for p in report.problems]),
     ]
+    if report.truncated:
+        parts += [f"<h2>Truncated files, loaded and audited ({esc(truncated_loaded(report.truncated, named=0))})</h2>",
+                  table(["file"], [[path] for path in report.truncated])]
 
     def gallery(group: dict) -> str:
         cells = "".join(
@@ -443,6 +464,7 @@ def write_html(report: AuditReport, out_dir: str | Path, *, max_groups: int = 12
 
 def console_tables(report: AuditReport) -> list:
     """The audit as rich renderables, in reading order: counts, leakage, conflicts, confounding, problems."""
+    from rich.markup import escape
     from rich.table import Table
 
     counts = Table(title="Images per split and class")
@@ -485,4 +507,6 @@ def console_tables(report: AuditReport) -> list:
         for problem in report.problems[:50]:
             problems.add_row(problem.path, problem.reason)
         out.append(problems)
+    if report.truncated:
+        out.append(f"[yellow]{escape(truncated_loaded(report.truncated, named=10))}[/yellow]")
     return out

@@ -5,8 +5,9 @@ once per epoch. `ImageCache.build` reads each distinct file (by md5) with `read_
 S x S (`transforms.letterbox`) and stores it as one row of `images.npy`, an (N, S, S) uint8 array that every
 DataLoader worker memory-maps: the pages are shared by the operating system, not copied per worker.
 
-A cache folder is named by a key over what determines its contents (CACHE_VERSION, S, the sorted md5s), so a
-second run over the same files reuses it, and any change of files, size or decoding gets a new folder. It is
+A cache folder is named by a key over what determines its contents (CACHE_VERSION, S, the sorted md5s, and whether
+truncated files are loaded), so a second run over the same files reuses it, and any change of files, size or decoding
+gets a new folder. It is
 written under a temporary name and renamed when complete: an interrupted build is never mistaken for a cache.
 """
 
@@ -47,6 +48,7 @@ class ImageCache:
     image_size: int
     md5s: list[str]
     failures: dict[str, str]  # md5 -> why the file could not be read; its row is zeros and must not be used
+    truncated: list[str] = field(default_factory=list)  # md5s of truncated files loaded anyway (allow_truncated)
     _rows: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +77,7 @@ class ImageCache:
         workers: int | None = None,
         progress: Callable[[int, int], None] | None = None,
         paths_for_errors: Sequence[str] | None = None,
+        allow_truncated: bool = False,
     ) -> ImageCache:
         """Decode and letterbox each distinct file once into cache_dir/<key>/, or reuse that folder when complete.
 
@@ -84,6 +87,7 @@ class ImageCache:
         progress(done, total): called while decoding (not when the cache is reused), total = distinct files.
         paths_for_errors: how to name each file in warnings and errors (say, relative to the data folder);
             default: the path itself.
+        allow_truncated: load truncated files (read_image) instead of failing them; they are listed in `truncated`.
         """
         if len(paths) != len(md5s):
             raise ValueError(f"{len(paths)} paths but {len(md5s)} md5s")
@@ -98,7 +102,7 @@ class ImageCache:
         if not first:
             raise ValueError("no images to cache")
         unique = sorted(first)
-        folder = Path(cache_dir) / cache_key(unique, image_size)
+        folder = Path(cache_dir) / cache_key(unique, image_size, allow_truncated=allow_truncated)
         cached = _open_complete(folder, unique, image_size)
         if cached is not None:
             return cached
@@ -107,21 +111,24 @@ class ImageCache:
         # Same file system as the final folder, so that the rename below is atomic.
         partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
         try:
-            failures = _decode_into(
+            failures, truncated = _decode_into(
                 partial / _IMAGES,
                 [(row, str(paths[first[md5]]), names[first[md5]]) for row, md5 in enumerate(unique)],
                 image_size,
                 workers=workers or min(os.cpu_count() or 1, 8),
                 progress=progress,
+                allow_truncated=allow_truncated,
             )
             index = {
                 "version": CACHE_VERSION,
                 "image_size": image_size,
                 "md5s": unique,
                 "failures": {unique[row]: reason for row, reason in sorted(failures.items())},
+                "truncated": [unique[row] for row in sorted(truncated)],
             }
             (partial / _INDEX).write_text(json.dumps(index, indent=1))
-            return _publish(partial, cls(root=folder, image_size=image_size, md5s=unique, failures=index["failures"]))
+            return _publish(partial, cls(root=folder, image_size=image_size, md5s=unique, failures=index["failures"],
+                                         truncated=index["truncated"]))
         finally:
             shutil.rmtree(partial, ignore_errors=True)  # gone already when the rename succeeded
 
@@ -141,9 +148,10 @@ def _publish(partial: Path, cache: ImageCache) -> ImageCache:
     return cache
 
 
-def cache_key(md5s: Sequence[str], image_size: int) -> str:
-    """sha256 over CACHE_VERSION, the image size and the sorted distinct md5s: the cache's folder name."""
-    payload = json.dumps([CACHE_VERSION, image_size, sorted(set(md5s))])
+def cache_key(md5s: Sequence[str], image_size: int, *, allow_truncated: bool = False) -> str:
+    """sha256 over CACHE_VERSION, the image size and the sorted distinct md5s (and allow_truncated when set, so that
+    the caches made without it keep their names): the cache's folder name."""
+    payload = json.dumps([CACHE_VERSION, image_size, sorted(set(md5s)), *["allow_truncated"] * allow_truncated])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -161,12 +169,14 @@ def _open_complete(folder: Path, md5s: list[str], image_size: int) -> ImageCache
         or shape != (len(md5s), image_size, image_size)
     ):
         return None
-    return ImageCache(root=folder, image_size=image_size, md5s=md5s, failures=dict(index["failures"]))
+    return ImageCache(root=folder, image_size=image_size, md5s=md5s, failures=dict(index["failures"]),
+                      truncated=list(index.get("truncated", [])))
 
 
-# A decoding job is (row, path, name); its result is (row, pixels or the reason it failed, warnings to re-issue).
+# A decoding job is (row, path, name); its result is (row, pixels or the reason it failed, warnings to re-issue,
+# whether the file was truncated and loaded anyway).
 _Job = tuple[int, str, str]
-_Result = tuple[int, "np.ndarray | str", list[str]]
+_Result = tuple[int, "np.ndarray | str", list[str], bool]
 
 
 def _decode_into(
@@ -176,17 +186,22 @@ def _decode_into(
     *,
     workers: int,
     progress: Callable[[int, int], None] | None,
-) -> dict[int, str]:
-    """Write each job's letterboxed image into row `row` of a new .npy file as results arrive; {row: reason}."""
+    allow_truncated: bool,
+) -> tuple[dict[int, str], set[int]]:
+    """Write each job's letterboxed image into row `row` of a new .npy file as results arrive; ({row: reason}, rows
+    of truncated files loaded anyway)."""
     images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(jobs), image_size, image_size))
     failures: dict[int, str] = {}
+    truncated: set[int] = set()
     done = 0
-    for results in _decode_chunks(jobs, image_size, workers):
-        for row, pixels, notes in results:
+    for results in _decode_chunks(jobs, image_size, workers, allow_truncated):
+        for row, pixels, notes, was_truncated in results:
             if isinstance(pixels, str):
                 failures[row] = pixels
             else:
                 images[row] = pixels
+            if was_truncated:
+                truncated.add(row)
             for note in notes:
                 warnings.warn(note, stacklevel=3)
         done += len(results)
@@ -194,14 +209,14 @@ def _decode_into(
             progress(done, len(jobs))
     images.flush()
     del images
-    return failures
+    return failures, truncated
 
 
-def _decode_chunks(jobs: list[_Job], image_size: int, workers: int) -> Iterator[list[_Result]]:
+def _decode_chunks(jobs: list[_Job], image_size: int, workers: int, allow_truncated: bool) -> Iterator[list[_Result]]:
     """Results of `_decode_chunk` over chunks of jobs: in worker processes, at most 2 x workers chunks in flight."""
     chunks = [jobs[start : start + _CHUNK] for start in range(0, len(jobs), _CHUNK)]
     if workers <= 1 or len(jobs) < _PARALLEL_MIN:
-        yield from (_decode_chunk(chunk, image_size) for chunk in chunks)
+        yield from (_decode_chunk(chunk, image_size, allow_truncated) for chunk in chunks)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending: set[Future] = set()
@@ -209,27 +224,29 @@ def _decode_chunks(jobs: list[_Job], image_size: int, workers: int) -> Iterator[
             if len(pending) >= 2 * workers:  # bounded, so finished results never pile up in memory
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 yield from (future.result() for future in finished)
-            pending.add(pool.submit(_decode_chunk, chunk, image_size))
+            pending.add(pool.submit(_decode_chunk, chunk, image_size, allow_truncated))
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             yield from (future.result() for future in finished)
 
 
-def _decode_chunk(jobs: list[_Job], image_size: int) -> list[_Result]:
+def _decode_chunk(jobs: list[_Job], image_size: int, allow_truncated: bool) -> list[_Result]:
     """Read and letterbox each file; the full-size pixels never leave this function (nor the worker process)."""
     results: list[_Result] = []
     for row, path, name in jobs:
+        truncated = False
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                pixels, _ = read_image(path)
+                pixels, info = read_image(path, allow_truncated=allow_truncated)
                 result: np.ndarray | str = letterbox(pixels, image_size)
+                truncated = info.truncated
             except ImageReadError as err:
                 result = err.reason
             except Exception as err:  # a bug, not a bad file: let it surface, naming the file
                 err.add_note(f"while caching {name}")
                 raise
-        results.append((row, result, [f"{name}: {warning.message}" for warning in caught]))
+        results.append((row, result, [f"{name}: {warning.message}" for warning in caught], truncated))
     return results
 
 
