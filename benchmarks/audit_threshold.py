@@ -71,7 +71,7 @@ def main() -> None:
                 f"{np.percentile(d, 99):.0f} | {d.max()} | {caught:.0%} |"
             )
 
-    hashes, _ = hash_files(paths)
+    hashes, _, _ = hash_files(paths)
     split = np.array([row.split for row in manifest.rows])
     print(
         f"\n| pHash threshold (bits of 256) | cross-split pairs, pHash alone | cross-split pairs, dHash-confirmed "

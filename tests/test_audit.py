@@ -172,15 +172,15 @@ def test_known_hashes_are_not_computed_again(clean_set, tmp_path, monkeypatch):
     train = sorted((clean_set / "train" / "fractured").glob("*.png"))
     shutil.copy(train[0], clean_set / "test" / "fractured" / "copy.png")
     manifest = scan_folder(clean_set)
-    known, unreadable = manifest_hashes(manifest, workers=1)
-    assert unreadable == {} and len(known) == len(manifest.rows) - 1  # the byte copy is hashed once
+    known, unreadable, truncated = manifest_hashes(manifest, workers=1)  # the byte copy is hashed once
+    assert unreadable == {} and truncated == set() and len(known) == len(manifest.rows) - 1
     moved = tmp_path / "moved"
     shutil.copytree(clean_set / "train", moved / "val")  # train becomes val, test becomes train
     shutil.copytree(clean_set / "test", moved / "train")
 
     def no_hashing(paths, **kwargs):
         assert list(paths) == [], "hashed a file whose hashes were known"
-        return np.zeros((0, 2, 8, 4), dtype=np.uint64), {}
+        return np.zeros((0, 2, 8, 4), dtype=np.uint64), {}, []
 
     monkeypatch.setattr(audit_module, "hash_files", no_hashing)
     report = audit_manifest(scan_folder(moved), known_hashes=known)

@@ -228,13 +228,16 @@ def test_truncated_file_is_rejected_unless_allowed(tmp_path: Path, fmt: str, suf
     with pytest.raises(ImageReadError) as caught:
         read_image(path)
     assert caught.value.reason.startswith(f"truncated {fmt}")
+    assert caught.value.reason.endswith("; --allow-truncated loads it")  # the option a user can type
     assert str(path) in str(caught.value)
 
     with pytest.warns(UserWarning, match=f"truncated {fmt}"):
         pixels, info = read_image(path, allow_truncated=True)
     assert pixels.shape == (64, 64)
     assert pixels.dtype == np.float32
+    assert info.truncated is True
     assert any(message.startswith(f"truncated {fmt}") for message in info.warnings)
+    assert _read_quietly(whole)[1].truncated is False
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # Pillow's global is restored
 
 

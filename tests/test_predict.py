@@ -170,7 +170,7 @@ def test_cli_predict_writes_csv_and_json_and_exit_codes(exported, folder, tmp_pa
     assert "7 files: 5 predicted, 2 errors" in out and DISCLAIMER in err
     rows = read_csv(out_csv)
     assert list(rows[0]) == ["file", "status", "p_fractured", "p_not_fractured", "prediction", "level", "threshold",
-                             "operating_point", "accepted", "ood_score", "ood_reason", "error"]
+                             "operating_point", "truncated", "accepted", "ood_score", "ood_reason", "error"]
     assert len(rows) == 7 and sum(row["status"] == "error" for row in rows) == 2
     assert main(["predict", str(exported), str(folder / "a.png"), str(folder / "sub"), "--out", str(out_json),
                  "--backend", "torch", "--batch-size", "1"]) == 0

@@ -11,3 +11,6 @@ PRUNERS = ("median", "hyperband", "none")  # tune: Optuna's pruner of unpromisin
 PREDICTION_FORMATS = ("csv", "json", "jsonl")  # predict --format: rows as CSV, one JSON document, or a line each
 CV_FOLDS = 5  # cv: K of grouped K-fold cross-validation
 CV_VAL_SHARE = 0.125  # cv: of each fold's training groups, held out to choose the epoch, temperature and threshold
+# data/io.read_image's allow_truncated on the command line: the skip message of a truncated file names it, every
+# command that reads images takes it, and whatever loads one says so (io.truncated_loaded)
+ALLOW_TRUNCATED_OPTION = "--allow-truncated"

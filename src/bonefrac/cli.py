@@ -11,6 +11,7 @@ from rich.console import Console
 
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.choices import (
+    ALLOW_TRUNCATED_OPTION,
     BACKENDS,
     CAM_METHODS,
     CV_FOLDS,
@@ -65,7 +66,8 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
     with progress("scanning") as update:
         manifest = scan_folder(args.root, progress=update)
     with progress("decoding and hashing") as update:
-        report = audit_manifest(manifest, workers=args.workers, max_bits=args.max_bits, progress=update)
+        report = audit_manifest(manifest, workers=args.workers, max_bits=args.max_bits, progress=update,
+                                allow_truncated=bool(args.allow_truncated))
     for renderable in console_tables(report):
         console.print(renderable)
     out = Path(args.out or default_out(args.root, "audit"))
@@ -75,6 +77,7 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_data_split(args: argparse.Namespace) -> int:
+    from bonefrac.data.io import truncated_loaded
     from bonefrac.data.split import split_folder
 
     with progress("auditing before the split") as update:
@@ -87,6 +90,7 @@ def cmd_data_split(args: argparse.Namespace) -> int:
             csv_only=args.csv_only,
             workers=args.workers,
             progress=update,
+            allow_truncated=bool(args.allow_truncated),
         )
     from rich.table import Table
 
@@ -103,6 +107,8 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     console.print(table)
     if report.problems:
         console.print(f"{len(report.problems)} unreadable or non-image files were left out (see the audit)")
+    if report.truncated:
+        console.print(truncated_loaded(report.truncated), highlight=False)
     console.print(f"written: {split_csv}" + ("" if args.csv_only else f" and links under {args.out}"))
     return 0
 
@@ -126,6 +132,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from bonefrac.config import build_config
+    from bonefrac.data.io import truncated_loaded
     from bonefrac.run import Run
     from bonefrac.train import fit
 
@@ -150,6 +157,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if summary["skipped_files"]:
         console.print(f"{len(summary['skipped_files'])} unreadable files were skipped (named in run.log)")
+    if summary.get("truncated_files"):
+        console.print(truncated_loaded(summary["truncated_files"]), highlight=False)
     if summary["leaky"]:
         console.print("[yellow]LEAKY RUN[/yellow]: the splits share duplicates; its val numbers overstate (audit.json)")
     return 0
@@ -287,6 +296,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             workers=args.workers,
             cache_dir=args.cache_dir,
             progress=update,
+            allow_truncated=args.allow_truncated,
         )
     console.print(format_calibration(result), highlight=False)
     console.print(f"written: {Path(args.run) / 'calibration.json'}")
@@ -312,6 +322,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             tta=args.tta,
             cache_dir=args.cache_dir,
             progress=update,
+            allow_truncated=args.allow_truncated,
         )
     for line in evaluation.report.splitlines():
         loud = line.startswith(("LEAKY", "WARNING", "NOTE"))
@@ -408,7 +419,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     say = status if to_stdout else console  # with the rows on stdout, every other line goes to stderr
     run, paths = _run_and_paths(args.items, say)
     predictor = Predictor(run, backend=args.backend, batch_size=args.batch_size, tta=args.tta,
-                          operating_point=args.operating_point, threshold=args.threshold)
+                          operating_point=args.operating_point, threshold=args.threshold,
+                          allow_truncated=args.allow_truncated)
     with progress("predicting") as update:
         result = predictor.predict_paths(paths, progress=update, prevalence=args.prevalence)
     if to_stdout:
@@ -439,20 +451,23 @@ def _rows_to_stdout(result, fmt: str) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from bonefrac.data.io import truncated_loaded
     from bonefrac.explain import Explainer, explain_paths
     from bonefrac.predict import Predictor
 
     run, paths = _run_and_paths(args.items)
-    explainer = Explainer(Predictor(run, backend="torch"), method=args.method)
+    explainer = Explainer(Predictor(run, backend="torch", allow_truncated=args.allow_truncated), method=args.method)
     with progress(f"explaining ({args.method})") as update:
         rows = explain_paths(explainer, paths, args.out, target=args.target, alpha=args.alpha, progress=update)
     failed = [row for row in rows if row.status == "error"]
     for row in failed:
         console.print(f"[red]error[/red] {row.file}: {row.error}", highlight=False)
     flat = sum(bool(row.flat) for row in rows)
+    truncated = [row.file for row in rows if row.truncated]
     console.print(
         f"{len(rows) - len(failed)} overlays and explain.csv in {args.out}; {len(failed)} errors"
-        + (f"; {flat} maps are flat (no location)" if flat else ""),
+        + (f"; {flat} maps are flat (no location)" if flat else "")
+        + (f"; {truncated_loaded(truncated, named=0)}" if truncated else ""),
         highlight=False,
     )
     console.print("A heatmap shows what moved the model's score, not where a fracture is.", highlight=False)
@@ -464,7 +479,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = ServeSettings(
         backend=args.backend, max_upload_mb=args.max_upload_mb, max_files=args.max_files,
-        request_timeout_s=args.timeout, save_uploads=args.save_uploads,
+        request_timeout_s=args.timeout, save_uploads=args.save_uploads, allow_truncated=args.allow_truncated,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         status.print(f"[yellow]listening on {args.host}: other machines can reach this server; it has no "
@@ -525,7 +540,7 @@ TRAIN_OVERRIDES: tuple[tuple[str, str, dict], ...] = (
 VERBOSE = "also what Lightning prints: device banners, tips, the model summary"  # train, tune, demo
 TRAIN_OVERRIDE_KEYS = (
     *(key for _, key, _ in TRAIN_OVERRIDES), "model.pretrained", "train.allow_leakage", "data.group_balance",
-    "data.dataset_balance",
+    "data.dataset_balance", "data.allow_truncated",
 )
 # DATA of `train` and `tune`: one folder or several, trained on together (config data.root)
 TRAIN_DATA_HELP = (
@@ -534,6 +549,16 @@ TRAIN_DATA_HELP = (
 )
 # --data of the commands that read a run's data: repeatable, and several folders after one --data
 DATA_OPTION = {"action": "extend", "nargs": "+", "metavar": "FOLDER"}
+
+
+def add_allow_truncated(parser: argparse.ArgumentParser, *, dest: str = "allow_truncated", run: bool = False) -> None:
+    """--allow-truncated (and --no-allow-truncated), the same for every command that reads images; None when not
+    given (run=True: the command then does as the run was trained, Run.allow_truncated)."""
+    parser.add_argument(
+        ALLOW_TRUNCATED_OPTION, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+        help="load truncated images (the decoder fills in the missing part; they are counted and named) instead of "
+             + ("skipping them (default: as the run was trained)" if run else "skipping them (default: skip)"),
+    )
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -562,6 +587,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         "--dataset-balance", dest="data.dataset_balance", action="store_const", const=True, default=None,
         help="with several data folders: draw each folder equally often, whatever its size",
     )
+    add_allow_truncated(parser, dest="data.allow_truncated")
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -661,6 +687,7 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("--batch-size", type=int, default=64)
         parser.add_argument("--workers", type=int, default=0, help="DataLoader and decoding processes (default 0)")
         parser.add_argument("--cache-dir", help="decoded image cache (default: the run's)")
+        add_allow_truncated(parser, run=True)
 
     calibrate = commands.add_parser(
         "calibrate",
@@ -791,6 +818,7 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
         help="print the run's operating points (threshold, val and test sensitivity and specificity with CIs) and "
              "its three-level rule, then stop; RUN alone (default: the shipped model)",
     )
+    add_allow_truncated(predict, run=True)
     predict.set_defaults(func=cmd_predict)
 
     explain = commands.add_parser(
@@ -803,6 +831,7 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
     explain.add_argument("--method", choices=CAM_METHODS, default="gradcam")
     explain.add_argument("--target", metavar="LABEL", help="class to explain (default: the class the run decides)")
     explain.add_argument("--alpha", type=float, default=0.4, help="heatmap weight in the overlay (default 0.4)")
+    add_allow_truncated(explain, run=True)
     explain.set_defaults(func=cmd_explain)
 
 
@@ -827,6 +856,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-files", type=int, default=16, help="files per batch request (default 16)")
     serve.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per request, in seconds (default 60)")
     serve.add_argument("--save-uploads", metavar="DIR", help="keep every upload in DIR (default: never written)")
+    add_allow_truncated(serve, run=True)
     serve.set_defaults(func=cmd_serve)
 
 
@@ -887,6 +917,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument(
         "--fail-on-leakage", action="store_true", help="exit with code 3 when splits share duplicates"
     )
+    add_allow_truncated(audit)
     audit.set_defaults(func=cmd_data_audit)
 
     split = data_commands.add_parser("split", help="group-aware, class-stratified train/val/test split")
@@ -901,6 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     split.add_argument("--csv-only", action="store_true", help="write only split.csv, no links")
     split.add_argument("--workers", type=int, help="decoding processes for the audit (default: all cores)")
+    add_allow_truncated(split)
     split.set_defaults(func=cmd_data_split)
 
     synth = data_commands.add_parser(

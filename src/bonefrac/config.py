@@ -69,6 +69,9 @@ class DataConfig:
     # With several data folders: draw each folder equally often, whatever its size (then its classes and groups
     # as class_balance and group_balance say), so a large folder does not teach the model its own look.
     dataset_balance: bool = False
+    # Load truncated images (the decoder fills in the missing part) instead of skipping them; the run names them
+    # (summary.json), and evaluate, predict and serve of the run load them too unless told otherwise.
+    allow_truncated: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.root, list | tuple):  # a list of one is that folder; of none, no folder

@@ -82,11 +82,12 @@ class CrossValidation:
         self.out_dir, self.metrics, self.report = out_dir, metrics, report
 
 
-def readable(manifest: Manifest, *, workers: int = 1, progress: Callable[[int, int], None] | None = None
-             ) -> tuple[Manifest, dict]:
+def readable(manifest: Manifest, *, allow_truncated: bool = False, workers: int = 1,
+             progress: Callable[[int, int], None] | None = None) -> tuple[Manifest, dict]:
     """The manifest without the files that cannot be decoded (listed as its problems, with the reason), and the
     hashes of the others (md5 -> image_hashes), so that no later audit decodes them again."""
-    known, unreadable = manifest_hashes(manifest, workers=workers, progress=progress)
+    known, unreadable, _ = manifest_hashes(manifest, workers=workers, progress=progress,
+                                           allow_truncated=allow_truncated)
     bad = [row for row in manifest.rows if row.md5 in unreadable]
     kept = manifest.subset([row for row in manifest.rows if row.md5 not in unreadable])
     kept.problems = list(manifest.problems) + [FileProblem(row.path, unreadable[row.md5]) for row in bad]
@@ -188,7 +189,8 @@ def cross_validate(
     if not manifest.rows:
         raise DatasetError("no readable images in " + ", ".join(map(str, data)))
     say(f"{len(manifest.rows)} images in {len(manifest.datasets)} data folder(s); grouping (audit)")
-    manifest, hashes = readable(manifest, workers=max(1, config.data.workers))
+    manifest, hashes = readable(manifest, allow_truncated=config.data.allow_truncated,
+                                workers=max(1, config.data.workers))
     for problem in manifest.problems:
         say(f"left out: {problem.path}: {problem.reason}")
     groups = cv_groups(manifest, hashes)
@@ -316,7 +318,7 @@ def _run_fold(out_dir: Path, fold: Fold, manifest: Manifest, groups: list[str], 
 
     folders = _fold_data(out_dir, fold, manifest, groups)
     fold_manifest = scan_folders(folders)
-    audit = audit_manifest(fold_manifest, known_hashes=hashes)
+    audit = audit_manifest(fold_manifest, known_hashes=hashes, allow_truncated=config.data.allow_truncated)
     run_dir = out_dir / "runs" / fold.name
     fold_config = RunConfig(data=_with_root(config, folders), model=config.model, train=config.train)
     resume = (run_dir / CHECKPOINTS / "last.ckpt").exists() and config.train.strategy == "full"

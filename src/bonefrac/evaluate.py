@@ -61,6 +61,7 @@ from bonefrac.data.dataset import (
     manifest_groups,
     scan_data,
 )
+from bonefrac.data.io import truncated_loaded
 from bonefrac.errors import BonefracError, DatasetError
 from bonefrac.metrics import (
     Interval,
@@ -96,6 +97,7 @@ class SplitPredictions:
     groups: list[str]  # group id per file ('' when unknown)
     logits: np.ndarray  # (n, C)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} of unreadable files
+    truncated: list[str] = field(default_factory=list)  # truncated files loaded anyway (allow_truncated)
     rows: list[ManifestRow] = field(default_factory=list, repr=False)
 
     def probabilities(self, temperature: float = 1.0) -> np.ndarray:
@@ -129,13 +131,15 @@ def predict_split(
     tta: bool = False,
     cache_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    allow_truncated: bool | None = None,
 ) -> SplitPredictions:
     """Logits of the run's network on every readable file of <data>/<split>/ (every file of a folder without split
     folders when split is ALL_SPLIT), preprocessed as in training.
 
     data_root: default the run's own data folders (not scanned when `manifest` is given). model: the run's network
     already in memory (default: loaded from the run). tta: average the logits over the views of bonefrac.tta
-    (mirror x zoom 1.0/1.1). Unreadable files are listed in `skipped`, never raised.
+    (mirror x zoom 1.0/1.1). Unreadable files are listed in `skipped`, never raised. allow_truncated: load truncated
+    files, listed in `truncated` (Run.allow_truncated: None follows the run's config).
     """
     run = Run.of(run)
     manifest = manifest or scan_data(data_paths(run, data_root))
@@ -156,8 +160,10 @@ def predict_split(
         workers=max(1, workers),
         progress=progress,
         paths_for_errors=[row.path for row in rows],
+        allow_truncated=run.allow_truncated(allow_truncated),
     )
     skipped += [{"path": row.path, "reason": cache.failures[row.md5]} for row in rows if row.md5 in cache.failures]
+    loaded_truncated = set(cache.truncated)
     rows = [row for row in rows if row.md5 not in cache.failures]
     index = {label: i for i, label in enumerate(run.labels)}
     dataset = CachedImageDataset(
@@ -182,6 +188,7 @@ def predict_split(
         groups=[row.group or data_groups.get(row.path, "") for row in rows],
         logits=np.concatenate(outputs).astype(float),
         skipped=skipped,
+        truncated=[row.path for row in rows if row.md5 in loaded_truncated],
         rows=rows,
     )
 
@@ -270,6 +277,7 @@ def calibrate_run(
     workers: int = 0,
     cache_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    allow_truncated: bool | None = None,
 ) -> dict:
     """Fit the temperature and choose thresholds on the VAL split; write RUN/calibration.json and return it.
 
@@ -285,7 +293,7 @@ def calibrate_run(
     manifest = manifest or scan_data(data_paths(run, data_root))
     root = manifest.root
     val = predict_split(run, split="val", manifest=manifest, model=model, batch_size=batch_size, workers=workers,
-                        cache_dir=cache_dir, progress=progress)
+                        cache_dir=cache_dir, progress=progress, allow_truncated=allow_truncated)
     if len(set(val.y_true.tolist())) < 2:
         raise DatasetError(f"{root}/val: calibration needs val images of at least two classes")
     temperature = fit_temperature(val.logits, val.y_true)
@@ -307,6 +315,7 @@ def calibrate_run(
         "ece": {"before": expected_calibration_error(val.y_true, val.probabilities()),
                 "after": expected_calibration_error(val.y_true, proba)},
         "skipped_files": val.skipped,
+        "truncated_files": val.truncated,
         "synthetic_data": manifest.synthetic,
         "disclaimer": DISCLAIMER,
     }
@@ -352,7 +361,8 @@ class Leakage:
         return bool(self.lines)
 
 
-def check_leakage(run: Run, manifest: Manifest, split: str, *, workers: int = 1) -> Leakage:
+def check_leakage(run: Run, manifest: Manifest, split: str, *, workers: int = 1,
+                  allow_truncated: bool | None = None) -> Leakage:
     """Duplicate groups shared by `split` and the training split.
 
     The run's audit.json answers when it audited this same folder with the same file counts; otherwise the train
@@ -362,7 +372,8 @@ def check_leakage(run: Run, manifest: Manifest, split: str, *, workers: int = 1)
         return Leakage([f"evaluating the training split itself ({len(manifest.rows)} files seen in training)"], {},
                        "the split")
     if split == ALL_SPLIT:  # no train split to compare with; duplicates among the files still group them for CIs
-        report = audit_manifest(manifest.subset(split_rows(manifest, split)), workers=workers)
+        report = audit_manifest(manifest.subset(split_rows(manifest, split)), workers=workers,
+                                allow_truncated=run.allow_truncated(allow_truncated))
         sizes = Counter(report.group_of.values())
         group_of = {path: g for path, g in report.group_of.items() if sizes[g] > 1}
         return Leakage([], group_of, "a fresh audit of the folder", checked=False)
@@ -378,7 +389,7 @@ def check_leakage(run: Run, manifest: Manifest, split: str, *, workers: int = 1)
             group_of = {path: g["group"] for g in audit.get("groups", []) for path in g["paths"]}
             return Leakage([leak_line(e) for e in entries if e["files"]], group_of, f"the run's {AUDIT_FILE}")
     subset = manifest.subset([r for r in manifest.rows if r.split in ("train", split)])
-    report: AuditReport = audit_manifest(subset, workers=workers)
+    report: AuditReport = audit_manifest(subset, workers=workers, allow_truncated=run.allow_truncated(allow_truncated))
     entries = [e for e in report.leakage if e["split"] == split and e["other"] == "train"]
     sizes = Counter(report.group_of.values())
     group_of = {path: g for path, g in report.group_of.items() if sizes[g] > 1}
@@ -493,6 +504,7 @@ def evaluate_run(
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    allow_truncated: bool | None = None,
 ) -> Evaluation:
     """Predict `split`, compute every metric with its 95 % CI, and write them to out_dir (default_eval_dir).
 
@@ -502,7 +514,8 @@ def evaluate_run(
     Probabilities are temperature-scaled and predictions use the run's decision rule (run.Calibration: the
     threshold chosen on val, or T = 1 and 0.5 when the run is not calibrated, said in metrics.json). CIs resample
     groups: the data folder's manifest.csv `group` column when it has one, else the audit's duplicate groups (a
-    file without duplicates is its own group).
+    file without duplicates is its own group). allow_truncated: load truncated files and name them in metrics.json
+    (None: as the run was trained, Run.allow_truncated).
     """
     run = Run.of(run)
     manifest = manifest or scan_data(data_paths(run, data_root))
@@ -511,8 +524,9 @@ def evaluate_run(
     if manifest.several and DATASET_STRATUM not in strata:
         strata = [*strata, DATASET_STRATUM]
     predictions = predict_split(run, split=split, manifest=manifest, model=model, batch_size=batch_size,
-                                workers=workers, tta=tta, cache_dir=cache_dir, progress=progress)
-    leakage = check_leakage(run, manifest, split, workers=max(1, workers))
+                                workers=workers, tta=tta, cache_dir=cache_dir, progress=progress,
+                                allow_truncated=allow_truncated)
+    leakage = check_leakage(run, manifest, split, workers=max(1, workers), allow_truncated=allow_truncated)
     notes = leakage_notes(run, manifest, split)
     leak_lines = leakage.lines + _manifest_group_leakage(manifest, split)
     leaky = bool(leak_lines)
@@ -564,6 +578,7 @@ def evaluate_run(
         "leakage_notes": notes,
         "synthetic_data": manifest.synthetic,
         "skipped_files": predictions.skipped,
+        "truncated_files": predictions.truncated,
         "metrics": {key: _interval_dict(value, n_files, n_groups, leaky) for key, value in intervals.items()},
         "operating_points": {name: {"threshold": point["threshold"], "chosen": name == calibration.operating_point,
                                     **{key: _interval_dict(value, n_files, n_groups, leaky)
@@ -664,6 +679,8 @@ def _report_text(metrics: dict, intervals: dict[str, Interval], labels: list[str
     if metrics["skipped_files"]:
         lines.append(f"{len(metrics['skipped_files'])} unreadable files skipped: "
                      + "; ".join(f"{s['path']} ({s['reason']})" for s in metrics["skipped_files"][:5]))
+    if metrics["truncated_files"]:
+        lines.append(truncated_loaded(metrics["truncated_files"]))
     lines.append("")
     lines.append(classification_report_text(intervals, labels, list(metrics["support"].values())).rstrip())
     lines.append("")
@@ -718,6 +735,8 @@ def format_calibration(result: dict) -> str:
         lines.append(f"three levels: {levels_text(result['levels'])}")
     if result["skipped_files"]:
         lines.append(f"{len(result['skipped_files'])} unreadable val files skipped")
+    if result["truncated_files"]:
+        lines.append(f"val: {truncated_loaded(result['truncated_files'])}")
     if result["synthetic_data"]:
         lines.append("SYNTHETIC phantom data")
     return "\n".join(lines)

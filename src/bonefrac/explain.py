@@ -306,10 +306,12 @@ class ExplainRow:
     peak_x: int | None = None
     peak_y: int | None = None
     flat: bool | None = None
+    truncated: bool | None = None  # a truncated file loaded anyway (the predictor's allow_truncated)
     error: str = ""
 
 
-EXPLAIN_FIELDS = ("file", "status", "overlay", "target", "prediction", "p_target", "peak_x", "peak_y", "flat", "error")
+EXPLAIN_FIELDS = ("file", "status", "overlay", "target", "prediction", "p_target", "peak_x", "peak_y", "flat",
+                  "truncated", "error")
 
 
 def explain_paths(
@@ -340,7 +342,7 @@ def explain_paths(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # as in predict: read_image's notes are not printed per file
-                pixels, _ = read_image(path)
+                pixels, info = read_image(path, allow_truncated=explainer.predictor.allow_truncated)
             explanation = explainer.explain(pixels, target=target)
         except ImageReadError as err:
             rows.append(ExplainRow(str(path), "error", error=err.reason))
@@ -351,7 +353,7 @@ def explain_paths(
             x, y = explanation.peak
             rows.append(ExplainRow(
                 str(path), "ok", str(overlay), explanation.target, explanation.prediction,
-                explanation.probabilities[explanation.target], x, y, explanation.flat,
+                explanation.probabilities[explanation.target], x, y, explanation.flat, info.truncated,
             ))
         if progress:
             progress(index + 1, len(files))

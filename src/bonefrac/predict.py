@@ -47,7 +47,7 @@ from rich.text import Text
 
 from bonefrac.calibration import apply_temperature, levels_text
 from bonefrac.choices import BACKENDS, PREDICTION_FORMATS
-from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format
+from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format, truncated_loaded
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import format_interval
 from bonefrac.ood import OODVerdict, check_radiograph
@@ -124,10 +124,11 @@ class PredictionRow:
     ood_score: float | None = None  # >= 1 means rejected: the image does not look like a radiograph
     ood_reason: str = ""  # why it was rejected; its probabilities are still given, but mean little
     level: str | None = None  # fracture, doubt or no fracture (Calibration.level); None without the rule
+    truncated: bool | None = None  # a truncated file loaded anyway (allow_truncated); None when unreadable
 
     def record(self, labels: Sequence[str]) -> dict:
-        """The flat CSV/JSON row: file, status, p_<class>..., prediction, level, threshold, operating_point, guard,
-        error."""
+        """The flat CSV/JSON row: file, status, p_<class>..., prediction, level, threshold, operating_point,
+        truncated, guard, error."""
         return {
             "file": self.file,
             "status": self.status,
@@ -136,6 +137,7 @@ class PredictionRow:
             "level": self.level,
             "threshold": self.threshold,
             "operating_point": self.operating_point,
+            "truncated": self.truncated,
             "accepted": self.accepted,
             "ood_score": self.ood_score,
             "ood_reason": self.ood_reason,
@@ -169,6 +171,11 @@ class PredictionResult:
         return sum(row.status == "error" for row in self.rows)
 
     @property
+    def truncated(self) -> list[str]:
+        """The truncated files that were loaded anyway (allow_truncated)."""
+        return [row.file for row in self.rows if row.truncated]
+
+    @property
     def n_not_assessed(self) -> int:
         """Readable files the out-of-distribution guard rejected: their probabilities are given but mean little."""
         return sum(row.status == "ok" and row.accepted is False for row in self.rows)
@@ -181,6 +188,8 @@ class PredictionResult:
         line += f", {self.n_errors} errors"
         if self.skipped_non_images:
             line += f" ({self.skipped_non_images} non-image files in folders skipped)"
+        if self.truncated:
+            line += f"; {truncated_loaded(self.truncated, named=0)}"
         if self.predictive_values:
             line += "; " + predictive_values_text(self.predictive_values)
         return line
@@ -200,7 +209,8 @@ class Predictor:
     """A run's model with its preprocessing, temperature and decision rule, ready for image files.
 
     backend: "onnx" (onnxruntime on RUN/model.onnx, made by `bonefrac export`), "torch", or "auto" (onnx when
-    model.onnx exists and was exported from the current weights, else torch).
+    model.onnx exists and was exported from the current weights, else torch). allow_truncated: load truncated files
+    (their rows say truncated) instead of failing them; None: as the run was trained (Run.allow_truncated).
     """
 
     def __init__(
@@ -212,6 +222,7 @@ class Predictor:
         tta: bool = False,
         operating_point: str | None = None,
         threshold: float | None = None,
+        allow_truncated: bool | None = None,
     ):
         """operating_point / threshold: decide at another of the run's val-chosen operating points, or at a given
         threshold, instead of the run's own (Calibration.at)."""
@@ -223,6 +234,7 @@ class Predictor:
         self.model = self.run.network()
         self.batch_size = max(1, batch_size)
         self.tta = tta
+        self.allow_truncated = self.run.allow_truncated(allow_truncated)
         self.backend = self._choose_backend(backend)
         self._session = None
         if self.backend == "onnx":
@@ -287,7 +299,7 @@ class Predictor:
         # they never quote DICOM header values, but a folder of them would bury the table.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pixels, info = read_image(source, name=name)
+            pixels, info = read_image(source, name=name, allow_truncated=self.allow_truncated)
         file = (name or "upload") if isinstance(source, bytes) else str(source)
         verdict = check_radiograph(pixels, info, path=source)
         return PreparedImage(file, pixels, info, verdict, self.run.preprocessing(pixels))
@@ -309,6 +321,7 @@ class Predictor:
                 ood_score=image.verdict.score,
                 ood_reason=image.verdict.reason,
                 level=self.run.calibration.level(float(p[self.positive])),
+                truncated=image.info.truncated,
             )
             for image, p in zip(images, proba, strict=True)
         ]
@@ -367,8 +380,8 @@ def output_format(out: str | Path, fmt: str | None = None) -> str:
     return suffix
 
 
-CSV_FIELDS = ("file", "status", "prediction", "level", "threshold", "operating_point", "accepted", "ood_score",
-              "ood_reason", "error")  # with p_<label> per class after "status"
+CSV_FIELDS = ("file", "status", "prediction", "level", "threshold", "operating_point", "truncated", "accepted",
+              "ood_score", "ood_reason", "error")  # with p_<label> per class after "status"
 
 
 def write_predictions(result: PredictionResult, out: str | Path | TextIO, fmt: str | None = None) -> str | Path:
@@ -415,7 +428,8 @@ def prediction_table(result: PredictionResult, operating_point: str, positive_la
     table = Table(title=f"files under {base or '.'} ({result.backend} backend, operating point {operating_point})",
                   expand=True)
     shown = [positive_label] if positive_label else list(result.labels)
-    names = [os.path.relpath(os.path.abspath(row.file), base) if base else row.file for row in result.rows]
+    names = [(os.path.relpath(os.path.abspath(row.file), base) if base else row.file)
+             + (" (truncated)" if row.truncated else "") for row in result.rows]
     table.add_column("file", overflow="fold", ratio=1, min_width=min(24, max(map(len, names), default=4)))
     for label in shown:
         table.add_column(f"p({label})", justify="right", no_wrap=True)

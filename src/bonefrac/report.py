@@ -24,7 +24,7 @@ from PIL import Image
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.data.audit import leak_line
 from bonefrac.data.dataset import SYNTHETIC_NOTICE, common_root, find_layout
-from bonefrac.data.io import read_image
+from bonefrac.data.io import read_image, truncated_loaded
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import METRIC_NAMES, format_interval, format_number
 from bonefrac.run import CONFIG_FILE, CURVES_FILE, REPORT_FILE, Run
@@ -281,6 +281,8 @@ def _evaluation_section(evals: dict[str, dict], run: Run) -> str:
         parts.append(_metrics_table(metrics))
         if metrics.get("skipped_files"):
             parts.append(f"<p>{len(metrics['skipped_files'])} unreadable files were skipped.</p>")
+        if metrics.get("truncated_files"):
+            parts.append(f"<p>{esc(truncated_loaded(metrics['truncated_files']))}.</p>")
         for column, table in metrics.get("strata", {}).items():
             parts.append(f"<h4>Strata: {esc(column)}</h4>" + _strata_table(column, table))
         for warning in metrics.get("warnings", []):
@@ -430,7 +432,8 @@ def _gradcam_section(run: Run, evals: dict[str, dict], root: Path) -> str:
     for kind, row in gallery_picks(run.eval_dir(split) / "predictions.csv", positive):
         try:
             side = 2 * max(GALLERY_SIDE, explainer.predictor.image_size)
-            pixels, _ = read_image(root / row["file"], max_side=side)
+            pixels, _ = read_image(root / row["file"], max_side=side,
+                                   allow_truncated=explainer.predictor.allow_truncated)
         except ImageReadError:
             continue
         heat = explainer.explain(pixels, target=positive).heatmap

@@ -336,6 +336,11 @@ class Run:
         """The positive class's name for two classes; None for N classes."""
         return positive_name(self.labels, self.positive)
 
+    def allow_truncated(self, asked: bool | None = None) -> bool:
+        """Whether reading images for this run loads truncated files: as asked (--allow-truncated,
+        --no-allow-truncated), else as the run was trained (config data.allow_truncated)."""
+        return self.config.data.allow_truncated if asked is None else asked
+
     def network(self) -> nn.Module:
         """The network rebuilt from config.yaml (random weights, no download), then model.safetensors loaded
         strictly: a missing or unexpected tensor means the file is not this run's, and is an error."""

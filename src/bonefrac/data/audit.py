@@ -35,7 +35,7 @@ from sklearn.metrics import roc_auc_score
 
 from bonefrac import DISCLAIMER
 from bonefrac.data.dataset import SPLITS, FileProblem, Manifest, ManifestRow, scan_folder
-from bonefrac.data.io import read_image
+from bonefrac.data.io import ImageInfo, read_image, truncated_loaded
 from bonefrac.errors import ImageReadError
 
 HASH_SIZE = 16  # 16x16 DCT coefficients -> 256 bits
@@ -61,28 +61,35 @@ def _dihedral(image: Image.Image) -> list[Image.Image]:
     return variants
 
 
-def thumbnail(path: str | Path) -> Image.Image:
-    """Decode once at reduced size (JPEG draft mode) and squash to a THUMBNAIL x THUMBNAIL grayscale image.
+def thumbnail(path: str | Path, *, allow_truncated: bool = False) -> tuple[Image.Image, ImageInfo]:
+    """Decode once at reduced size (JPEG draft mode) and squash to a THUMBNAIL x THUMBNAIL grayscale image; with
+    read_image's description of the file (info.truncated: a truncated file loaded, allow_truncated).
 
     Squashing (not padding) keeps resized copies identical whatever their aspect rounding.
     """
-    pixels, _ = read_image(path, max_side=2 * THUMBNAIL)
+    pixels, info = read_image(path, max_side=2 * THUMBNAIL, allow_truncated=allow_truncated)
     image = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")
-    return image.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR)
+    return image.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR), info
 
 
-def image_hashes(path: str | Path) -> np.ndarray:
-    """(2, 8, HASH_SIZE**2 // 64) uint64: pHash and dHash of the image under each of its 8 flips/quarter turns."""
-    variants = _dihedral(thumbnail(path))
-    bits = [[hasher(v, hash_size=HASH_SIZE).hash.reshape(-1) for v in variants] for hasher in HASHERS]
+def thumbnail_hashes(image: Image.Image) -> np.ndarray:
+    """(2, 8, HASH_SIZE**2 // 64) uint64: pHash and dHash of a thumbnail under each of its 8 flips/quarter turns."""
+    bits = [[hasher(v, hash_size=HASH_SIZE).hash.reshape(-1) for v in _dihedral(image)] for hasher in HASHERS]
     return np.packbits(np.array(bits), axis=-1).view(np.uint64)
 
 
-def _hash_or_reason(path: str) -> np.ndarray | str:
+def image_hashes(path: str | Path) -> np.ndarray:
+    """thumbnail_hashes of the file's thumbnail."""
+    return thumbnail_hashes(thumbnail(path)[0])
+
+
+def _hash_or_reason(path: str, allow_truncated: bool) -> tuple[np.ndarray | str, bool]:
+    """(the file's hashes, or why it cannot be read; whether it was a truncated file loaded anyway)."""
     try:
-        return image_hashes(path)
+        image, info = thumbnail(path, allow_truncated=allow_truncated)
     except ImageReadError as err:
-        return err.reason
+        return err.reason, False
+    return thumbnail_hashes(image), info.truncated
 
 
 def hash_files(
@@ -90,19 +97,23 @@ def hash_files(
     *,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, dict[int, str]]:
-    """Hash every file in parallel. Returns (hashes (n, 2, 8, words), {index: reason} for unreadable files)."""
+    allow_truncated: bool = False,
+) -> tuple[np.ndarray, dict[int, str], list[int]]:
+    """Hash every file in parallel. Returns (hashes (n, 2, 8, words), {index: reason} for unreadable files, indices
+    of truncated files loaded anyway: allow_truncated)."""
     hashes = np.zeros((len(paths), len(HASHERS), 8, HASH_SIZE * HASH_SIZE // 64), dtype=np.uint64)
     failures: dict[int, str] = {}
+    truncated: list[int] = []
     workers = workers or min(os.cpu_count() or 1, 8)
     jobs = [str(p) for p in paths]
+    flags = [allow_truncated] * len(jobs)
     if workers > 1 and len(jobs) >= 64:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = pool.map(_hash_or_reason, jobs, chunksize=16)
-            _collect(results, hashes, failures, len(jobs), progress)
+            results = pool.map(_hash_or_reason, jobs, flags, chunksize=16)
+            _collect(results, hashes, failures, truncated, len(jobs), progress)
     else:
-        _collect(map(_hash_or_reason, jobs), hashes, failures, len(jobs), progress)
-    return hashes, failures
+        _collect(map(_hash_or_reason, jobs, flags), hashes, failures, truncated, len(jobs), progress)
+    return hashes, failures, truncated
 
 
 _NO_HASH = np.zeros((len(HASHERS), 8, HASH_SIZE * HASH_SIZE // 64), dtype=np.uint64)
@@ -114,35 +125,40 @@ def manifest_hashes(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     known_hashes: Mapping[str, np.ndarray] | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(md5 -> image_hashes, md5 -> why the file could not be read) for every file of the manifest, hashing only
-    the files whose md5 `known_hashes` lacks: an audit of a reshuffled copy of the same files (a cross-validation
-    fold) decodes nothing."""
+    allow_truncated: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, str], set[str]]:
+    """(md5 -> image_hashes, md5 -> why the file could not be read, md5s of truncated files loaded anyway) for
+    every file of the manifest, hashing only the files whose md5 `known_hashes` lacks: an audit of a reshuffled copy
+    of the same files (a cross-validation fold) decodes nothing."""
     known = dict(known_hashes or {})
     todo: dict[str, Path] = {}
     for row in manifest.rows:
         if _file_key(row) not in known:
             todo.setdefault(_file_key(row), manifest.root / row.path)
-    hashes, failures = hash_files(list(todo.values()), workers=workers, progress=progress)
+    hashes, failures, truncated = hash_files(list(todo.values()), workers=workers, progress=progress,
+                                             allow_truncated=allow_truncated)
     reasons = {}
     for index, md5 in enumerate(todo):
         if index in failures:
             reasons[md5] = failures[index]
         else:
             known[md5] = hashes[index]
-    return known, reasons
+    keys = list(todo)
+    return known, reasons, {keys[index] for index in truncated}
 
 
 def _file_key(row: ManifestRow) -> str:
     return row.md5 or f"path:{row.path}"  # a manifest scanned without md5s: each path hashed once
 
 
-def _collect(results, hashes, failures, total, progress) -> None:
-    for index, result in enumerate(results):
+def _collect(results, hashes, failures, truncated, total, progress) -> None:
+    for index, (result, was_truncated) in enumerate(results):
         if isinstance(result, str):
             failures[index] = result
         else:
             hashes[index] = result
+        if was_truncated:
+            truncated.append(index)
         if progress:
             progress(index + 1, total)
 
@@ -261,6 +277,7 @@ class AuditReport:
     counts: dict[str, dict[str, int]]
     n_images: int
     problems: list[FileProblem]
+    truncated: list[str]  # truncated files loaded anyway (allow_truncated), and audited like the others
     groups: list[dict]  # duplicate groups with more than one file, largest first
     exact_duplicate_files: int  # files that are a byte copy of an earlier file
     leakage: list[dict]  # per evaluated split: files with a twin in another split
@@ -325,18 +342,22 @@ def audit_manifest(
     max_bits: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     known_hashes: Mapping[str, np.ndarray] | None = None,
+    allow_truncated: bool = False,
 ) -> AuditReport:
     """Decode and hash every image of the manifest, then group duplicates and measure leakage and confounding.
 
     max_bits: near-duplicate threshold in pHash bits of 256 (None: NEAR_DUPLICATE_BITS).
     known_hashes: md5 -> image_hashes of files hashed before (manifest_hashes); those are not decoded again.
+    allow_truncated: audit truncated files (read_image loads them) instead of listing them as unreadable.
     """
     max_bits = NEAR_DUPLICATE_BITS if max_bits is None else max_bits
-    known, reasons = manifest_hashes(manifest, workers=workers, progress=progress, known_hashes=known_hashes)
+    known, reasons, truncated_keys = manifest_hashes(manifest, workers=workers, progress=progress,
+                                                     known_hashes=known_hashes, allow_truncated=allow_truncated)
     keys = [_file_key(row) for row in manifest.rows]
     hashes = np.stack([known.get(key, _NO_HASH) for key in keys]) if keys else np.zeros((0, *_NO_HASH.shape),
                                                                                          dtype=np.uint64)
     failures = {i: reasons[key] for i, key in enumerate(keys) if key not in known}
+    truncated = [i for i, key in enumerate(keys) if key in truncated_keys]
     problems = list(manifest.problems) + [
         FileProblem(manifest.rows[i].path, r) for i, r in sorted(failures.items())
     ]
@@ -373,6 +394,7 @@ def audit_manifest(
         counts=kept.counts(),
         n_images=len(kept.rows),
         problems=problems,
+        truncated=[manifest.rows[i].path for i in truncated],
         groups=groups,
         exact_duplicate_files=len(exact),
         leakage=_leakage(kept, group),
@@ -447,6 +469,9 @@ def write_html(report: AuditReport, out_dir: str | Path, *, max_groups: int = 12
         f"<h2>Unreadable or skipped files ({len(report.problems)})</h2>",
         table(["file", "reason"], [[p.path, p.reason] for p in report.problems]),
     ]
+    if report.truncated:
+        parts += [f"<h2>Truncated files, loaded and audited ({esc(truncated_loaded(report.truncated, named=0))})</h2>",
+                  table(["file"], [[path] for path in report.truncated])]
 
     def gallery(group: dict) -> str:
         cells = "".join(
@@ -480,6 +505,7 @@ def write_html(report: AuditReport, out_dir: str | Path, *, max_groups: int = 12
 
 def console_tables(report: AuditReport) -> list:
     """The audit as rich renderables, in reading order: counts, leakage, conflicts, confounding, problems."""
+    from rich.markup import escape
     from rich.table import Table
 
     counts = Table(title="Images per split and class")
@@ -522,4 +548,6 @@ def console_tables(report: AuditReport) -> list:
         for problem in report.problems[:50]:
             problems.add_row(problem.path, problem.reason)
         out.append(problems)
+    if report.truncated:
+        out.append(f"[yellow]{escape(truncated_loaded(report.truncated, named=10))}[/yellow]")
     return out

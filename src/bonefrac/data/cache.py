@@ -5,11 +5,11 @@ once per epoch. `ImageCache.build` reads each distinct file (by md5) with `read_
 S x S (`transforms.letterbox`) and stores it as one row of `images.npy`, an (N, S, S) uint8 array that every
 DataLoader worker memory-maps: the pages are shared by the operating system, not copied per worker.
 
-A cache folder is named by a key over what determines its contents (CACHE_VERSION, S, the sorted md5s), so a
-second run over the same files reuses it, and any change of files, size or decoding gets a new folder. A new
-set of files (a cross-validation fold, a subset) copies the rows other complete folders of the same size already
-hold and decodes only the rest. A folder is written under a temporary name and renamed when complete: an
-interrupted build is never mistaken for a cache.
+A cache folder is named by a key over what determines its contents (CACHE_VERSION, S, the sorted md5s, and whether
+truncated files are loaded), so a second run over the same files reuses it, and any change of files, size or decoding
+gets a new folder. A new set of files (a cross-validation fold, a subset) copies the rows other complete folders of
+the same size already hold and decodes only the rest. A folder is written under a temporary name and renamed when
+complete: an interrupted build is never mistaken for a cache.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class ImageCache:
     image_size: int
     md5s: list[str]
     failures: dict[str, str]  # md5 -> why the file could not be read; its row is zeros and must not be used
+    truncated: list[str] = field(default_factory=list)  # md5s of truncated files loaded anyway (allow_truncated)
     _rows: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +79,7 @@ class ImageCache:
         workers: int | None = None,
         progress: Callable[[int, int], None] | None = None,
         paths_for_errors: Sequence[str] | None = None,
+        allow_truncated: bool = False,
     ) -> ImageCache:
         """Decode and letterbox each distinct file once into cache_dir/<key>/, or reuse that folder when complete.
 
@@ -87,6 +89,7 @@ class ImageCache:
         progress(done, total): called while decoding (not when the cache is reused), total = distinct files.
         paths_for_errors: how to name each file in warnings and errors (say, relative to the data folder);
             default: the path itself.
+        allow_truncated: load truncated files (read_image) instead of failing them; they are listed in `truncated`.
         """
         if len(paths) != len(md5s):
             raise ValueError(f"{len(paths)} paths but {len(md5s)} md5s")
@@ -101,7 +104,7 @@ class ImageCache:
         if not first:
             raise ValueError("no images to cache")
         unique = sorted(first)
-        folder = Path(cache_dir) / cache_key(unique, image_size)
+        folder = Path(cache_dir) / cache_key(unique, image_size, allow_truncated=allow_truncated)
         cached = _open_complete(folder, unique, image_size)
         if cached is not None:
             return cached
@@ -110,22 +113,25 @@ class ImageCache:
         # Same file system as the final folder, so that the rename below is atomic.
         partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))
         try:
-            failures = _decode_into(
+            failures, truncated = _decode_into(
                 partial / _IMAGES,
                 [(row, str(paths[first[md5]]), names[first[md5]]) for row, md5 in enumerate(unique)],
                 image_size,
                 workers=workers or min(os.cpu_count() or 1, 8),
                 progress=progress,
-                cached=_cached_elsewhere(Path(cache_dir), unique, image_size),
+                allow_truncated=allow_truncated,
+                cached=_cached_elsewhere(Path(cache_dir), unique, image_size, allow_truncated=allow_truncated),
             )
             index = {
                 "version": CACHE_VERSION,
                 "image_size": image_size,
                 "md5s": unique,
                 "failures": {unique[row]: reason for row, reason in sorted(failures.items())},
+                "truncated": [unique[row] for row in sorted(truncated)],
             }
             (partial / _INDEX).write_text(json.dumps(index, indent=1))
-            return _publish(partial, cls(root=folder, image_size=image_size, md5s=unique, failures=index["failures"]))
+            return _publish(partial, cls(root=folder, image_size=image_size, md5s=unique, failures=index["failures"],
+                                         truncated=index["truncated"]))
         finally:
             shutil.rmtree(partial, ignore_errors=True)  # gone already when the rename succeeded
 
@@ -145,9 +151,10 @@ def _publish(partial: Path, cache: ImageCache) -> ImageCache:
     return cache
 
 
-def cache_key(md5s: Sequence[str], image_size: int) -> str:
-    """sha256 over CACHE_VERSION, the image size and the sorted distinct md5s: the cache's folder name."""
-    payload = json.dumps([CACHE_VERSION, image_size, sorted(set(md5s))])
+def cache_key(md5s: Sequence[str], image_size: int, *, allow_truncated: bool = False) -> str:
+    """sha256 over CACHE_VERSION, the image size and the sorted distinct md5s (and allow_truncated when set, so that
+    the caches made without it keep their names): the cache's folder name."""
+    payload = json.dumps([CACHE_VERSION, image_size, sorted(set(md5s)), *["allow_truncated"] * allow_truncated])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -165,20 +172,24 @@ def _open_complete(folder: Path, md5s: list[str], image_size: int) -> ImageCache
         or shape != (len(md5s), image_size, image_size)
     ):
         return None
-    return ImageCache(root=folder, image_size=image_size, md5s=md5s, failures=dict(index["failures"]))
+    return ImageCache(root=folder, image_size=image_size, md5s=md5s, failures=dict(index["failures"]),
+                      truncated=list(index.get("truncated", [])))
 
 
-# A decoding job is (row, path, name); its result is (row, pixels or the reason it failed, warnings to re-issue).
+# A decoding job is (row, path, name); its result is (row, pixels or the reason it failed, warnings to re-issue,
+# whether the file was truncated and loaded anyway).
 _Job = tuple[int, str, str]
-_Result = tuple[int, "np.ndarray | str", list[str]]
+_Result = tuple[int, "np.ndarray | str", list[str], bool]
 
 
-def _cached_elsewhere(cache_dir: Path, md5s: Sequence[str], image_size: int) -> dict[int, tuple[Path, int]]:
-    """Row i of a new cache of `md5s` -> (another complete cache folder, its row) holding the same file's pixels
-    at this size: a cache of a subset or a mix of other sets (a cross-validation fold, a second data folder) copies
-    what earlier caches decoded instead of decoding it again."""
+def _cached_elsewhere(cache_dir: Path, md5s: Sequence[str], image_size: int, *, allow_truncated: bool
+                      ) -> dict[int, tuple[Path, int, bool]]:
+    """Row i of a new cache of `md5s` -> (another complete cache folder, its row, whether that file was truncated)
+    holding the same file's pixels at this size: a cache of a subset or a mix of other sets (a cross-validation
+    fold, a second data folder) copies what earlier caches decoded instead of decoding it again. A truncated file's
+    pixels are copied only into a cache that loads truncated files."""
     wanted = {md5: row for row, md5 in enumerate(md5s)}
-    found: dict[int, tuple[Path, int]] = {}
+    found: dict[int, tuple[Path, int, bool]] = {}
     folders = sorted(p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")) \
         if cache_dir.is_dir() else []
     for folder in folders:
@@ -190,11 +201,11 @@ def _cached_elsewhere(cache_dir: Path, md5s: Sequence[str], image_size: int) -> 
             continue
         if index.get("version") != CACHE_VERSION or index.get("image_size") != image_size:
             continue
-        failed = index.get("failures", {})
+        failed, truncated = index.get("failures", {}), set(index.get("truncated", []))
         for their_row, md5 in enumerate(index.get("md5s", [])):
             row = wanted.get(md5)
-            if row is not None and row not in found and md5 not in failed:
-                found[row] = (folder, their_row)
+            if row is not None and row not in found and md5 not in failed and (allow_truncated or md5 not in truncated):
+                found[row] = (folder, their_row, md5 in truncated)
     return found
 
 
@@ -205,19 +216,24 @@ def _decode_into(
     *,
     workers: int,
     progress: Callable[[int, int], None] | None,
-    cached: dict[int, tuple[Path, int]] | None = None,
-) -> dict[int, str]:
-    """Write each job's letterboxed image into row `row` of a new .npy file as results arrive; {row: reason}.
+    allow_truncated: bool,
+    cached: dict[int, tuple[Path, int, bool]] | None = None,
+) -> tuple[dict[int, str], set[int]]:
+    """Write each job's letterboxed image into row `row` of a new .npy file as results arrive; ({row: reason}, rows
+    of truncated files loaded anyway).
 
     cached: rows to copy from other cache folders (_cached_elsewhere) instead of decoding their files.
     """
     images = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(jobs), image_size, image_size))
     failures: dict[int, str] = {}
+    truncated: set[int] = set()
     done = 0
     total = len(jobs)
     by_folder: dict[Path, list[tuple[int, int]]] = {}
-    for row, (folder, their_row) in (cached or {}).items():
+    for row, (folder, their_row, was_truncated) in (cached or {}).items():
         by_folder.setdefault(folder, []).append((row, their_row))
+        if was_truncated:
+            truncated.add(row)
     copied: set[int] = set()
     for folder, pairs in by_folder.items():
         mine, theirs = (np.array(column) for column in zip(*sorted(pairs, key=lambda p: p[1]), strict=True))
@@ -227,18 +243,21 @@ def _decode_into(
                 part = slice(start, start + _COPY_ROWS)
                 images[mine[part]] = donor[theirs[part]]
         except (OSError, ValueError, IndexError):  # a cache removed or damaged meanwhile: decode these files
+            truncated.difference_update(mine.tolist())
             continue
         copied.update(mine.tolist())
         done += len(pairs)
         if progress:
             progress(done, total)
     jobs = [job for job in jobs if job[0] not in copied]
-    for results in _decode_chunks(jobs, image_size, workers):
-        for row, pixels, notes in results:
+    for results in _decode_chunks(jobs, image_size, workers, allow_truncated):
+        for row, pixels, notes, was_truncated in results:
             if isinstance(pixels, str):
                 failures[row] = pixels
             else:
                 images[row] = pixels
+            if was_truncated:
+                truncated.add(row)
             for note in notes:
                 warnings.warn(note, stacklevel=3)
         done += len(results)
@@ -246,14 +265,14 @@ def _decode_into(
             progress(done, total)
     images.flush()
     del images
-    return failures
+    return failures, truncated
 
 
-def _decode_chunks(jobs: list[_Job], image_size: int, workers: int) -> Iterator[list[_Result]]:
+def _decode_chunks(jobs: list[_Job], image_size: int, workers: int, allow_truncated: bool) -> Iterator[list[_Result]]:
     """Results of `_decode_chunk` over chunks of jobs: in worker processes, at most 2 x workers chunks in flight."""
     chunks = [jobs[start : start + _CHUNK] for start in range(0, len(jobs), _CHUNK)]
     if workers <= 1 or len(jobs) < _PARALLEL_MIN:
-        yield from (_decode_chunk(chunk, image_size) for chunk in chunks)
+        yield from (_decode_chunk(chunk, image_size, allow_truncated) for chunk in chunks)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending: set[Future] = set()
@@ -261,27 +280,29 @@ def _decode_chunks(jobs: list[_Job], image_size: int, workers: int) -> Iterator[
             if len(pending) >= 2 * workers:  # bounded, so finished results never pile up in memory
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 yield from (future.result() for future in finished)
-            pending.add(pool.submit(_decode_chunk, chunk, image_size))
+            pending.add(pool.submit(_decode_chunk, chunk, image_size, allow_truncated))
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             yield from (future.result() for future in finished)
 
 
-def _decode_chunk(jobs: list[_Job], image_size: int) -> list[_Result]:
+def _decode_chunk(jobs: list[_Job], image_size: int, allow_truncated: bool) -> list[_Result]:
     """Read and letterbox each file; the full-size pixels never leave this function (nor the worker process)."""
     results: list[_Result] = []
     for row, path, name in jobs:
+        truncated = False
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                pixels, _ = read_image(path)
+                pixels, info = read_image(path, allow_truncated=allow_truncated)
                 result: np.ndarray | str = letterbox(pixels, image_size)
+                truncated = info.truncated
             except ImageReadError as err:
                 result = err.reason
             except Exception as err:  # a bug, not a bad file: let it surface, naming the file
                 err.add_note(f"while caching {name}")
                 raise
-        results.append((row, result, [f"{name}: {warning.message}" for warning in caught]))
+        results.append((row, result, [f"{name}: {warning.message}" for warning in caught], truncated))
     return results
 
 

@@ -20,7 +20,7 @@ import stat
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +43,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_windowing, get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from bonefrac.choices import ALLOW_TRUNCATED_OPTION
 from bonefrac.errors import ImageReadError
 
 # The largest plain radiographs are about 4,300 x 4,300 (43 cm detectors at 0.1 mm), i.e. under 20 million
@@ -126,6 +127,7 @@ class ImageInfo:
     height: int
     frames: int = 1
     warnings: tuple[str, ...] = ()
+    truncated: bool = False  # the file ended early and was loaded anyway (allow_truncated): the decoder filled the rest
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ def read_image(
 
     source: a path, or the file's bytes (an upload: nothing is written to disk); `name` then names it in errors.
     allow_truncated: load what there is of a truncated file (the decoder fills in the rest) instead of
-        raising; the result then carries a warning. A truncated DICOM always raises.
+        raising; the result then says so (`info.truncated`, and a warning). A truncated DICOM always raises.
     max_pixels: refuse images whose header claims more pixels than this, before decoding anything.
     max_side: for callers that only need a thumbnail: decode at a reduced size where the codec allows it
         (JPEG decodes at 1/2, 1/4 or 1/8 scale), then box-reduce by an integer factor, so the longer side
@@ -208,6 +210,16 @@ def read_image(
     for message in info.warnings:
         warnings.warn(message, stacklevel=2)
     return pixels, info
+
+
+def truncated_loaded(paths: Sequence[str], named: int = 5) -> str:
+    """What every command says about the truncated files it loaded, the first `named` of them named:
+    '2 truncated files loaded (--allow-truncated): a.jpg, b.jpg'."""
+    n = len(paths)
+    line = f"{n} truncated file{'s' * (n != 1)} loaded ({ALLOW_TRUNCATED_OPTION})"
+    if named and paths:
+        line += ": " + ", ".join(paths[:named]) + (", ..." if n > named else "")
+    return line
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -315,10 +327,11 @@ def _read_pil(
         return _decode_pil(source, fmt, max_pixels=max_pixels, max_side=max_side, load_truncated=False)
     except _TruncatedImage as err:
         if not allow_truncated:
-            raise ImageReadError(source.name, f"truncated {fmt} ({err}); allow_truncated=True loads it") from err
+            raise ImageReadError(source.name, f"truncated {fmt} ({err}); {ALLOW_TRUNCATED_OPTION} loads it") from err
     pixels, info = _decode_pil(source, fmt, max_pixels=max_pixels, max_side=max_side, load_truncated=True)
     note = f"truncated {fmt}: loaded the part that is there, the decoder filled in the rest"
-    return pixels, replace(info, warnings=(*info.warnings, note))
+    return pixels, replace(info, warnings=(*info.warnings, note), truncated=True)
+
 
 
 def _decode_pil(

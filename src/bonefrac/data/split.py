@@ -151,13 +151,15 @@ def split_folder(
     csv_only: bool = False,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    allow_truncated: bool = False,
 ) -> tuple[Path, AuditReport, list[dict]]:
     """Audit root, split it by group, and write out/{train,val,test}/<label>/ (links) plus out/split.csv.
 
-    Unreadable files are left out (the audit lists them). Returns (split.csv path, audit, rows written).
+    Unreadable files are left out (the audit lists them); truncated ones too, unless allow_truncated (the audit then
+    names them in report.truncated). Returns (split.csv path, audit, rows written).
     """
     manifest: Manifest = scan_folder(root)
-    report = audit_manifest(manifest, workers=workers, progress=progress)
+    report = audit_manifest(manifest, workers=workers, progress=progress, allow_truncated=allow_truncated)
     rows = [row for row in manifest.rows if row.path in report.group_of]
     groups = [report.group_of[row.path] for row in rows]
     if group_csv:

@@ -35,6 +35,7 @@ from bonefrac.data.dataset import (
     positive_name,
     scan_folders,
 )
+from bonefrac.data.io import truncated_loaded
 from bonefrac.errors import DataLeakageError, DatasetError
 from bonefrac.run import Preprocessing
 
@@ -53,6 +54,7 @@ class TrainingData:
     sample_weights: list[float] | None  # per training image, for the sampler (None: a plain shuffle)
     counts: dict[str, dict[str, int]]  # {"train": {label: n}, "val": {...}}
     skipped: list[dict[str, str]]  # {"path", "reason"} of every file left out
+    truncated: list[str]  # train and val files that are truncated and were loaded anyway (data.allow_truncated)
     synthetic: bool  # a phantom set from `bonefrac data synth`
     manifest: Manifest  # the scan of the data folders, passed on to calibration
 
@@ -88,7 +90,8 @@ def scan_and_audit(
         )
     if report is None:
         with progress_bar("auditing", progress) as update:
-            report = audit_manifest(manifest, workers=max(1, config.data.workers), progress=update)
+            report = audit_manifest(manifest, workers=max(1, config.data.workers), progress=update,
+                                    allow_truncated=config.data.allow_truncated)
     if run_dir is not None:
         write_json(report, run_dir)
     for problem in report.problems:
@@ -138,11 +141,16 @@ def load_training_data(
             workers=max(1, config.data.workers),
             progress=update,
             paths_for_errors=[row.path for row in rows],
+            allow_truncated=config.data.allow_truncated,
         )
     skipped = [{"path": p.path, "reason": p.reason} for p in manifest.problems]
     skipped += [{"path": row.path, "reason": cache.failures[row.md5]} for row in rows if row.md5 in cache.failures]
     for item in skipped:
         log.warning("skipped %s: %s", item["path"], item["reason"])
+    loaded_truncated = set(cache.truncated)
+    truncated = [row.path for row in rows if row.md5 in loaded_truncated]
+    if truncated:
+        log.warning("%s", truncated_loaded(truncated, named=len(truncated)))
     kept: dict[str, list[ManifestRow]] = {
         split: [row for row in rows if row.split == split and row.md5 not in cache.failures]
         for split in ("train", "val")
@@ -181,6 +189,7 @@ def load_training_data(
         ),
         counts=counts,
         skipped=skipped,
+        truncated=truncated,
         synthetic=manifest.synthetic,
         manifest=manifest,
     )
@@ -245,6 +254,7 @@ def summary_fields(config: RunConfig, data: TrainingData, report: AuditReport) -
         "leaky": report.leaky,
         "leakage": leak_lines(report, data.manifest),
         "skipped_files": data.skipped,
+        "truncated_files": data.truncated,
         "data": data.counts,
         "datasets": folder_accounts(data.manifest),
         "precision": config.train.precision,

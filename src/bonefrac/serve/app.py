@@ -74,6 +74,9 @@ class ServeSettings:
     display_side: int = 1024  # longest side of the PNGs returned for the page (image, heatmap, overlay)
     heatmap_method: str = "gradcam"
     save_uploads: str | None = None  # a folder to keep every upload in (by its sha256); None: never written
+    # Load truncated uploads (the decoder fills in the rest; the answer says truncated) instead of a 422 that names
+    # --allow-truncated; None: as the run was trained (Run.allow_truncated).
+    allow_truncated: bool | None = None
 
     @property
     def max_file_bytes(self) -> int:
@@ -133,7 +136,7 @@ class Service:
         if settings.backend not in BACKENDS:
             raise BonefracError(f"backend {settings.backend!r}: choose from {', '.join(BACKENDS)}")
         self.settings = settings
-        self.predictor = Predictor(run_dir, backend=settings.backend)
+        self.predictor = Predictor(run_dir, backend=settings.backend, allow_truncated=settings.allow_truncated)
         if self.predictor.backend == "onnx":
             # onnxruntime runs the model; PyTorch only preprocesses (and draws heatmaps). Its OpenMP threads, spinning
             # after each preprocessing op, took the cores from onnxruntime's: 25-34 ms a request on 2 cores against
@@ -196,7 +199,8 @@ class Service:
             "level": row.level,
             "level_words": level_words(row, calibration.levels, positive),
             "predictive_values": predictive_values,
-            "image": {"format": image.info.format, "width": image.info.width, "height": image.info.height},
+            "image": {"format": image.info.format, "width": image.info.width, "height": image.info.height,
+                      "truncated": image.info.truncated},
             "backend": predictor.backend,
             "disclaimer": DISCLAIMER,
         }
