@@ -11,3 +11,4 @@ PRUNERS = ("median", "hyperband", "none")  # tune: Optuna's pruner of unpromisin
 PREDICTION_FORMATS = ("csv", "json", "jsonl")  # predict --format: rows as CSV, one JSON document, or a line each
 CV_FOLDS = 5  # cv: K of grouped K-fold cross-validation
 CV_VAL_SHARE = 0.125  # cv: of each fold's training groups, held out to choose the epoch, temperature and threshold
+STUDY_AGGREGATES = ("max", "mean")  # study: a study's p(positive) from its images' (evaluate, predict)
