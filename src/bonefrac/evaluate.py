@@ -517,7 +517,8 @@ def evaluate_run(
     file without duplicates is its own group).
     study_column, study_aggregate: study-level results (bonefrac.study) when the images' studies are known: from
     this manifest.csv column ('group' for the group column), else its `study` column, else the DICOM
-    StudyInstanceUID when every image is a DICOM; a study's probability is the max or mean of its images'.
+    StudyInstanceUID when every image is a DICOM; a study's probability is the max or mean of its images'. Binary
+    runs only: a multi-class run has no positive class to aggregate.
     """
     run = Run.of(run)
     manifest = manifest or scan_data(data_paths(run, data_root))
@@ -529,9 +530,9 @@ def evaluate_run(
     if study_aggregate not in STUDY_AGGREGATES:
         raise BonefracError(f"study aggregate {study_aggregate!r}: choose from {', '.join(STUDY_AGGREGATES)}")
     rows = split_rows(manifest, split)
-    found = study_ids(manifest, rows, study_column)
-    if found is not None and not run.binary:
+    if study_column is not None and not run.binary:
         raise BonefracError("study-level results need a binary run (a positive class to aggregate)")
+    found = study_ids(manifest, rows, study_column) if run.binary else None
     study_of = dict(zip((row.path for row in rows), found.ids, strict=True)) if found else {}
     predictions = predict_split(run, split=split, manifest=manifest, model=model, batch_size=batch_size,
                                 workers=workers, tta=tta, cache_dir=cache_dir, progress=progress)

@@ -9,7 +9,8 @@ MURA and clinical readers judge a study, not an image.
 
 The rules, recorded wherever a study figure appears (metrics.json `study`, the printed report):
 - A study's probability is the max (default) or the mean of its images' calibrated p(positive). Max reads "a
-  fracture on any view", as a reader would; mean damps one odd view but also dilutes a fracture seen on one view.
+  fracture on any view", as a reader would; mean (what MURA's baseline used) damps one odd view but also dilutes a
+  fracture seen on one view. Which one serves better is an empirical question per model: compare both.
 - A study is positive when any of its images is labelled positive: a fracture seen on one view is a fracture.
 - The decision applies the run's threshold, chosen on val *images*, to the study probability. It was not chosen for
   studies (with max, a study's probability is never below its images', so study sensitivity can only rise).
