@@ -77,14 +77,16 @@ def dicom_study_name(uid: str) -> str:
 def _dicom_uids(paths: Sequence[Path]) -> list[str | None] | None:
     """Each file's study (dicom_study_name of its StudyInstanceUID), or None unless every file is a DICOM naming one
     (a mixed folder has no study for its PNGs)."""
-    uids = []
+    names = []
     for path in paths:
         try:
             uid = dicom_study_uid(path)
         except ImageReadError:
             uid = None
-        uids.append(uid)
-    return [dicom_study_name(uid) for uid in uids] if uids and all(uids) else None
+        if uid is None:
+            return None  # one file without a study: no need to read the other headers
+        names.append(dicom_study_name(uid))
+    return names or None
 
 
 def study_ids(manifest: Manifest, rows: Sequence[ManifestRow], column: str | None = None) -> StudyIds | None:
