@@ -10,6 +10,10 @@ path,label[,group] (data/dataset.read_labelled_csv). Several data folders (by de
 trained on several) are evaluated pooled: the split of every folder together gives the headline metrics, and a
 `dataset` stratum (added by itself) gives each folder's own, with CIs; calibration fits on the pooled val.
 
+When each image's study is known (a manifest.csv column, or the DICOM StudyInstanceUID), metrics.json `study` gives
+the study-level AUC, sensitivity, specificity and Cohen's kappa with CIs over studies (bonefrac.study: a study's
+probability is the max or mean of its images', and it is positive when any image is).
+
 `run` is a run directory or a `run.Run`; the data folder is scanned once per call, or not at all when the caller
 passes the `manifest` it already has (train.fit, the demo), and the network is loaded from the run unless the
 caller passes the one it holds.
