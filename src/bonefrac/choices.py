@@ -14,3 +14,4 @@ CV_VAL_SHARE = 0.125  # cv: of each fold's training groups, held out to choose t
 # data/io.read_image's allow_truncated on the command line: the skip message of a truncated file names it, every
 # command that reads images takes it, and whatever loads one says so (io.truncated_loaded)
 ALLOW_TRUNCATED_OPTION = "--allow-truncated"
+STUDY_AGGREGATES = ("max", "mean")  # study: a study's p(positive) from its images' (evaluate, predict)

@@ -19,6 +19,7 @@ from bonefrac.choices import (
     OPERATING_POINTS,
     PREDICTION_FORMATS,
     PRUNERS,
+    STUDY_AGGREGATES,
 )
 from bonefrac.config import (
     AUGMENTATIONS,
@@ -321,13 +322,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             workers=args.workers,
             tta=args.tta,
             cache_dir=args.cache_dir,
+            study_column=args.study_column,
+            study_aggregate=args.study_aggregate,
             progress=update,
             allow_truncated=args.allow_truncated,
         )
     for line in evaluation.report.splitlines():
         loud = line.startswith(("LEAKY", "WARNING", "NOTE"))
         console.print(f"[bold red]{line}[/bold red]" if loud else line, highlight=False, markup=loud)
-    console.print(f"written: {evaluation.out_dir}/ (predictions.csv, metrics.json, plots)")
+    studies = ", study_predictions.csv" if evaluation.metrics.get("study") else ""
+    console.print(f"written: {evaluation.out_dir}/ (predictions.csv{studies}, metrics.json, plots)")
     return 0
 
 
@@ -430,10 +434,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         console.print(prediction_table(result, predictor.operating_point, predictor.run.positive_label),
                       highlight=False)
+    _print_studies(result, predictor.run, args, say)
     if not predictor.calibrated:
         say.print("not calibrated: T = 1 and threshold 0.5 (run bonefrac calibrate)", highlight=False)
     say.print(result.summary(), highlight=False)
     return 0 if result.rows and not result.n_errors else 1
+
+
+def _print_studies(result, run, args: argparse.Namespace, say: Console) -> None:
+    """`bonefrac predict`'s study table when studies are known, and study_predictions.csv beside a --out file."""
+    from bonefrac.predict import predict_studies, study_table
+    from bonefrac.study import STUDY_FILE, write_study_predictions
+
+    found = predict_studies(result, run, column=args.study_column, studies_csv=args.studies,
+                            rule=args.study_aggregate)
+    if found is None:
+        return
+    studies, source = found
+    say.print(study_table(studies, run, source.source), highlight=False)
+    if args.out and args.out != "-":
+        path = write_study_predictions(Path(args.out).parent / STUDY_FILE, studies, labels=run.labels,
+                                       positive=run.positive, threshold=run.calibration.threshold)
+        say.print(f"written: {path}", highlight=False)
 
 
 def _rows_to_stdout(result, fmt: str) -> None:
@@ -738,7 +760,18 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
         help="per-stratum table of a manifest.csv column (e.g. source), or size/format/mode/dataset; repeatable",
     )
     evaluate.add_argument("--tta", action="store_true", help="average the logits of mirror x zoom 1.0/1.1 views")
+    add_study_options(evaluate, "the data folder's manifest.csv column naming each image's study ('group': its "
+                      "group column; StudyInstanceUID: the DICOM header's); default: a 'study' column, else the "
+                      "DICOM StudyInstanceUID when every image is a DICOM. Adds study-level AUC, sensitivity, "
+                      "specificity and Cohen's kappa with CIs over studies, and study_predictions.csv")
     evaluate.set_defaults(func=cmd_evaluate)
+
+
+def add_study_options(parser: argparse.ArgumentParser, column_help: str) -> None:
+    """--study-column and --study-aggregate, shared by evaluate and predict (bonefrac.study)."""
+    parser.add_argument("--study-column", metavar="COL", help=column_help)
+    parser.add_argument("--study-aggregate", choices=STUDY_AGGREGATES, default="max",
+                        help="a study's probability from its images': max (default: a fracture on any view) or mean")
 
 
 def add_report_parsers(commands: argparse._SubParsersAction) -> None:
@@ -819,6 +852,12 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
              "its three-level rule, then stop; RUN alone (default: the shipped model)",
     )
     add_allow_truncated(predict, run=True)
+    add_study_options(predict, "group the files into studies by this column: of --studies, else of the "
+                      "manifest.csv of the data folder the files lie in (FOLDER/[<split>/]<class>/<file>); "
+                      "StudyInstanceUID: the DICOM header's (the default when every file is a DICOM naming one). "
+                      "Prints one row per study and writes study_predictions.csv beside --out")
+    predict.add_argument("--studies", metavar="CSV", help="a CSV of path,study (or path,<--study-column>) naming "
+                         "each file's study; paths relative to the CSV's folder or absolute")
     predict.set_defaults(func=cmd_predict)
 
     explain = commands.add_parser(

@@ -10,6 +10,10 @@ path,label[,group] (data/dataset.read_labelled_csv). Several data folders (by de
 trained on several) are evaluated pooled: the split of every folder together gives the headline metrics, and a
 `dataset` stratum (added by itself) gives each folder's own, with CIs; calibration fits on the pooled val.
 
+When each image's study is known (a manifest.csv column, or the DICOM StudyInstanceUID), metrics.json `study` gives
+the study-level AUC, sensitivity, specificity and Cohen's kappa with CIs over studies (bonefrac.study: a study's
+probability is the max or mean of its images', and it is positive when any image is).
+
 `run` is a run directory or a `run.Run`; the data folder is scanned once per call, or not at all when the caller
 passes the `manifest` it already has (train.fit, the demo), and the network is loaded from the run unless the
 caller passes the one it holds.
@@ -50,7 +54,7 @@ from bonefrac.calibration import (
     sensitivity_point,
     three_levels,
 )
-from bonefrac.choices import OPERATING_POINTS
+from bonefrac.choices import OPERATING_POINTS, STUDY_AGGREGATES
 from bonefrac.data.audit import AUDIT_FILE, AuditReport, audit_manifest, leak_line
 from bonefrac.data.cache import CachedImageDataset, ImageCache
 from bonefrac.data.dataset import (
@@ -72,6 +76,16 @@ from bonefrac.metrics import (
 )
 from bonefrac.run import Run
 from bonefrac.shipped import is_shipped
+from bonefrac.study import (
+    LABEL_RULE,
+    STUDY_FILE,
+    THRESHOLD_RULE,
+    StudyIds,
+    aggregate_studies,
+    study_ids,
+    study_metrics,
+    write_study_predictions,
+)
 from bonefrac.tta import tta_logits
 
 N_RESAMPLES = 1000
@@ -501,6 +515,8 @@ def evaluate_run(
     workers: int = 0,
     tta: bool = False,
     cache_dir: str | Path | None = None,
+    study_column: str | None = None,
+    study_aggregate: str = "max",
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
@@ -516,6 +532,10 @@ def evaluate_run(
     groups: the data folder's manifest.csv `group` column when it has one, else the audit's duplicate groups (a
     file without duplicates is its own group). allow_truncated: load truncated files and name them in metrics.json
     (None: as the run was trained, Run.allow_truncated).
+    study_column, study_aggregate: study-level results (bonefrac.study) when the images' studies are known: from
+    this manifest.csv column ('group' for the group column), else its `study` column, else the DICOM
+    StudyInstanceUID when every image is a DICOM; a study's probability is the max or mean of its images'. Binary
+    runs only: a multi-class run has no positive class to aggregate.
     """
     run = Run.of(run)
     manifest = manifest or scan_data(data_paths(run, data_root))
@@ -523,6 +543,14 @@ def evaluate_run(
     split = resolve_split(manifest, split)
     if manifest.several and DATASET_STRATUM not in strata:
         strata = [*strata, DATASET_STRATUM]
+    # Studies before predicting, so that a wrong --study-column fails at once, not after the images are decoded.
+    if study_aggregate not in STUDY_AGGREGATES:
+        raise BonefracError(f"study aggregate {study_aggregate!r}: choose from {', '.join(STUDY_AGGREGATES)}")
+    rows = split_rows(manifest, split)
+    if study_column is not None and not run.binary:
+        raise BonefracError("study-level results need a binary run (a positive class to aggregate)")
+    found = study_ids(manifest, rows, study_column) if run.binary else None
+    study_of = dict(zip((row.path for row in rows), found.ids, strict=True)) if found else {}
     predictions = predict_split(run, split=split, manifest=manifest, model=model, batch_size=batch_size,
                                 workers=workers, tta=tta, cache_dir=cache_dir, progress=progress,
                                 allow_truncated=allow_truncated)
@@ -555,6 +583,8 @@ def evaluate_run(
     out_dir = Path(out_dir) if out_dir is not None else default_eval_dir(run, manifest, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_predictions(out_dir / "predictions.csv", predictions, proba, y_pred, groups)
+    study = _study_section(run, predictions, proba, found, study_of, study_aggregate, out_dir, leaky=leaky,
+                           n_resamples=n_resamples, seed=seed) if found else None
     metrics = {
         "split": split,
         "run": str(run.path),
@@ -585,6 +615,7 @@ def evaluate_run(
                                        for key, value in point["metrics"].items()}}
                              for name, point in points.items()},
         "strata": strata_tables,
+        "study": study,
         "warnings": warnings,
         "disclaimer": DISCLAIMER,
     }
@@ -594,6 +625,39 @@ def evaluate_run(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _plot_evaluation(out_dir, metrics, predictions, proba, y_pred, intervals)
     return Evaluation(out_dir, metrics, _report_text(metrics, intervals, run.labels))
+
+
+def _study_section(
+    run: Run, predictions: SplitPredictions, proba: np.ndarray, found: StudyIds, study_of: dict[str, str],
+    aggregate: str, out_dir: Path, *, leaky: bool, n_resamples: int, seed: int,
+) -> dict:
+    """metrics.json `study`: study-level AUC, sensitivity, specificity and kappa with CIs over studies (of the files
+    read; `study_of`: path -> study), and study_predictions.csv beside predictions.csv."""
+    positive = run.positive
+    ids = [study_of[path] for path in predictions.files]
+    studies = aggregate_studies(ids, proba[:, positive], predictions.y_true == positive, rule=aggregate)
+    threshold = run.calibration.threshold
+    intervals = study_metrics(studies, labels=run.labels, positive=positive, threshold=threshold,
+                              n_resamples=n_resamples, seed=seed)
+    write_study_predictions(out_dir / STUDY_FILE, studies, labels=run.labels, positive=positive, threshold=threshold)
+    n_files, n_studies = len(predictions.files), len(studies)
+    return {
+        "n_studies": n_studies,
+        "n_files": n_files,
+        "column": found.column,
+        "studies_from": found.source,
+        "n_files_without_study": sum(study.startswith("file:") for study in ids),
+        "aggregate": aggregate,
+        "probability": f"the {aggregate} of its images' calibrated p({run.positive_label})",
+        "label_rule": LABEL_RULE,
+        "support": {run.positive_label: int(studies.positive.sum()),
+                    run.labels[1 - positive]: int((~studies.positive).sum())},
+        "threshold": threshold,
+        "threshold_rule": THRESHOLD_RULE,
+        "ci": f"95 % percentile bootstrap, {n_resamples} resamples of studies (seed {seed})",
+        "metrics": {key: _interval_dict(value, n_files, n_studies, leaky) for key, value in intervals.items()},
+        "predictions_file": STUDY_FILE,
+    }
 
 
 def default_eval_dir(run: Run, manifest: Manifest, split: str) -> Path:
@@ -713,9 +777,30 @@ def _report_text(metrics: dict, intervals: dict[str, Interval], labels: list[str
                 f"{format_interval(entry.get('roc_auc')):<22}  {format_interval(entry.get('sensitivity')):<22}  "
                 f"{format_interval(entry.get('specificity'))}"
             )
+    lines.extend(_study_text(metrics.get("study")))
     for warning in metrics["warnings"]:
         lines.append(f"WARNING {warning}")
     return "\n".join(lines)
+
+
+def _study_text(study: dict | None) -> list[str]:
+    """The report's study-level lines: counts, the rules, and the four metrics with CIs."""
+    if not study:
+        return []
+    m = study["metrics"]
+    unlisted = study["n_files_without_study"]
+    threshold = "0.5" if study["threshold"] is None else f"{study['threshold']:.4f}"
+    return [
+        "",
+        f"by study: {study['n_studies']} studies of {study['n_files']} files ({study['studies_from']}"
+        + (f"; {unlisted} files without one, each its own study" if unlisted else "") + "); "
+        + ", ".join(f"{n} {label}" for label, n in study["support"].items()),
+        f"  a study's p: {study['probability']}; {study['label_rule']}",
+        f"  decision at {threshold}: {study['threshold_rule']}",
+        f"  CIs: {study['ci']}",
+        f"  AUC {format_interval(m['roc_auc'])}, sensitivity {format_interval(m['sensitivity'])}, specificity "
+        f"{format_interval(m['specificity'])}, Cohen's kappa {format_interval(m['cohen_kappa'])}",
+    ]
 
 
 def format_calibration(result: dict) -> str:

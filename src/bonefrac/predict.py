@@ -13,6 +13,9 @@
     write_predictions(rows, out, fmt)    CSV, JSON or JSON lines, to a file or a stream (stdout); output_format
                                          decides the format before any image is read
     prediction_table(result, ...)        the terminal table (`bonefrac predict`, the demo's real-radiograph stage)
+    predict_studies(result, run, ...)    the readable files' p(positive) per study (bonefrac.study), when studies are
+                                         known: DICOM StudyInstanceUID, a data folder's manifest.csv column, a CSV
+    study_table(studies, run, source)    those studies as a terminal table
     operating_points_table(run)          `bonefrac predict --list-operating-points`: Run.operating_points as a table
 
 Every file goes the way of training and evaluation: `read_image`, then the run's stored `Preprocessing` (letterbox
@@ -52,6 +55,7 @@ from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import format_interval
 from bonefrac.ood import OODVerdict, check_radiograph
 from bonefrac.run import ONNX_FILE, Run
+from bonefrac.study import Studies, StudyIds, aggregate_studies, study_decisions, study_of_files
 from bonefrac.tta import tta_logits
 
 _GLOB_CHARS = frozenset("*?[")
@@ -446,6 +450,45 @@ def prediction_table(result: PredictionResult, operating_point: str, positive_la
         else:
             decision = row.prediction
         table.add_row(name, *probabilities, decision, *[row.level or ""] * with_levels)
+    return table
+
+
+def predict_studies(
+    result: PredictionResult, run: Run, *, column: str | None = None, studies_csv: str | Path | None = None,
+    rule: str = "max",
+) -> tuple[Studies, StudyIds] | None:
+    """The readable files' p(positive) aggregated per study (max or mean: `rule`), and where the studies came from.
+
+    Studies from studies_csv (path,<column>), a column of the files' data folder manifest.csv, or the DICOM
+    StudyInstanceUID when every readable file is a DICOM naming one (bonefrac.study.study_of_files); None when none
+    of these is known. Files that could not be read are left out; a file without a study is one of its own.
+    """
+    asked = column is not None or studies_csv is not None
+    ok = [row for row in result.rows if row.status == "ok"]
+    if not ok or (not run.binary and not asked):
+        return None
+    if not run.binary:
+        raise BonefracError("study-level predictions need a binary run (a positive class to aggregate)")
+    found = study_of_files([row.file for row in ok], column, studies_csv)
+    if found is None:
+        return None
+    p = np.array([row.probabilities[run.positive_label] for row in ok])
+    return aggregate_studies(found.ids, p, rule=rule), found
+
+
+def study_table(studies: Studies, run: Run, source: str) -> Table:
+    """One row per study: its id, images, aggregated p(positive) and the decision at the run's threshold."""
+    positive, threshold = run.positive, run.calibration.threshold
+    cut = "0.5" if threshold is None else f"{threshold:.4f}"
+    table = Table(title=f"{len(studies)} studies ({source}; p = {studies.rule} over the images; decision at "
+                        f"p >= {cut}, the image threshold)", expand=True)
+    table.add_column("study", overflow="fold", ratio=1)
+    table.add_column("images", justify="right", no_wrap=True)
+    table.add_column(f"p({run.labels[positive]})", justify="right", no_wrap=True)
+    table.add_column("decision", no_wrap=True)
+    for study, n, p, decision in zip(studies.ids, studies.n_images, studies.p,
+                                     study_decisions(studies, positive, threshold), strict=True):
+        table.add_row(study, str(int(n)), f"{p:.4f}", run.labels[decision])
     return table
 
 

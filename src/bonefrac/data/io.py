@@ -177,6 +177,17 @@ def probe_image(path: PathLike) -> ImageInfo:
         return _pil_info(img, source, fmt, MAX_PIXELS)
 
 
+def dicom_study_uid(path: PathLike) -> str | None:
+    """The StudyInstanceUID of a DICOM file from its header (pixels not read); None when the file is another image
+    format or names no study. Fails as `probe_image` does. Study-level results group DICOM images by it
+    (bonefrac.study)."""
+    source = _source(path, None)
+    if _identify(source) != "DICOM":
+        return None
+    uid = str(_open_dicom(source, stop_before_pixels=True).get("StudyInstanceUID") or "").strip()
+    return uid or None
+
+
 def read_image(
     source: ImageSource,
     *,
