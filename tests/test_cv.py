@@ -144,6 +144,10 @@ def test_pooled_metrics_are_those_of_the_out_of_fold_predictions(three_folds):
     per_fold = [metrics["per_fold"][f]["roc_auc"]["point"] for f in ("fold-1", "fold-2", "fold-3")]
     assert metrics["across_folds"]["roc_auc"]["mean"] == pytest.approx(np.mean(per_fold))
     assert metrics["across_folds"]["roc_auc"]["sd"] == pytest.approx(np.std(per_fold, ddof=1))
+    plain = [row for row in oof if row["dataset"] == "plain"]
+    assert metrics["per_dataset"]["plain"]["roc_auc"]["point"] == pytest.approx(roc_auc_score(
+        [row["label"] == "fractured" for row in plain], [float(row["p_fractured"]) for row in plain]))
+    assert metrics["per_dataset"]["plain"]["n_files"] == 16
     assert (result.out_dir / "roc_folds.png").stat().st_size > 0
     assert "| fold-2 |" in (result.out_dir / "CV.md").read_text()
 

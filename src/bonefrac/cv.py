@@ -367,10 +367,17 @@ def _pool(out_dir: Path, plan: Sequence[Fold], manifest: Manifest, evaluations: 
         return classification_metrics(y_true, packed[:, :-1], labels=labels, positive=positive,
                                       y_pred=packed[:, -1].astype(int))
 
-    intervals = bootstrap_ci(y, np.column_stack([proba, decided]), pooled_metrics, groups=groups,
-                             n_resamples=n_resamples, seed=seed)
-    pooled = {key: {"point": _number(v.point), "low": _number(v.low), "high": _number(v.high)}
-              for key, v in intervals.items()}
+    def with_ci(rows: np.ndarray) -> dict:
+        intervals = bootstrap_ci(y[rows], np.column_stack([proba, decided])[rows], pooled_metrics,
+                                 groups=groups[rows], n_resamples=n_resamples, seed=seed)
+        return {key: {"point": _number(v.point), "low": _number(v.low), "high": _number(v.high)}
+                for key, v in intervals.items()}
+
+    pooled = with_ci(np.arange(len(y)))
+    datasets = np.array([row["dataset"] for row in oof])
+    # With several data folders, each one's out-of-fold figures: a pooled AUC can hide a folder the model fails on.
+    per_dataset = {name: with_ci(np.flatnonzero(datasets == name)) | {"n_files": int(np.sum(datasets == name))}
+                   for name in sorted(set(datasets))} if len(set(datasets)) > 1 else {}
     per_fold = {name: {key: evaluations[name]["metrics"].get(key) for key in SUMMARY_METRICS} | {
         "n_files": evaluations[name]["n_files"], "n_groups": evaluations[name]["n_groups"],
         "threshold": evaluations[name]["threshold"]} for name in evaluations}
@@ -387,7 +394,8 @@ def _pool(out_dir: Path, plan: Sequence[Fold], manifest: Manifest, evaluations: 
         "positive_label": labels[positive] if len(labels) == 2 else None,
         "ci": f"95 % percentile bootstrap, {n_resamples} resamples of groups (seed {seed})",
         "decisions": "each image decided by its own fold's threshold (chosen on that fold's val split)",
-        "pooled": pooled, "per_fold": per_fold, "across_folds": spread, "disclaimer": DISCLAIMER,
+        "pooled": pooled, "per_dataset": per_dataset, "per_fold": per_fold, "across_folds": spread,
+        "disclaimer": DISCLAIMER,
     }
     (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     if len(labels) == 2:  # N classes: each fold's own evaluation has the one-vs-rest curves
@@ -430,6 +438,13 @@ def _report(metrics: dict, plan: Sequence[Fold]) -> str:
         across = "n/a" if not spread else f"{spread['mean']:.3f}" + (
             f" ± {spread['sd']:.3f}" if spread["sd"] is not None else "")
         lines.append(f"| {names.get(key, key)} | {format_interval(metrics['pooled'].get(key))} | {across} |")
+    if metrics["per_dataset"]:
+        lines += ["", "## Out-of-fold, per data folder", "",
+                  "| data folder | images | " + " | ".join(names.get(k, k) for k in SUMMARY_METRICS) + " |",
+                  "|---" * (2 + len(SUMMARY_METRICS)) + "|"]
+        for name, entry in metrics["per_dataset"].items():
+            lines.append(f"| {name} | {entry['n_files']} | "
+                         + " | ".join(format_interval(entry.get(k)) for k in SUMMARY_METRICS) + " |")
     lines += ["", "## Per fold (test = the fold's held-out images)", "",
               "| fold | images | groups | threshold | " + " | ".join(names.get(k, k) for k in SUMMARY_METRICS)
               + " |", "|---" * (4 + len(SUMMARY_METRICS)) + "|"]
