@@ -19,6 +19,7 @@ from bonefrac.choices import (
     OPERATING_POINTS,
     PREDICTION_FORMATS,
     PRUNERS,
+    STUDY_AGGREGATE,
     STUDY_AGGREGATES,
 )
 from bonefrac.config import (
@@ -770,8 +771,9 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
 def add_study_options(parser: argparse.ArgumentParser, column_help: str) -> None:
     """--study-column and --study-aggregate, shared by evaluate and predict (bonefrac.study)."""
     parser.add_argument("--study-column", metavar="COL", help=column_help)
-    parser.add_argument("--study-aggregate", choices=STUDY_AGGREGATES, default="max",
-                        help="a study's probability from its images': max (default: a fracture on any view) or mean")
+    parser.add_argument("--study-aggregate", choices=STUDY_AGGREGATES, default=STUDY_AGGREGATE,
+                        help=f"a study's probability from its images': mean or max (default {STUDY_AGGREGATE}, "
+                             "chosen on val, docs/VALIDATION.md)")
 
 
 def add_report_parsers(commands: argparse._SubParsersAction) -> None:

@@ -54,7 +54,7 @@ from bonefrac.calibration import (
     sensitivity_point,
     three_levels,
 )
-from bonefrac.choices import OPERATING_POINTS, STUDY_AGGREGATES
+from bonefrac.choices import OPERATING_POINTS, STUDY_AGGREGATE
 from bonefrac.data.audit import AUDIT_FILE, AuditReport, audit_manifest, leak_line
 from bonefrac.data.cache import CachedImageDataset, ImageCache
 from bonefrac.data.dataset import (
@@ -82,6 +82,7 @@ from bonefrac.study import (
     THRESHOLD_RULE,
     StudyIds,
     aggregate_studies,
+    check_aggregate,
     study_ids,
     study_metrics,
     write_study_predictions,
@@ -516,7 +517,7 @@ def evaluate_run(
     tta: bool = False,
     cache_dir: str | Path | None = None,
     study_column: str | None = None,
-    study_aggregate: str = "max",
+    study_aggregate: str = STUDY_AGGREGATE,
     n_resamples: int = N_RESAMPLES,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
@@ -544,8 +545,7 @@ def evaluate_run(
     if manifest.several and DATASET_STRATUM not in strata:
         strata = [*strata, DATASET_STRATUM]
     # Studies before predicting, so that a wrong --study-column fails at once, not after the images are decoded.
-    if study_aggregate not in STUDY_AGGREGATES:
-        raise BonefracError(f"study aggregate {study_aggregate!r}: choose from {', '.join(STUDY_AGGREGATES)}")
+    check_aggregate(study_aggregate)
     rows = split_rows(manifest, split)
     if study_column is not None and not run.binary:
         raise BonefracError("study-level results need a binary run (a positive class to aggregate)")

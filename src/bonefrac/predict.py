@@ -49,7 +49,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bonefrac.calibration import apply_temperature, levels_text
-from bonefrac.choices import BACKENDS, PREDICTION_FORMATS
+from bonefrac.choices import BACKENDS, PREDICTION_FORMATS, STUDY_AGGREGATE
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format, truncated_loaded
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import format_interval
@@ -455,7 +455,7 @@ def prediction_table(result: PredictionResult, operating_point: str, positive_la
 
 def predict_studies(
     result: PredictionResult, run: Run, *, column: str | None = None, studies_csv: str | Path | None = None,
-    rule: str = "max",
+    rule: str = STUDY_AGGREGATE,
 ) -> tuple[Studies, StudyIds] | None:
     """The readable files' p(positive) aggregated per study (max or mean: `rule`), and where the studies came from.
 
