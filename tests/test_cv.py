@@ -171,6 +171,10 @@ def test_resume_trains_only_the_folds_not_finished(two_folders, three_folds, mon
 
     with pytest.raises(BonefracError, match="other folds"):
         cross_validate(two_folders, tiny_config(cache), result.out_dir, folds=4, progress=False)
+    longer = tiny_config(cache)
+    longer.train.epochs = 3
+    with pytest.raises(BonefracError, match="other training config"):
+        cross_validate(two_folders, longer, result.out_dir, folds=3, progress=False)
 
 
 def test_leave_one_folder_out_from_the_command_line(two_folders, tmp_path, capsys):

@@ -37,7 +37,7 @@ import numpy as np
 
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.choices import CV_FOLDS, CV_VAL_SHARE
-from bonefrac.config import DataConfig, RunConfig, to_yaml
+from bonefrac.config import DataConfig, RunConfig, from_yaml, to_yaml
 from bonefrac.data.audit import audit_manifest, manifest_hashes
 from bonefrac.data.dataset import (
     DATA_MANIFEST,
@@ -236,7 +236,10 @@ def _check_or_write_plan(out_dir: Path, record: dict, manifest: Manifest, groups
             for row, group, fold in zip(manifest.rows, groups, test_of, strict=True)]
     if plan_file.exists():
         before = json.loads(plan_file.read_text())
-        changed = [key for key in record if before.get(key) != record[key]]
+        changed = [key for key in record if key != "config" and before.get(key) != record[key]]
+        # Configs compared as configs: one written before a config field existed reads back with its default.
+        if from_yaml("\n".join(before.get("config", []))) != from_yaml("\n".join(record["config"])):
+            changed.append("training config")
         if changed:
             raise BonefracError(f"{out_dir} holds a cross-validation with other {', '.join(changed)}; give a new "
                                 "--out (or remove that folder) to start another")
