@@ -236,7 +236,12 @@ def _check_or_write_plan(out_dir: Path, record: dict, manifest: Manifest, groups
             for row, group, fold in zip(manifest.rows, groups, test_of, strict=True)]
     if plan_file.exists():
         before = json.loads(plan_file.read_text())
-        changed = [key for key in record if key != "config" and before.get(key) != record[key]]
+        def same(key: str) -> bool:
+            if key == "left_out":  # the same files; a reason may be worded otherwise by another version
+                return [e["path"] for e in before.get(key, [])] == [e["path"] for e in record[key]]
+            return before.get(key) == record[key]
+
+        changed = [key for key in record if key != "config" and not same(key)]
         # Configs compared as configs: one written before a config field existed reads back with its default.
         if from_yaml("\n".join(before.get("config", []))) != from_yaml("\n".join(record["config"])):
             changed.append("training config")
