@@ -25,6 +25,7 @@ from bonefrac.data.synth import generate_dataset
 from bonefrac.data.transforms import letterbox
 from bonefrac.errors import BonefracError
 from bonefrac.explain import (
+    HEATMAP_FLOOR,
     METHODS,
     Explainer,
     Explanation,
@@ -126,6 +127,8 @@ def test_drawing_helpers():
     assert not (rgb[-1, -1] == 128).all()  # full heat: colour mixed in
     rgba = heatmap_rgba(heat)
     assert rgba.shape == (20, 10, 4) and rgba[0, 0, 3] == 0 and rgba[-1, -1, 3] == 255
+    assert (rgba[..., 3][heat < HEATMAP_FLOOR] == 0).all()  # weak heat leaves the image untinted
+    assert heatmap_rgba(np.array([[0.65]]), floor=0.3)[0, 0, 3] == 128  # half-way from floor to peak
     decoded = np.asarray(Image.open(io.BytesIO(png_bytes(rgba))))
     assert (decoded == rgba).all()
     with pytest.raises(ValueError, match="differ in size"):

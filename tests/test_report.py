@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from bonefrac import DISCLAIMER
 from bonefrac.cli import main
@@ -36,7 +39,7 @@ def page(run, bars) -> str:  # noqa: F811
 def test_report_is_one_self_contained_file(page):
     assert not re.search(r"""(src|href)=["']?https?:""", page)
     assert "<script" not in page and "<link" not in page and "@import" not in page and "url(" not in page
-    images = re.findall(r"<img src='(data:image/png;base64,[^']+)' alt='([^']+)'", page)
+    images = re.findall(r"<img src='(data:image/(?:png|jpeg);base64,[^']+)' alt='([^']+)'", page)
     assert len(images) >= 5 and len(images) == page.count("<img")  # every image embedded, every one with alt text
     assert "<html lang='en'>" in page and "<th scope='col'>" in page
 
@@ -48,7 +51,7 @@ def test_report_says_what_it_is_and_how_well_it_does(page):
     for section in sections:
         assert f">{section}</h" in page, section
     gallery = page[page.index("id='gradcam'"):page.index("id='model-card'")]
-    overlays = re.findall(r"<img src='data:image/png;base64,[^']+' alt='Grad-CAM overlay, (true positive|false "
+    overlays = re.findall(r"<img src='data:image/jpeg;base64,[^']+' alt='Grad-CAM overlay, (true positive|false "
                           r"negative|false positive): test/", gallery)
     assert overlays and overlays == sorted(overlays, key=("true positive", "false negative", "false positive").index)
     assert "not where a fracture is" in gallery
@@ -76,3 +79,37 @@ def test_report_loads_in_chromium_without_console_errors(run, tmp_path):
     assert "Model card" in result.stdout
     console = [line for line in result.stderr.splitlines() if "CONSOLE" in line]
     assert not console, console
+
+
+def test_gradcam_gallery_images_are_embedded_at_full_size_and_open_on_a_click(page, bars):  # noqa: F811
+    gallery = page[page.index("id='gradcam'"):page.index("id='model-card'")]
+    figures = re.findall(r"<figure class='zoomable' id='(gradcam-\d+)'><a class='open' href='#(gradcam-\d+)'[^>]*>"
+                         r"<img src='data:image/jpeg;base64,([^']+)' alt='[^']+'></a><a class='close' href='#gradcam'>"
+                         r"close ×</a><figcaption>([^:]+):", gallery)
+    assert figures and [f[0] for f in figures] == [f"gradcam-{i + 1}" for i in range(len(figures))]
+    for anchor, target, data, file in figures:
+        assert anchor == target  # the thumbnail links to its own figure, which :target enlarges
+        embedded = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert embedded.size == Image.open(bars / file).size  # the whole image, not a thumbnail
+    assert ".zoomable:target .open img{position:fixed" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs headless Chromium (Debian package chromium)")
+def test_a_click_opens_a_gallery_image_at_full_size_and_another_closes_it(run):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            view = browser.new_page(viewport={"width": 1200, "height": 900})
+            view.goto((run / "report.html").as_uri())
+            image = view.locator("#gradcam-1 img")
+            assert image.bounding_box()["width"] <= 120
+            image.click()
+            assert view.evaluate("location.hash") == "#gradcam-1"
+            opened = image.bounding_box()
+            assert opened["width"] > 1000 and opened["height"] > 750  # 96vw x 92vh, the image contained in it
+            view.mouse.click(20, 450)  # the dark backdrop around it
+            assert view.evaluate("location.hash") == "#gradcam" and image.bounding_box()["width"] <= 120
+        finally:
+            browser.close()

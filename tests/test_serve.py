@@ -518,3 +518,52 @@ def test_openapi_docs_describe_the_decision_parameters(client):
     for path in ("/v1/predict", "/v1/predict/batch"):
         names = {parameter["name"] for parameter in spec["paths"][path]["post"]["parameters"]}
         assert names == {"heatmap", "image", "operating_point", "threshold", "prevalence"}
+
+
+# --- OpenAPI: what /docs promises -------------------------------------------------------------------------------------
+
+
+def test_openapi_has_a_success_schema_for_every_endpoint_and_documents_the_refusals(client):
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+
+    def schema(path: str, method: str, status: str) -> dict:
+        found = spec["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
+        return schemas[found["$ref"].rsplit("/", 1)[1]]
+
+    success = {("/v1/predict", "post"): "Prediction", ("/v1/predict/batch", "post"): "Batch",
+               ("/v1/model", "get"): "ModelCard", ("/health", "get"): "Health", ("/ready", "get"): "Ready"}
+    for (path, method), name in success.items():
+        assert schema(path, method, "200")["title"] == name and schema(path, method, "200")["properties"], path
+    assert {"probability", "decision", "level", "accepted", "ood_reason", "image"} <= set(schemas["Prediction"]
+                                                                                          ["properties"])
+    for path in ("/v1/predict", "/v1/predict/batch"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert {"200", "400", "413", "415", "422", "503"} <= set(responses), path
+        for status in ("413", "415", "422", "503"):
+            assert schema(path, "post", status)["title"] == "ErrorDetail"
+            examples = responses[status]["content"]["application/json"]["examples"]
+            assert all(set(example["value"]) == {"detail"} for example in examples.values()), status
+    assert schema("/ready", "get", "503")["required"] == ["status", "detail"]
+
+
+def test_every_answer_matches_its_documented_schema(client, xray):
+    """The answers are validated against the models (a field the models lack would vanish): spot-check that the
+    full answers survive, and that a refusal of each documented status is {"detail": reason}."""
+    answer = post(client, xray, query="?heatmap=true&prevalence=0.2").json()
+    assert set(answer["heatmap"]) == {"method", "target", "flat", "heatmap_png", "overlay_png"}
+    assert set(answer["predictive_values"]) == {"prevalence", "operating_point", "sensitivity", "specificity",
+                                                "ppv", "npv"}
+    card = client.get("/v1/model").json()
+    assert set(card["operating_points"][0]["test"]["sensitivity"]) >= {"point", "low", "high", "n_files"}
+    assert client.post("/v1/predict", content=b"{}", headers={"content-type": "application/json"}).status_code == 415
+    refused = client.post("/v1/predict?heatmap=maybe", files={"file": ("x.png", xray)})
+    assert refused.status_code == 422
+    assert refused.json() == {"detail": "heatmap 'maybe': Input should be a valid boolean, unable to interpret input"}
+
+
+def test_the_card_names_the_csv_columns_bonefrac_predict_writes(client, run, xray, tmp_path):
+    (tmp_path / "x.png").write_bytes(xray)
+    assert main(["predict", str(run), str(tmp_path / "x.png"), "--out", str(tmp_path / "p.csv")]) == 0
+    header = (tmp_path / "p.csv").read_text().splitlines()[0].split(",")
+    assert client.get("/v1/model").json()["csv_columns"] == header

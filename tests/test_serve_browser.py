@@ -1,9 +1,13 @@
-"""End to end: `bonefrac serve` on a free localhost port, Debian's headless Chromium driven by Playwright uploads a
-SYNTHETIC phantom radiograph through the page, and the decision, the three-level answer, the probability bar and the
-heatmap appear; choosing another operating point asks again."""
+"""End to end: `bonefrac serve` on a free localhost port, Debian's headless Chromium driven by Playwright.
+
+One SYNTHETIC phantom through the file chooser: the decision, the three-level answer and the probability bar appear,
+the heatmap only when asked for; zoom, pan and window/level change the view exactly. Two phantoms dropped: the
+summary table and the downloaded CSV list them in drop order, at the operating point chosen after the drop."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
 import shutil
@@ -61,17 +65,23 @@ def server(run) -> Iterator[str]:  # noqa: F811
         process.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory) -> Path:
-    """One SYNTHETIC phantom radiograph of a fractured limb, 128 px."""
-    pixels, _ = render(sample_phantom(np.random.default_rng(11), fracture="transverse"), size=128)
-    path = tmp_path_factory.mktemp("phantom") / "phantom_forearm.png"
+def write_phantom(path: Path, seed: int, fracture: str | None) -> Path:
+    """A SYNTHETIC phantom radiograph, 128 px, as an 8-bit gray PNG."""
+    pixels, _ = render(sample_phantom(np.random.default_rng(seed), fracture=fracture), size=128)
     Image.fromarray(pixels).save(path)
     return path
 
 
-def test_upload_a_phantom_and_see_the_decision_and_the_heatmap(server, phantom, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    """One SYNTHETIC phantom radiograph of a fractured limb."""
+    return write_phantom(tmp_path_factory.mktemp("phantom") / "phantom_forearm.png", 11, "transverse")
+
+
+@pytest.fixture
+def page(server):
+    """A Chromium page on the server's /, the model card loaded; fails the test on any console error."""
+    from playwright.sync_api import sync_playwright
 
     problems: list[str] = []
     with sync_playwright() as playwright:
@@ -79,61 +89,143 @@ def test_upload_a_phantom_and_see_the_decision_and_the_heatmap(server, phantom, 
             executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
         )
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page = browser.new_page(viewport={"width": 1200, "height": 1000}, accept_downloads=True)
             page.on("console", lambda message: message.type == "error" and problems.append(message.text))
             page.on("pageerror", lambda error: problems.append(str(error)))
             # Playwright turns on file-chooser interception without waiting for Chromium to confirm; a listener
-            # added now has it on long before the Enter below (else, on a busy machine, the dialog can slip past).
+            # added now has it on long before a file chooser opens (else, on a busy machine, it can slip past).
             page.on("filechooser", lambda chooser: None)
             page.goto(server + "/")
-            assert "research tool, not a medical device" in page.locator("#disclaimer").inner_text()
             page.locator("#card table caption").first.wait_for(timeout=30_000)  # the model card, with its metrics
-            assert "ROC AUC" in page.locator("#card").inner_text()
-
-            # The keyboard way in: focus the drop zone, press Enter, and the file chooser opens.
-            page.locator("#drop").focus()
-            with page.expect_file_chooser(timeout=60_000) as chooser:
-                page.keyboard.press("Enter")
-            chooser.value.set_files(str(phantom))
-
-            result = page.locator(".result").first
-            decision = result.locator(".decision")
-            decision.wait_for(timeout=60_000)
-            expect(page.locator("#status")).to_have_text(re.compile("^Done: 1 file analysed"), timeout=60_000)
-            assert result.locator(".file").inner_text() == phantom.name
-            text = decision.inner_text()
-            assert text.startswith("Decision: fractured: p(fractured) = ") or text.startswith(
-                "Decision: not_fractured: p(fractured) = "), text
-            assert result.locator(".ood").is_hidden()  # a phantom radiograph passes the OOD guard
-            assert result.locator(".meaning").inner_text().startswith("Threshold (sensitivity>=0.95): chosen for")
-
-            heat = result.locator("img.heat")
-            assert heat.get_attribute("src").startswith("data:image/png;base64,")
-            size = heat.evaluate("img => [img.naturalWidth, img.naturalHeight, img.complete]")
-            assert size == [128, 128, True]
-            assert result.locator("img.xray").evaluate("img => img.naturalWidth") == 128
-
-            slider = result.locator("input.opacity")
-            assert page.locator(f"label[for='{slider.get_attribute('id')}']").inner_text() == "heatmap opacity"
-            slider.fill("20")
-            assert heat.evaluate("img => img.style.opacity") == "0.2"
-
-            fill = result.locator(".bar .fill").evaluate("el => el.style.width")
-            marker = result.locator(".bar .marker").evaluate("el => el.style.left")
-            assert fill.endswith("%") and marker.endswith("%") and float(marker.rstrip("%")) > 0
-            assert re.match(r"Three-level answer: (fracture|doubt|no fracture): p\(fractured\) = ",
-                            result.locator(".level").inner_text())
-
-            # Another operating point from the selector (filled from /v1/model): the image is asked for again.
-            select = page.locator("#operating-point")
-            assert select.locator("option").count() == 5 and select.input_value() == "sensitivity>=0.95"
-            select.select_option("youden")
-            meaning = page.locator(".result .meaning")
-            expect(meaning).to_have_text(re.compile(r"^Threshold \(youden\): chosen to maximise"), timeout=60_000)
-            expect(page.locator("#status")).to_have_text(re.compile("^Done: 1 file analysed"), timeout=60_000)
-            assert page.locator(".result").count() == 1
-            page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+            yield page
         finally:
             browser.close()
     assert not problems, problems
-    assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+def drop_files(page, paths: list[Path]) -> None:
+    """Drop files on the drop zone, as a user dragging them from a file manager does (a DataTransfer)."""
+    files = [{"name": path.name, "bytes": list(path.read_bytes())} for path in paths]
+    transfer = page.evaluate_handle(
+        """files => { const transfer = new DataTransfer();
+            for (const f of files) transfer.items.add(new File([new Uint8Array(f.bytes)], f.name, {type: "image/png"}));
+            return transfer; }""", files)
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
+def canvas_pixel(result, x: int, y: int) -> int:
+    """The red channel of the X-ray canvas at (x, y) of the image (gray, so any channel)."""
+    return result.locator("canvas.xray").evaluate(f"c => c.getContext('2d').getImageData({x}, {y}, 1, 1).data[0]")
+
+
+def test_one_phantom_decision_heatmap_on_request_zoom_and_window_level(page, phantom):
+    from playwright.sync_api import expect
+
+    assert "research tool, not a medical device" in page.locator("#disclaimer").inner_text()
+    assert page.locator("body").inner_text().count("research tool, not a medical device") == 1  # once, on top
+    assert "ROC AUC" in page.locator("#card").inner_text()
+    assert not page.locator("#want-heatmap").is_checked()  # Grad-CAM is slow on a CPU: only when asked
+
+    # The keyboard way in: focus the drop zone, press Enter, and the file chooser opens.
+    page.locator("#drop").focus()
+    with page.expect_file_chooser(timeout=60_000) as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(phantom))
+
+    result = page.locator(".result").first
+    expect(page.locator("#status")).to_have_text(re.compile("^Done: 1 file analysed"), timeout=60_000)
+    assert result.locator(".file").inner_text() == phantom.name
+    text = result.locator(".decision").inner_text()
+    assert text.startswith("Decision: fractured: p(fractured) = ") or text.startswith(
+        "Decision: not_fractured: p(fractured) = "), text
+    assert result.locator(".ood").is_hidden()  # a phantom radiograph passes the OOD guard
+    assert result.locator(".meaning").inner_text().startswith("Threshold (sensitivity>=0.95): chosen for")
+    fill = result.locator(".bar .fill").evaluate("el => el.style.width")
+    marker = result.locator(".bar .marker").evaluate("el => el.style.left")
+    assert fill.endswith("%") and marker.endswith("%") and float(marker.rstrip("%")) > 0
+    assert re.match(r"Three-level answer: (fracture|doubt|no fracture): p\(fractured\) = ",
+                    result.locator(".level").inner_text())
+
+    # The image on a canvas at its own size; no heatmap layer until asked for.
+    expect(result.locator("canvas.xray")).to_have_attribute("data-ready", "true", timeout=10_000)
+    assert result.locator("canvas.xray").evaluate("c => [c.width, c.height]") == [128, 128]
+    assert result.locator("img.heat").count() == 0 and result.locator("input.opacity").is_hidden()
+    result.locator(".heat-button").click()
+    heat = result.locator("img.heat")
+    heat.wait_for(timeout=60_000)
+    assert heat.get_attribute("src").startswith("data:image/png;base64,")
+    assert heat.evaluate("img => [img.naturalWidth, img.naturalHeight, img.complete]") == [128, 128, True]
+    assert result.locator(".heat-caption").inner_text().startswith("Grad-CAM")  # for the class, or flat (tiny model)
+    slider = result.locator("input.opacity")
+    assert page.locator(f"label[for='{slider.get_attribute('id')}']").inner_text() == "heatmap opacity"
+    slider.fill("20")
+    assert heat.evaluate("img => img.style.opacity") == "0.2"
+
+    # Window/level maps gray v to (v - (level - window/2)) * 256 / window, clipped: exact on the canvas.
+    expect(result.locator("canvas.xray")).to_have_attribute("data-ready", "true", timeout=10_000)
+    original = np.asarray(Image.open(phantom))
+    points = [(64, 64), (10, 100), (100, 30)]
+    assert [canvas_pixel(result, x, y) for x, y in points] == [int(original[y, x]) for x, y in points]
+    result.locator("input.wl-window").fill("64")
+    result.locator("input.wl-level").fill("128")
+    expected = [int(np.clip((int(original[y, x]) - 96) * 4, 0, 255)) for x, y in points]
+    assert [canvas_pixel(result, x, y) for x, y in points] == expected
+
+    # Zoom in twice around the centre, pan, and reset: the X-ray and its heatmap move as one.
+    stage = result.locator(".stage")
+    result.locator(".zoom-in").click()
+    result.locator(".zoom-in").click()
+    assert "scale(2.25)" in stage.evaluate("el => el.style.transform")
+    box = result.locator(".viewport").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2 + 40, box["y"] + box["height"] / 2 + 30)
+    page.mouse.up()
+    moved = stage.evaluate("el => el.style.transform")
+    assert "scale(2.25)" in moved and moved != "translate(0px, 0px) scale(2.25)"
+    result.locator(".reset-view").click()
+    assert stage.evaluate("el => el.style.transform") == "translate(0px, 0px) scale(1)"
+    assert result.locator("input.wl-window").input_value() == "256"
+    assert canvas_pixel(result, 64, 64) == int(original[64, 64])
+    assert heat.evaluate("img => img.style.opacity") == "0.2"  # the opacity the user chose stays
+
+
+def test_two_files_dropped_summary_operating_point_and_csv_download(page, tmp_path):
+    from playwright.sync_api import expect
+
+    # Named so that neither alphabetical nor newest-first order is drop order.
+    first = write_phantom(tmp_path / "b_intact.png", 5, None)
+    second = write_phantom(tmp_path / "a_fractured.png", 6, "oblique")
+    drop_files(page, [first, second])
+    expect(page.locator("#status")).to_have_text(re.compile("^Done: 2 files analysed"), timeout=60_000)
+    assert page.locator(".result .file").all_inner_texts() == [first.name, second.name]
+    rows = page.locator("#summary tbody tr")
+    assert [rows.nth(i).locator("td").nth(1).inner_text() for i in range(2)] == [first.name, second.name]
+    assert page.locator("#summary thead th").all_inner_texts() == [
+        "#", "file", "decision", "p(fractured)", "three-level answer", "out-of-distribution check"]
+    assert rows.nth(0).locator("td").nth(5).inner_text() == "looks like a radiograph"
+
+    # Another operating point: both are asked again, in the same order, and the CSV says so.
+    page.locator("#operating-point").select_option("youden")
+    expect(page.locator(".result .meaning").first).to_have_text(re.compile(r"^Threshold \(youden\)"), timeout=60_000)
+    expect(page.locator("#status")).to_have_text(re.compile("^Done: 2 files analysed"), timeout=60_000)
+    assert page.locator(".result .file").all_inner_texts() == [first.name, second.name]
+    with page.expect_download(timeout=30_000) as download:
+        page.locator("#download-csv").click()
+    assert download.value.suggested_filename == "bonefrac_predictions.csv"
+    text = Path(download.value.path()).read_text()
+    records = list(csv.DictReader(io.StringIO(text)))
+    card = page.evaluate("fetch('/v1/model').then(r => r.json())")
+    assert text.splitlines()[0].split(",") == card["csv_columns"]  # the columns of bonefrac predict's CSV
+    assert [r["file"] for r in records] == [first.name, second.name]
+    assert all(r["status"] == "ok" and r["operating_point"] == "youden" and r["accepted"] == "True"
+               and r["truncated"] == "False" and r["error"] == "" for r in records)
+    youden = next(p for p in card["operating_points"] if p["name"] == "youden")["threshold"]
+    for i, record in enumerate(records):
+        p = float(record["p_fractured"])
+        assert float(record["threshold"]) == youden
+        assert record["prediction"] == ("fractured" if p >= youden else "not_fractured")
+        assert p + float(record["p_not_fractured"]) == pytest.approx(1)
+        assert rows.nth(i).locator("td").nth(3).inner_text() == f"{p:.3f}"
+        assert rows.nth(i).locator("td").nth(2).inner_text() == record["prediction"]
+        assert rows.nth(i).locator("td").nth(4).inner_text() == record["level"]

@@ -155,11 +155,17 @@ def overlay_rgb(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> 
     return np.rint((gray * (1 - weight) + _colour(heatmap) * weight) * 255).astype(np.uint8)
 
 
-def heatmap_rgba(heatmap: np.ndarray) -> np.ndarray:
-    """The coloured heatmap with alpha = heat: uint8 (H, W, 4), to lay over the image with an opacity of one's own."""
+HEATMAP_FLOOR = 0.3  # below this share of the peak, the layer is fully transparent
+
+
+def heatmap_rgba(heatmap: np.ndarray, floor: float = HEATMAP_FLOOR) -> np.ndarray:
+    """The coloured heatmap as a layer to lay over the image with an opacity of one's own: uint8 (H, W, 4).
+
+    Transparent below `floor`, then alpha rising to 1 at the peak: with alpha = heat alone, the weak
+    activation most maps have everywhere tinted the whole radiograph blue, and bone was harder to read."""
     colour = np.rint(_colour(heatmap) * 255).astype(np.uint8)
-    alpha = np.rint(np.clip(heatmap, 0.0, 1.0) * 255).astype(np.uint8)
-    return np.dstack([colour, alpha])
+    alpha = np.clip((np.clip(heatmap, 0.0, 1.0) - floor) / (1.0 - floor), 0.0, 1.0)
+    return np.dstack([colour, np.rint(alpha * 255).astype(np.uint8)])
 
 
 def gray_uint8(pixels: np.ndarray) -> np.ndarray:

@@ -48,6 +48,13 @@ STYLE = (
     "padding:.5em;font-weight:600}.grid{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0 0 1em}"
     ".grid figure{width:120px;font-size:11px;word-break:break-all}img{max-width:100%;height:auto}"
     "pre{background:#f6f6f6;padding:.6em;overflow-x:auto}nav ul{columns:2}"
+    # A gallery image opens at full size on a click, with CSS alone (:target): the same embedded image is drawn
+    # fixed over a dark backdrop, which is a link back to the gallery; no script, no second copy of the image.
+    ".zoomable .open{cursor:zoom-in}.zoomable .close{display:none}"
+    ".zoomable:target .open img{position:fixed;inset:0;margin:auto;width:96vw;height:92vh;max-width:none;"
+    "object-fit:contain;z-index:2;pointer-events:none}"
+    ".zoomable:target .close{display:block;position:fixed;inset:0;z-index:1;background:rgba(0,0,0,.85);color:#fff;"
+    "font-size:20px;text-align:right;padding:.4em .8em;text-decoration:none;cursor:zoom-out}"
 )
 
 esc = html.escape
@@ -59,6 +66,11 @@ esc = html.escape
 def png_data_uri(data: bytes) -> str:
     """bytes of a PNG -> 'data:image/png;base64,...' for an <img src>."""
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def jpeg_data_uri(data: bytes) -> str:
+    """bytes of a JPEG -> 'data:image/jpeg;base64,...' for an <img src>."""
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 def _image(path: Path, alt: str, caption: str | None = None) -> str:
@@ -392,7 +404,7 @@ def _model_card(run: Run, summary: dict | None, audit: dict | None, evals: dict[
 
 
 GALLERY_PER_KIND = 3
-GALLERY_SIDE = 224
+GALLERY_FULL_SIDE = 1024  # the longest side of a gallery image when opened (the files are read no larger)
 
 
 def gallery_picks(predictions_csv: Path, positive: str, per_kind: int = GALLERY_PER_KIND) -> list[tuple[str, dict]]:
@@ -415,7 +427,8 @@ def _gradcam_section(run: Run, evals: dict[str, dict], root: Path) -> str:
         "<h2 id='gradcam'>Grad-CAM gallery</h2>",
         "<p>Where the model looked when scoring the positive class: Grad-CAM on the last conv stage, drawn on the "
         "original image (red = moved the score most). A heatmap shows what drove the score, not where a fracture "
-        "is, and it is not a diagnosis. Made with <code>bonefrac explain</code>.</p>",
+        "is, and it is not a diagnosis. Made with <code>bonefrac explain</code>. Click an image to open it at full "
+        "size.</p>",
     ]
     split = next((s for s in ("test", "val", *evals) if (run.eval_dir(s) / "predictions.csv").is_file()), None)
     if split is None:
@@ -431,20 +444,21 @@ def _gradcam_section(run: Run, evals: dict[str, dict], root: Path) -> str:
     cells: dict[str, list[str]] = {}
     for kind, row in gallery_picks(run.eval_dir(split) / "predictions.csv", positive):
         try:
-            side = 2 * max(GALLERY_SIDE, explainer.predictor.image_size)
-            pixels, _ = read_image(root / row["file"], max_side=side,
+            pixels, _ = read_image(root / row["file"], max_side=GALLERY_FULL_SIDE,
                                    allow_truncated=explainer.predictor.allow_truncated)
         except ImageReadError:
             continue
         heat = explainer.explain(pixels, target=positive).heatmap
-        image = Image.fromarray(overlay_rgb(pixels, heat))
-        image.thumbnail((GALLERY_SIDE, GALLERY_SIDE))
+        # Embedded once, at full size (JPEG: a PNG of a 1024-px overlay is ~1 MB); shown small, opened on a click.
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        Image.fromarray(overlay_rgb(pixels, heat)).save(buffer, format="JPEG", quality=90)
         caption = f"{row['file']}: {row['label']}, p({positive}) {float(row[f'p_{positive}']):.2f}"
+        anchor = f"gradcam-{sum(map(len, cells.values())) + 1}"
         cells.setdefault(kind, []).append(
-            f"<figure><img src='{png_data_uri(buffer.getvalue())}' alt='{esc(f'Grad-CAM overlay, {kind}: {caption}')}'>"
-            f"<figcaption>{esc(caption)}</figcaption></figure>"
+            f"<figure class='zoomable' id='{anchor}'><a class='open' href='#{anchor}' title='open at full size'>"
+            f"<img src='{jpeg_data_uri(buffer.getvalue())}' "
+            f"alt='{esc(f'Grad-CAM overlay, {kind}: {caption}')}'></a>"
+            f"<a class='close' href='#gradcam'>close ×</a><figcaption>{esc(caption)}</figcaption></figure>"
         )
     if not cells:
         return "".join(parts) + f"<p>No readable {esc(split)} image under {esc(str(root))} to explain.</p>"

@@ -42,6 +42,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -54,6 +55,7 @@ from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.explain import Explainer, gray_uint8, heatmap_rgba, overlay_rgb, png_bytes
 from bonefrac.predict import BACKENDS, PredictionRow, Predictor, PreparedImage
 from bonefrac.serve.card import model_card, threshold_meaning
+from bonefrac.serve.schemas import ERROR_RESPONSES, NOT_READY, Batch, Health, ModelCard, Prediction, Ready
 from bonefrac.serve.uploads import TimeoutMiddleware, Upload, UploadError, read_form
 
 STATIC = Path(__file__).parent / "static"
@@ -299,6 +301,13 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     async def upload_error(request: Request, err: UploadError) -> JSONResponse:
         return JSONResponse({"detail": err.reason}, status_code=err.status)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameter(request: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 (a query parameter of the wrong type) in the one shape every refusal has: a sentence.
+        said = "; ".join(f"{' '.join(map(str, e['loc'][1:])) or e['loc'][0]} {e.get('input')!r}: {e['msg']}"
+                         for e in err.errors())
+        return JSONResponse({"detail": said}, status_code=422)
+
     async def run_predictions(request: Request, max_files: int, heatmap: bool, image: bool,
                               query: dict[str, str | None]) -> list[dict]:
         started = time.perf_counter()
@@ -322,43 +331,47 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     prevalence_query = Query(None, description="add PPV and NPV at this share of fractures, 0 < P < 1, from the "
                                                "operating point's val sensitivity and specificity; also a form field")
 
-    @app.post("/v1/predict", openapi_extra=UPLOAD_BODY, summary="Predict one image (multipart part `file`)")
+    # exclude_unset: the PNGs appear in an answer only when asked for, never as nulls.
+    @app.post("/v1/predict", openapi_extra=UPLOAD_BODY, summary="Predict one image (multipart part `file`)",
+              response_model=Prediction, response_model_exclude_unset=True, responses=ERROR_RESPONSES)
     async def predict(request: Request, heatmap: bool = heatmap_query, image: bool = image_query,
                       operating_point: str | None = point_query, threshold: str | None = threshold_query,
-                      prevalence: str | None = prevalence_query) -> JSONResponse:
+                      prevalence: str | None = prevalence_query) -> dict:
         query = {"operating_point": operating_point, "threshold": threshold, "prevalence": prevalence}
         results = await run_predictions(request, 1, heatmap, image, query)
         result = results[0]
         if result["status"] == "error":
             raise UploadError(result["http_status"], result["error"])
-        return JSONResponse(result)
+        return result
 
     @app.post("/v1/predict/batch", openapi_extra=BATCH_BODY,
-              summary=f"Predict several images (parts `files`, at most {settings.max_files})")
+              summary=f"Predict several images (parts `files`, at most {settings.max_files})",
+              response_model=Batch, response_model_exclude_unset=True, responses=ERROR_RESPONSES)
     async def predict_batch(request: Request, heatmap: bool = heatmap_query, image: bool = image_query,
                             operating_point: str | None = point_query, threshold: str | None = threshold_query,
-                            prevalence: str | None = prevalence_query) -> JSONResponse:
+                            prevalence: str | None = prevalence_query) -> dict:
         query = {"operating_point": operating_point, "threshold": threshold, "prevalence": prevalence}
         results = await run_predictions(request, settings.max_files, heatmap, image, query)
         errors = sum(r["status"] == "error" for r in results)
-        return JSONResponse({"results": results, "n_files": len(results), "n_errors": errors,
-                             "disclaimer": DISCLAIMER})
+        return {"results": results, "n_files": len(results), "n_errors": errors, "disclaimer": DISCLAIMER}
 
-    @app.get("/v1/model", summary="The model card: name, labels, threshold, metrics with 95% CIs, data")
+    @app.get("/v1/model", summary="The model card: name, labels, threshold, metrics with 95% CIs, data",
+             response_model=ModelCard)
     async def model() -> dict:
         return service.card
 
-    @app.get("/health", summary="Liveness: the process answers")
+    @app.get("/health", summary="Liveness: the process answers", response_model=Health)
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready", summary="Readiness: the model is loaded and warmed up")
-    async def ready() -> JSONResponse:
+    @app.get("/ready", summary="Readiness: the model is loaded and warmed up", response_model=Ready,
+             responses=NOT_READY)
+    async def ready() -> dict | JSONResponse:
         if not service.ready:
             return JSONResponse({"status": "loading", "detail": "the model is warming up"}, status_code=503)
-        return JSONResponse({"status": "ready", "model": service.card["name"], "backend": service.predictor.backend,
-                             "limits": {"max_upload_mb": settings.max_upload_mb, "max_files": settings.max_files,
-                                        "request_timeout_s": settings.request_timeout_s}})
+        return {"status": "ready", "model": service.card["name"], "backend": service.predictor.backend,
+                "limits": {"max_upload_mb": settings.max_upload_mb, "max_files": settings.max_files,
+                           "request_timeout_s": settings.request_timeout_s}}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

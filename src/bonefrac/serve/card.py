@@ -13,7 +13,7 @@ from pathlib import Path
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.calibration import levels_text
 from bonefrac.metrics import METRIC_NAMES
-from bonefrac.predict import Predictor
+from bonefrac.predict import CSV_FIELDS, Predictor
 from bonefrac.run import Calibration
 
 INTENDED_USE = (
@@ -43,9 +43,15 @@ def threshold_meaning(calibration: Calibration) -> str:
     return f"the default 0.5 on calibrated probabilities {on_val}"
 
 
+def csv_columns(labels: list[str]) -> list[str]:
+    """The header of `bonefrac predict --out FILE.csv` (predict.CSV_FIELDS with p_<class> after "status"), so
+    that the page's CSV download and predict's CSV read alike."""
+    return [*CSV_FIELDS[:2], *(f"p_{label}" for label in labels), *CSV_FIELDS[2:]]
+
+
 def model_card(predictor: Predictor) -> dict:
     """GET /v1/model: name, labels, threshold and its meaning, every operating point (Run.operating_points) and the
-    three-level rule, metrics with CIs per evaluated split, data, limits."""
+    three-level rule, metrics with CIs per evaluated split, data, the CSV columns of `bonefrac predict`."""
     run = predictor.run
     summary = run.summary() or {}
     audit = run.audit() or {}
@@ -87,6 +93,7 @@ def model_card(predictor: Predictor) -> dict:
             "synthetic": synthetic,
             "leaky": bool(summary.get("leaky")),
         },
+        "csv_columns": csv_columns(predictor.labels),
         "intended_use": INTENDED_USE,
         "bonefrac_version": summary.get("bonefrac_version", __version__),
         "disclaimer": DISCLAIMER,

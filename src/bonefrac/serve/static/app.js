@@ -1,11 +1,19 @@
-// The page's behaviour: send the chosen files one by one to /v1/predict, show each answer, and the model card.
+// The page's behaviour: send the chosen files one by one to /v1/predict, show each answer in the order the files
+// were dropped with a summary table and its CSV, and the model card.
 // Plain JavaScript with no library and no build step; everything comes from this server, so it works offline.
 // File names and server text are put into the page with textContent only, never as HTML.
 "use strict";
 
 const $ = (selector, root = document) => root.querySelector(selector);
-let resultCount = 0;
-let shownFiles = []; // the files of the results on the page: asked again when the operating point changes
+const ZOOM_STEP = 1.5;
+const MAX_ZOOM = 16;
+
+// One entry per dropped file, in drop order: the file (asked again when the operating point changes or a heatmap
+// is wanted), the server's answer or error, whether its heatmap was asked for, and how its image is viewed.
+let entries = [];
+let queue = Promise.resolve(); // one request at a time: the server runs one model call at a time anyway
+let pending = 0;
+let modelCard = null;
 
 function setStatus(text) {
   $("#status").textContent = text;
@@ -15,85 +23,111 @@ function percent(p) {
   return `${(100 * p).toFixed(1)}%`;
 }
 
-async function analyse(files) {
-  const heatmap = $("#want-heatmap").checked;
-  const select = $("#operating-point");
-  const point = select.value;
-  select.disabled = true; // one operating point per round of answers
-  shownFiles = shownFiles.concat(files);
-  let done = 0;
-  for (const file of files) {
-    setStatus(`Analysing ${file.name} (${done + 1} of ${files.length})…`);
-    const body = new FormData();
-    body.append("file", file, file.name);
-    if (point) body.append("operating_point", point);
-    try {
-      const response = await fetch(`/v1/predict?heatmap=${heatmap}&image=true`, { method: "POST", body });
-      const answer = await response.json();
-      if (response.ok) {
-        showResult(answer);
-      } else {
-        showError(file.name, response.status, answer.detail || response.statusText);
-      }
-    } catch (error) {
-      showError(file.name, 0, `the server could not be reached (${error.message})`);
-    }
-    done += 1;
-  }
-  select.disabled = false;
-  setStatus(`Done: ${done} file${done === 1 ? "" : "s"} analysed.`);
+function plural(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
 }
 
-function newResult(name) {
+function analyse(files) {
+  const heatmap = $("#want-heatmap").checked;
+  for (const file of files) {
+    const entry = { file, answer: null, error: null, heatmap, view: freshView(), node: null, row: null };
+    entries.push(entry);
+    entry.node = newResult(entry);
+    entry.row = newSummaryRow(entry);
+    ask(entry);
+  }
+}
+
+function freshView() {
+  return { scale: 1, x: 0, y: 0, window: 256, level: 128, opacity: 70 };
+}
+
+// Queue a request for the entry at the operating point selected now; the answer replaces what the entry showed.
+function ask(entry) {
+  pending += 1;
+  $("#operating-point").disabled = true; // one operating point per round of answers
+  $(".pending", entry.node).hidden = false;
+  $(".pending", entry.node).textContent = "Waiting…";
+  queue = queue.then(() => request(entry)).then(() => {
+    pending -= 1;
+    if (pending === 0) {
+      $("#operating-point").disabled = false;
+      setStatus(`Done: ${plural(entries.length, "file")} analysed.`);
+    }
+  });
+}
+
+async function request(entry) {
+  if (!entries.includes(entry)) return; // cleared meanwhile
+  const position = entries.indexOf(entry) + 1;
+  const what = entry.heatmap ? " with its Grad-CAM heatmap" : "";
+  setStatus(`Analysing ${entry.file.name}${what} (${position} of ${entries.length})…`);
+  $(".pending", entry.node).textContent = `Analysing${what}…`;
+  const body = new FormData();
+  body.append("file", entry.file, entry.file.name);
+  const point = $("#operating-point").value;
+  if (point) body.append("operating_point", point);
+  try {
+    const response = await fetch(`/v1/predict?heatmap=${entry.heatmap}&image=true`, { method: "POST", body });
+    const answer = await response.json();
+    if (response.ok) {
+      entry.answer = answer;
+      entry.error = null;
+    } else {
+      entry.answer = null;
+      entry.error = { status: response.status, detail: answer.detail || response.statusText };
+    }
+  } catch (error) {
+    entry.answer = null;
+    entry.error = { status: 0, detail: `the server could not be reached (${error.message})` };
+  }
+  if (!entries.includes(entry)) return;
+  if (entry.answer) showResult(entry);
+  else showError(entry);
+  fillSummaryRow(entry);
+}
+
+// --- one result ----------------------------------------------------------------------------------------------------
+
+function newResult(entry) {
   $("#no-results").hidden = true;
+  $("#batch").hidden = false;
   const node = $("#result-template").content.firstElementChild.cloneNode(true);
-  resultCount += 1;
-  node.id = `result-${resultCount}`;
-  $(".file", node).textContent = name;
-  $("#results").prepend(node);
+  node.id = `result-${entries.length}`;
+  $(".file", node).textContent = entry.file.name;
+  $("#results").append(node); // drop order: the first file dropped stays on top
   return node;
 }
 
-function showError(name, status, detail) {
-  const node = newResult(name);
-  $(".layout", node).remove();
-  const message = document.createElement("p");
-  message.className = "error";
-  message.setAttribute("role", "alert");
+function showError(entry) {
+  const node = entry.node;
+  $(".pending", node).hidden = true;
+  $(".layout", node).hidden = true;
+  let message = $(".error", node);
+  if (!message) {
+    message = document.createElement("p");
+    message.className = "error";
+    message.setAttribute("role", "alert");
+    node.append(message);
+  }
+  const { status, detail } = entry.error;
   message.textContent = `Not analysed${status ? ` (HTTP ${status})` : ""}: ${detail}`;
-  node.append(message);
 }
 
-function showResult(answer) {
-  const node = newResult(answer.file);
+function showResult(entry) {
+  const answer = entry.answer;
+  // A fresh copy of the template each time: nothing of the previous answer (heatmap, level) lingers.
+  const node = $("#result-template").content.firstElementChild.cloneNode(true);
+  node.id = entry.node.id;
+  entry.node.replaceWith(node);
+  entry.node = node;
   const id = node.id;
+  $(".file", node).textContent = answer.file;
+  $(".pending", node).hidden = true;
+  $(".layout", node).hidden = false;
 
-  const xray = $(".xray", node);
-  xray.src = `data:image/png;base64,${answer.image_png}`;
-  xray.alt = `the uploaded image ${answer.file} (${answer.image.width}×${answer.image.height}, ${answer.image.format})`;
-  const heat = $(".heat", node);
-  const slider = $(".opacity", node);
-  const sliderLabel = $(".opacity-label", node);
-  slider.id = `${id}-opacity`;
-  sliderLabel.htmlFor = slider.id;
-  if (answer.heatmap) {
-    heat.src = `data:image/png;base64,${answer.heatmap.heatmap_png}`;
-    heat.alt = `Grad-CAM heatmap for class ${answer.heatmap.target}, laid over the image`;
-    const setOpacity = () => {
-      heat.style.opacity = slider.value / 100;
-      slider.setAttribute("aria-valuetext", `${slider.value} %`);
-    };
-    slider.addEventListener("input", setOpacity);
-    setOpacity();
-    $(".heat-caption", node).textContent = answer.heatmap.flat
-      ? "Grad-CAM: the map is flat, it points nowhere in particular."
-      : `Grad-CAM for “${answer.heatmap.target}”: red where the image moved that score most. ` +
-        "Where the model looked, not proof of a fracture.";
-  } else {
-    heat.remove();
-    $(".opacity-control", node).remove();
-    $(".heat-caption", node).textContent = "No heatmap asked for.";
-  }
+  showImage(entry, node, id);
+  showHeatmap(entry, node, id);
 
   if (!answer.accepted) {
     const ood = $(".ood", node);
@@ -133,6 +167,245 @@ function showResult(answer) {
   }
 }
 
+// The X-ray on a canvas, so that window/level maps its gray values exactly; zoom and pan move the canvas and the
+// heatmap layer together.
+function showImage(entry, node, id) {
+  const answer = entry.answer;
+  const canvas = $("canvas.xray", node);
+  entry.gray = null; // until this answer's image is decoded
+  canvas.setAttribute("role", "img");
+  canvas.setAttribute("aria-label",
+    `the uploaded image ${answer.file} (${answer.image.width}×${answer.image.height}, ${answer.image.format})`);
+  const source = new Image();
+  source.onload = () => {
+    canvas.width = source.naturalWidth;
+    canvas.height = source.naturalHeight;
+    const context = canvas.getContext("2d");
+    context.drawImage(source, 0, 0);
+    entry.gray = context.getImageData(0, 0, canvas.width, canvas.height); // the gray values as the server sent them
+    applyWindow(entry);
+    canvas.dataset.ready = "true";
+  };
+  source.src = `data:image/png;base64,${answer.image_png}`;
+
+  const view = entry.view;
+  const viewport = $(".viewport", node);
+  const windowSlider = $("input.wl-window", node);
+  const levelSlider = $("input.wl-level", node);
+  for (const [slider, name] of [[windowSlider, "window"], [levelSlider, "level"]]) {
+    slider.id = `${id}-${name}`;
+    $(`.wl-${name}-label`, node).htmlFor = slider.id;
+    slider.value = view[name];
+    slider.addEventListener("input", () => {
+      view[name] = Number(slider.value);
+      applyWindow(entry);
+    });
+  }
+  const zoomAt = (factor, cx, cy) => {
+    const scale = Math.min(MAX_ZOOM, Math.max(1, view.scale * factor));
+    // Keep the point under (cx, cy) where it is.
+    view.x = cx - (cx - view.x) * (scale / view.scale);
+    view.y = cy - (cy - view.y) * (scale / view.scale);
+    view.scale = scale;
+    applyView(entry);
+  };
+  const centre = () => [viewport.clientWidth / 2, viewport.clientHeight / 2];
+  $(".zoom-in", node).addEventListener("click", () => zoomAt(ZOOM_STEP, ...centre()));
+  $(".zoom-out", node).addEventListener("click", () => zoomAt(1 / ZOOM_STEP, ...centre()));
+  const reset = () => {
+    Object.assign(view, freshView(), { opacity: view.opacity });
+    windowSlider.value = view.window;
+    levelSlider.value = view.level;
+    applyView(entry);
+    applyWindow(entry);
+  };
+  $(".reset-view", node).addEventListener("click", reset);
+  viewport.addEventListener("dblclick", reset);
+  viewport.addEventListener("wheel", (event) => {
+    event.preventDefault();
+    const box = viewport.getBoundingClientRect();
+    zoomAt(event.deltaY < 0 ? 1.2 : 1 / 1.2, event.clientX - box.left, event.clientY - box.top);
+  }, { passive: false });
+  // Drag pans; shift-drag sets window (left-right) and level (up-down), as in a PACS viewer.
+  let drag = null;
+  viewport.addEventListener("pointerdown", (event) => {
+    drag = { x: event.clientX, y: event.clientY, view: { ...view }, shift: event.shiftKey };
+    viewport.setPointerCapture(event.pointerId);
+  });
+  viewport.addEventListener("pointermove", (event) => {
+    if (!drag) return;
+    const dx = event.clientX - drag.x;
+    const dy = event.clientY - drag.y;
+    if (drag.shift) {
+      view.window = Math.min(256, Math.max(1, Math.round(drag.view.window + dx)));
+      view.level = Math.min(255, Math.max(0, Math.round(drag.view.level - dy)));
+      windowSlider.value = view.window;
+      levelSlider.value = view.level;
+      applyWindow(entry);
+    } else {
+      view.x = drag.view.x + dx;
+      view.y = drag.view.y + dy;
+      applyView(entry);
+    }
+  });
+  for (const name of ["pointerup", "pointercancel"]) viewport.addEventListener(name, () => { drag = null; });
+  applyView(entry);
+}
+
+// Zoom and pan, kept so that the image always fills the viewport (no panning off into the black).
+function applyView(entry) {
+  const view = entry.view;
+  const viewport = $(".viewport", entry.node);
+  const width = viewport.clientWidth;
+  const height = viewport.clientHeight;
+  view.x = Math.min(0, Math.max(width - width * view.scale, view.x));
+  view.y = Math.min(0, Math.max(height - height * view.scale, view.y));
+  $(".stage", entry.node).style.transform = `translate(${view.x}px, ${view.y}px) scale(${view.scale})`;
+  $(".viewport", entry.node).classList.toggle("zoomed", view.scale > 1);
+}
+
+// Window/level: gray values from level - window/2 to level + window/2 are spread over black to white.
+function applyWindow(entry) {
+  if (!entry.gray) return;
+  const { window: width, level } = entry.view;
+  const low = level - width / 2;
+  const table = new Uint8ClampedArray(256);
+  for (let v = 0; v < 256; v += 1) table[v] = Math.round(((v - low) * 256) / width);
+  const source = entry.gray.data;
+  const shown = new ImageData(entry.gray.width, entry.gray.height);
+  for (let i = 0; i < source.length; i += 4) {
+    const v = table[source[i]];
+    shown.data[i] = v;
+    shown.data[i + 1] = v;
+    shown.data[i + 2] = v;
+    shown.data[i + 3] = 255;
+  }
+  $("canvas.xray", entry.node).getContext("2d").putImageData(shown, 0, 0);
+  for (const name of ["window", "level"]) {
+    $(`input.wl-${name}`, entry.node).setAttribute("aria-valuetext", String(entry.view[name]));
+  }
+}
+
+function showHeatmap(entry, node, id) {
+  const answer = entry.answer;
+  const heat = $("img.heat", node);
+  const button = $(".heat-button", node);
+  const caption = $(".heat-caption", node);
+  if (!answer.heatmap) {
+    heat.remove();
+    caption.textContent = "Grad-CAM heatmap: not computed (it takes a backward pass through the model).";
+    button.addEventListener("click", () => {
+      entry.heatmap = true;
+      button.disabled = true;
+      button.textContent = "Computing the heatmap…";
+      ask(entry);
+    });
+    return;
+  }
+  button.remove();
+  heat.hidden = false;
+  heat.src = `data:image/png;base64,${answer.heatmap.heatmap_png}`;
+  heat.alt = `Grad-CAM heatmap for class ${answer.heatmap.target}, laid over the image`;
+  const control = $(".opacity-control", node);
+  control.hidden = false;
+  const slider = $(".opacity", node);
+  slider.id = `${id}-opacity`;
+  $(".opacity-label", node).htmlFor = slider.id;
+  slider.value = entry.view.opacity;
+  const setOpacity = () => {
+    entry.view.opacity = Number(slider.value);
+    heat.style.opacity = slider.value / 100;
+    slider.setAttribute("aria-valuetext", `${slider.value} %`);
+  };
+  slider.addEventListener("input", setOpacity);
+  setOpacity();
+  caption.textContent = answer.heatmap.flat
+    ? "Grad-CAM: the map is flat, it points nowhere in particular."
+    : `Grad-CAM for “${answer.heatmap.target}”: coloured where the image moved that score most (red most), ` +
+      "clear where it did not. Where the model looked, not proof of a fracture.";
+}
+
+// --- the summary table and its CSV ---------------------------------------------------------------------------------
+
+function newSummaryRow(entry) {
+  const row = document.createElement("tr");
+  $("#summary tbody").append(row);
+  fillSummaryRow(entry, row);
+  return row;
+}
+
+function fillSummaryRow(entry, row = entry.row) {
+  row.replaceChildren();
+  const number = entries.indexOf(entry) + 1;
+  cell(row, String(number));
+  const nameCell = document.createElement("td");
+  const link = document.createElement("a");
+  link.href = `#${entry.node.id}`;
+  link.textContent = entry.file.name;
+  nameCell.append(link);
+  row.append(nameCell);
+  const answer = entry.answer;
+  if (answer) {
+    cell(row, answer.accepted ? answer.prediction : `not assessed (${answer.prediction} if it were)`);
+    const p = answer.probability !== null ? answer.probability : answer.probabilities[answer.prediction];
+    cell(row, p.toFixed(3));
+    cell(row, answer.level || "n/a");
+    cell(row, answer.accepted ? "looks like a radiograph" : `not a radiograph: ${answer.ood_reason}`);
+    row.className = answer.accepted ? "" : "rejected";
+  } else if (entry.error) {
+    cell(row, `error (HTTP ${entry.error.status}): ${entry.error.detail}`);
+    for (let i = 0; i < 3; i += 1) cell(row, "");
+    row.className = "rejected";
+  } else {
+    cell(row, "waiting…");
+    for (let i = 0; i < 3; i += 1) cell(row, "");
+  }
+}
+
+// One CSV field as Python's csv module writes it (bonefrac predict): quoted only when it must be, booleans as
+// True/False, nothing for null.
+function csvField(value) {
+  if (value === null || value === undefined) return "";
+  if (typeof value === "boolean") return value ? "True" : "False";
+  const text = String(value);
+  return /[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
+}
+
+// The rows with the columns of `bonefrac predict --out FILE.csv` (the model card's csv_columns), in drop order.
+function predictionsCsv() {
+  const columns = modelCard.csv_columns;
+  const lines = [columns.join(",")];
+  for (const entry of entries) {
+    const answer = entry.answer;
+    const record = answer
+      ? { ...answer, truncated: answer.image.truncated }
+      : { file: entry.file.name, status: "error", error: entry.error ? entry.error.detail : "not analysed yet" };
+    const values = columns.map((column) => {
+      if (column.startsWith("p_") && answer && column.slice(2) in answer.probabilities) {
+        return answer.probabilities[column.slice(2)];
+      }
+      return record[column];
+    });
+    lines.push(values.map(csvField).join(","));
+  }
+  return `${lines.join("\n")}\n`;
+}
+
+function downloadCsv() {
+  if (!modelCard) {
+    setStatus("The CSV needs the model card (its columns), which has not loaded.");
+    return;
+  }
+  const blob = new Blob([predictionsCsv()], { type: "text/csv" });
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = "bonefrac_predictions.csv";
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+}
+
 function cell(row, text, header = false) {
   const element = document.createElement(header ? "th" : "td");
   if (header) element.scope = row.parentElement && row.parentElement.tagName === "THEAD" ? "col" : "row";
@@ -155,6 +428,8 @@ async function showCard() {
     return;
   }
   box.replaceChildren();
+  modelCard = card;
+  if (card.positive_label) $("#probability-header").textContent = `p(${card.positive_label})`;
   const add = (tag, text, className) => {
     const element = document.createElement(tag);
     element.textContent = text;
@@ -210,7 +485,6 @@ async function showCard() {
       cell(row, metric.low === null ? "n/a" : `[${fixed(metric.low)}, ${fixed(metric.high)}]`);
     }
   }
-  add("p", card.disclaimer, "disclaimer-inline");
 }
 
 function interval(entry) {
@@ -255,11 +529,25 @@ function showOperatingPoints(card, add) {
 }
 
 function reanalyse() {
-  const files = shownFiles;
-  shownFiles = [];
+  for (const entry of entries) ask(entry);
+}
+
+function heatmapsForAll() {
+  for (const entry of entries) {
+    if (entry.answer && !entry.answer.heatmap) {
+      entry.heatmap = true;
+      ask(entry);
+    }
+  }
+}
+
+function clearResults() {
+  entries = [];
   $("#results").replaceChildren();
-  $("#no-results").hidden = files.length > 0;
-  if (files.length) analyse(files);
+  $("#summary tbody").replaceChildren();
+  $("#batch").hidden = true;
+  $("#no-results").hidden = false;
+  setStatus("");
 }
 
 function setUp() {
@@ -290,6 +578,9 @@ function setUp() {
     if (event.dataTransfer.files.length) analyse([...event.dataTransfer.files]);
   });
   $("#operating-point").addEventListener("change", reanalyse);
+  $("#download-csv").addEventListener("click", downloadCsv);
+  $("#heatmap-all").addEventListener("click", heatmapsForAll);
+  $("#clear").addEventListener("click", clearResults);
   showCard();
 }
 
