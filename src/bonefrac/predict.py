@@ -388,6 +388,11 @@ CSV_FIELDS = ("file", "status", "prediction", "level", "threshold", "operating_p
               "ood_score", "ood_reason", "error")  # with p_<label> per class after "status"
 
 
+def csv_columns(labels: Sequence[str]) -> list[str]:
+    """The header of a predictions CSV: CSV_FIELDS with p_<class> after "status" (also the page's CSV download)."""
+    return [*CSV_FIELDS[:2], *(f"p_{label}" for label in labels), *CSV_FIELDS[2:]]
+
+
 def write_predictions(result: PredictionResult, out: str | Path | TextIO, fmt: str | None = None) -> str | Path:
     """Write the rows to a file (its suffix, or `fmt`, says the format) or to an open text stream such as stdout.
 
@@ -416,8 +421,7 @@ def _write_rows(result: PredictionResult, handle: TextIO, fmt: str) -> None:
         for record in records:
             handle.write(json.dumps(record) + "\n")
     else:
-        fields = [*CSV_FIELDS[:2], *(f"p_{label}" for label in result.labels), *CSV_FIELDS[2:]]
-        writer = csv.DictWriter(handle, fieldnames=fields, lineterminator="\n")
+        writer = csv.DictWriter(handle, fieldnames=csv_columns(result.labels), lineterminator="\n")
         writer.writeheader()
         for record in records:
             writer.writerow({key: "" if value is None else value for key, value in record.items()})

@@ -13,7 +13,7 @@ from pathlib import Path
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.calibration import levels_text
 from bonefrac.metrics import METRIC_NAMES
-from bonefrac.predict import CSV_FIELDS, Predictor
+from bonefrac.predict import Predictor, csv_columns
 from bonefrac.run import Calibration
 
 INTENDED_USE = (
@@ -41,12 +41,6 @@ def threshold_meaning(calibration: Calibration) -> str:
     if point == "youden":
         return f"chosen to maximise Youden's J (sensitivity + specificity - 1) {on_val}"
     return f"the default 0.5 on calibrated probabilities {on_val}"
-
-
-def csv_columns(labels: list[str]) -> list[str]:
-    """The header of `bonefrac predict --out FILE.csv` (predict.CSV_FIELDS with p_<class> after "status"), so
-    that the page's CSV download and predict's CSV read alike."""
-    return [*CSV_FIELDS[:2], *(f"p_{label}" for label in labels), *CSV_FIELDS[2:]]
 
 
 def model_card(predictor: Predictor) -> dict:
