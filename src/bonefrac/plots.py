@@ -96,6 +96,16 @@ def plot_confusion_matrix(
     return _finish(figure, path)
 
 
+def _roc_axes(ax) -> None:
+    """The axes every ROC plot shares: rates from 0 to 1, square, a light grid."""
+    ax.set_xlabel("1 - specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+
+
 def plot_roc(
     y_true: np.ndarray,
     proba: np.ndarray,
@@ -126,12 +136,7 @@ def plot_roc(
         is_case = y_true == positive
         ax.plot(flagged[~is_case].mean(), flagged[is_case].mean(), "o", color="black", markersize=5,
                 label=f"threshold {threshold:.2f}")
-    ax.set_xlabel("1 - specificity (false-positive rate)")
-    ax.set_ylabel("sensitivity (true-positive rate)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
+    _roc_axes(ax)
     ax.legend(loc="lower right", fontsize=7.5)
     ax.set_title(f"{title} ({_n_text(y_true, labels, positive)})", fontsize=10)
     return _finish(figure, path)
@@ -164,12 +169,7 @@ def plot_roc_folds(
     if pooled_auc and pooled_auc.get("low") is not None:
         text += f" [{pooled_auc['low']:.3f}, {pooled_auc['high']:.3f}]"
     ax.plot(fpr, tpr, color="black", linewidth=2, label=f"pooled: AUC {text}")
-    ax.set_xlabel("1 - specificity (false-positive rate)")
-    ax.set_ylabel("sensitivity (true-positive rate)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
+    _roc_axes(ax)
     ax.legend(loc="lower right", fontsize=7)
     ax.set_title(f"{title} ({len(is_case)} images)", fontsize=10)
     return _finish(figure, path)
