@@ -17,7 +17,7 @@ from bonefrac.cv import OOF_FILE, by_values, cross_validate, plan_folds
 from bonefrac.data.dataset import scan_folders
 from bonefrac.errors import BonefracError, DatasetError
 from bonefrac.run import Run
-from tests.helpers import write_bar_set
+from tests.helpers import write_bar_set, write_folder_manifest
 
 
 def test_singleton_groups_are_stratified_within_one_image_per_class():
@@ -71,10 +71,7 @@ def two_folders(tmp_path_factory) -> list[Path]:
     plain = write_bar_set(base / "plain", {"": 8}, seed=1)
     records = [{"label": label, "file": f"{i}.png", "group": f"p{label[0]}{i // 2}", "site": "s" + str(i % 2)}
                for label in ("fractured", "not_fractured") for i in range(8)]
-    with open(plain / "manifest.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    write_folder_manifest(plain, records)
     split = write_bar_set(base / "split", {"train": 5, "test": 3}, seed=2)
     return [plain, split]
 

@@ -136,7 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bonefrac.config import build_config
     from bonefrac.data.io import truncated_loaded
     from bonefrac.run import Run
-    from bonefrac.train import fit
+    from bonefrac.train import fit, rank_zero_only
 
     overrides = {key: getattr(args, key) for key in TRAIN_OVERRIDE_KEYS} | {"data.root": args.data}
     out = Path(args.out) if args.out else None
@@ -147,6 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config_file = out / "config.yaml" if (out / "config.yaml").exists() else None
     config = build_config(config_file=config_file, overrides=overrides)
     run_dir = fit(config, out or Path("runs") / config.model.name, resume=args.resume, verbose=args.verbose)
+    if rank_zero_only.rank != 0:  # set by Lightning from torchrun's or SLURM's environment, as train.fit reads it
+        return 0  # only the first process writes summary.json (and may not have yet): it reports
     summary = Run.load(run_dir).summary()
     auroc = summary["best_val_auroc"]
     console.print(f"run directory: {run_dir}")
