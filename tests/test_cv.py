@@ -203,3 +203,16 @@ def test_a_folder_that_is_not_a_cross_validation_is_refused(two_folders, tmp_pat
     with pytest.raises(BonefracError, match="not empty"):
         cross_validate(two_folders, tiny_config(tmp_path / "cache"), tmp_path / "busy", folds=2, progress=False)
 
+
+
+def test_three_classes_are_cross_validated_by_argmax(tmp_path):
+    root = write_bar_set(tmp_path / "three", {"": 6}, seed=4)
+    (root / "other").mkdir()
+    for path in sorted((root / "fractured").glob("*.png"))[::2]:  # half the fractured images, another class
+        path.rename(root / "other" / path.name)
+    result = cross_validate([root], tiny_config(tmp_path / "cache"), tmp_path / "cv", folds=2, progress=False,
+                            n_resamples=50)
+    assert result.metrics["positive_label"] is None
+    assert {row["label"] for row in read_rows(tmp_path / "cv" / OOF_FILE)} == {"fractured", "not_fractured", "other"}
+    assert "| fold-1 |" in result.report and "argmax" in result.report
+    assert not (tmp_path / "cv" / "roc_folds.png").exists()  # each fold's evaluation has the one-vs-rest curves

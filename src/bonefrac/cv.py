@@ -75,11 +75,13 @@ class Fold:
         return dict(Counter(self.splits))
 
 
+@dataclass
 class CrossValidation:
-    """What `cross_validate` wrote: the folder, the folds, the pooled and per-fold metrics, and CV.md's text."""
+    """What `cross_validate` wrote: its folder, cv_metrics.json's content, and CV.md's text."""
 
-    def __init__(self, out_dir: Path, metrics: dict, report: str):
-        self.out_dir, self.metrics, self.report = out_dir, metrics, report
+    out_dir: Path
+    metrics: dict
+    report: str
 
 
 def readable(manifest: Manifest, *, allow_truncated: bool = False, workers: int = 1,
@@ -458,9 +460,10 @@ def _report(metrics: dict, plan: Sequence[Fold]) -> str:
               + " |", "|---" * (4 + len(SUMMARY_METRICS)) + "|"]
     for fold in plan:
         entry = metrics["per_fold"][fold.name]
-        lines.append(f"| {fold.name} | {entry['n_files']} | {entry['n_groups']} | {entry['threshold']:.3f} | "
+        threshold = "argmax" if entry["threshold"] is None else f"{entry['threshold']:.3f}"
+        lines.append(f"| {fold.name} | {entry['n_files']} | {entry['n_groups']} | {threshold} | "
                      + " | ".join(format_interval(entry[k]) for k in SUMMARY_METRICS) + " |")
-    if (metrics["positive_label"]):
+    if metrics["positive_label"]:
         lines += ["", f"![per-fold ROC curves]({ROC_FILE})"]
     lines += ["", DISCLAIMER, ""]
     return "\n".join(lines)
