@@ -3,6 +3,9 @@ CSV formula injection and the server's response headers. Every file is generated
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -12,8 +15,22 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
+from bonefrac.atomic import _UMASK, atomic_open, write_atomic
+from bonefrac.cli import main
 from bonefrac.data.io import NON_FINITE_REASON, read_image
-from bonefrac.errors import ImageReadError
+from bonefrac.errors import BonefracError, ImageReadError
+from bonefrac.export import ExportError, export_onnx
+from bonefrac.predict import Predictor
+from bonefrac.run import (
+    CALIBRATION_FILE,
+    LABELS_FILE,
+    ONNX_FILE,
+    ONNX_META_FILE,
+    PREPROCESSING_FILE,
+    SUMMARY_FILE,
+    WEIGHTS_FILE,
+    Run,
+)
 from tests.helpers import write_dicom
 
 # --------------------------------------------------------------------------------------------------------
@@ -94,3 +111,119 @@ def test_finite_float_images_still_read(tmp_path: Path, make) -> None:
     pixels, _ = read_image(make(tmp_path))
     assert pixels.shape == (32, 32) and np.isfinite(pixels).all()
     assert pixels.min() == 0.0 and pixels.max() == 1.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Run files: written atomically, a damaged one named with what to do, never a traceback
+
+
+def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path: Path) -> None:
+    target = write_atomic(tmp_path / "summary.json", '{"old": 1}')
+    with pytest.raises(RuntimeError), atomic_open(target, "w") as handle:
+        handle.write('{"new": ')
+        raise RuntimeError("killed half-way")
+    assert target.read_text() == '{"old": 1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left behind
+    write_atomic(target, b'{"new": 2}')
+    assert json.loads(target.read_text()) == {"new": 2}
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_UMASK  # as open() would have made it, not mkstemp's 0600
+
+
+@pytest.fixture(scope="module")
+def exported_run(bar_run, tmp_path_factory) -> Path:
+    """A copy of the session's tiny calibrated run, exported to ONNX; tests copy it again before damaging it."""
+    run = Path(shutil.copytree(bar_run, tmp_path_factory.mktemp("reliability") / "run"))
+    export_onnx(run)
+    return run
+
+
+@pytest.fixture
+def run_copy(exported_run, tmp_path) -> Path:
+    return Path(shutil.copytree(exported_run, tmp_path / "run"))
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_export_records_the_onnx_sha256(exported_run) -> None:
+    meta = json.loads((exported_run / ONNX_META_FILE).read_text())
+    assert meta["onnx_sha256"] == hashlib.sha256((exported_run / ONNX_FILE).read_bytes()).hexdigest()
+    assert meta["weights_sha256"] == Run.load(exported_run).weights_sha256()  # the weights' own, as before
+    assert not list(exported_run.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "says"),
+    [
+        (WEIGHTS_FILE, _truncate, "train the run again"),
+        (CALIBRATION_FILE, _truncate, "calibrate again: bonefrac calibrate"),
+        (CALIBRATION_FILE, lambda p: p.write_text("[1, 2]"), "not a JSON object"),
+        (SUMMARY_FILE, _truncate, "train the run again"),
+        (LABELS_FILE, _truncate, "train the run again"),
+        (PREPROCESSING_FILE, lambda p: p.write_bytes(b"\xff\xfe garbage"), "train the run again"),
+    ],
+)
+def test_damaged_run_file_is_a_clear_error(run_copy, capsys, name, damage, says) -> None:
+    if name == SUMMARY_FILE:
+        (run_copy / name).write_text(json.dumps({"epochs": 2, "best_epoch": 1}))
+    damage(run_copy / name)
+
+    def use() -> None:
+        run = Run.load(run_copy)
+        run.network()
+        run.summary()
+
+    with pytest.raises(BonefracError) as caught:
+        use()
+    assert str(run_copy / name) in str(caught.value) and "damaged" in str(caught.value) and says in str(caught.value)
+    if name != SUMMARY_FILE:  # predict reads every other one: the CLI says it in one line and exits 2
+        assert main(["predict", str(run_copy), str(tmp_image(run_copy.parent)), "--backend", "torch"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {run_copy / name} is damaged" in " ".join(err.split()) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "replaced"])
+def test_damaged_model_onnx_falls_back_to_torch_with_auto_and_is_refused_with_onnx(run_copy, capsys, damage) -> None:
+    onnx_path = run_copy / ONNX_FILE
+    if damage == "truncated":
+        _truncate(onnx_path)
+    else:  # a valid graph of the same size, but not this export's (the sha256 differs)
+        data = bytearray(onnx_path.read_bytes())
+        data[-1] ^= 0xFF
+        onnx_path.write_bytes(bytes(data))
+    predictor = Predictor(run_copy, backend="auto")
+    assert predictor.backend == "torch"
+    assert str(onnx_path) in predictor.backend_note and "export again" in predictor.backend_note
+    with pytest.raises(BonefracError, match="export again"):
+        Predictor(run_copy, backend="onnx")
+    image = tmp_image(run_copy.parent)
+    assert main(["predict", str(run_copy), str(image)]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "predicting with torch" in err and "Traceback" not in err
+
+
+def test_onnx_that_does_not_load_without_a_recorded_sha256_falls_back(run_copy) -> None:
+    """An export from before onnx_sha256 was recorded: onnxruntime's own failure is caught the same way."""
+    meta = json.loads((run_copy / ONNX_META_FILE).read_text())
+    del meta["onnx_sha256"]
+    (run_copy / ONNX_META_FILE).write_text(json.dumps(meta))
+    _truncate(run_copy / ONNX_FILE)
+    predictor = Predictor(run_copy, backend="auto")
+    assert predictor.backend == "torch" and "does not load" in predictor.backend_note
+    with pytest.raises(BonefracError, match="does not load"):
+        Predictor(run_copy, backend="onnx")
+
+
+def test_failed_parity_leaves_no_model_onnx_of_an_earlier_export(run_copy) -> None:
+    with pytest.raises(ExportError):
+        export_onnx(run_copy, tolerance=-1.0)
+    assert not (run_copy / ONNX_FILE).exists() and not (run_copy / ONNX_META_FILE).exists()
+
+
+def tmp_image(folder: Path) -> Path:
+    """A 32 px gray PNG to predict."""
+    path = folder / "bar.png"
+    Image.fromarray((_ramp() * 255).astype(np.uint8)).save(path)
+    return path

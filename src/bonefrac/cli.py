@@ -426,6 +426,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(run, backend=args.backend, batch_size=args.batch_size, tta=args.tta,
                           operating_point=args.operating_point, threshold=args.threshold,
                           allow_truncated=args.allow_truncated)
+    if predictor.backend_note:
+        status.print(f"[yellow]warning:[/yellow] {predictor.backend_note}", highlight=False)
     with progress("predicting") as update:
         result = predictor.predict_paths(paths, progress=update, prevalence=args.prevalence)
     if to_stdout:

@@ -213,7 +213,9 @@ class Predictor:
     """A run's model with its preprocessing, temperature and decision rule, ready for image files.
 
     backend: "onnx" (onnxruntime on RUN/model.onnx, made by `bonefrac export`), "torch", or "auto" (onnx when
-    model.onnx exists and was exported from the current weights, else torch). allow_truncated: load truncated files
+    model.onnx exists and was exported from the current weights, else torch). A model.onnx that is there but cannot be
+    used (damaged, stale, not loadable) is an error with "onnx" and, with "auto", torch with `backend_note` saying
+    why (the CLI prints it as one warning line). allow_truncated: load truncated files
     (their rows say truncated) instead of failing them; None: as the run was trained (Run.allow_truncated).
     """
 
@@ -239,15 +241,15 @@ class Predictor:
         self.batch_size = max(1, batch_size)
         self.tta = tta
         self.allow_truncated = self.run.allow_truncated(allow_truncated)
+        self.backend_note: str | None = None  # why "auto" did not use an existing model.onnx
         self.backend = self._choose_backend(backend)
         self._session = None
         if self.backend == "onnx":
-            import onnxruntime
-
-            self._session = onnxruntime.InferenceSession(
-                str(self.run.path / ONNX_FILE), providers=["CPUExecutionProvider"]
-            )
-            self._input_name = self._session.get_inputs()[0].name
+            self._session = self._onnx_session(backend)
+            if self._session is None:
+                self.backend = "torch"
+            else:
+                self._input_name = self._session.get_inputs()[0].name
 
     # What the run says, named as the callers (serve, explain, the CLI) use it.
     run_dir = property(lambda self: self.run.path)
@@ -277,7 +279,24 @@ class Predictor:
             return "onnx"
         if backend == "onnx":
             raise BonefracError(problem)
+        if (self.run.path / ONNX_FILE).is_file():
+            self.backend_note = f"{problem}; predicting with torch"
         return "torch"
+
+    def _onnx_session(self, backend: str):
+        """onnxruntime's session on model.onnx; None (auto: torch, with backend_note) when the file does not load."""
+        import onnxruntime
+
+        path = self.run.path / ONNX_FILE
+        try:
+            return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for a bad file
+            problem = (f"{path} does not load ({type(err).__name__}); export again: "
+                       f"bonefrac export {self.run.path} --format onnx")
+            if backend == "onnx":
+                raise BonefracError(problem) from None
+            self.backend_note = f"{problem}; predicting with torch"
+            return None
 
     def logits(self, batch: torch.Tensor) -> np.ndarray:
         """Raw logits (n, C) of a preprocessed batch (n, C, S, S); with tta, the mean over tta_views (tta_logits)."""

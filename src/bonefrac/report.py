@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from bonefrac import DISCLAIMER, __version__
+from bonefrac.atomic import write_atomic
 from bonefrac.data.audit import leak_line
 from bonefrac.data.dataset import SYNTHETIC_NOTICE, common_root, find_layout
 from bonefrac.data.io import read_image, truncated_loaded
@@ -522,5 +523,4 @@ def write_report(run: Run | str | Path, data_root: str | Path | Sequence[str | P
         f"<title>bonefrac report: {esc(name)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
     )
     out = run.path / REPORT_FILE
-    out.write_text(page, encoding="utf-8")
-    return out
+    return write_atomic(out, page)

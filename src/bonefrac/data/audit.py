@@ -34,6 +34,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.metrics import roc_auc_score
 
 from bonefrac import DISCLAIMER
+from bonefrac.atomic import write_atomic
 from bonefrac.data.dataset import SPLITS, FileProblem, Manifest, ManifestRow, scan_folder
 from bonefrac.data.io import ImageInfo, read_image, truncated_loaded
 from bonefrac.errors import ImageReadError
@@ -416,8 +417,7 @@ def write_json(report: AuditReport, out_dir: str | Path) -> Path:
     """out_dir/audit.json (AUDIT_FILE)."""
     out = Path(out_dir) / AUDIT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report.to_dict(), indent=2))
-    return out
+    return write_atomic(out, json.dumps(report.to_dict(), indent=2))
 
 
 def _thumbnail_uri(path: Path, side: int = 112) -> str:

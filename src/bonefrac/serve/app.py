@@ -139,6 +139,8 @@ class Service:
             raise BonefracError(f"backend {settings.backend!r}: choose from {', '.join(BACKENDS)}")
         self.settings = settings
         self.predictor = Predictor(run_dir, backend=settings.backend, allow_truncated=settings.allow_truncated)
+        if self.predictor.backend_note:
+            log.warning(self.predictor.backend_note)
         if self.predictor.backend == "onnx":
             # onnxruntime runs the model; PyTorch only preprocesses (and draws heatmaps). Its OpenMP threads, spinning
             # after each preprocessing op, took the cores from onnxruntime's: 25-34 ms a request on 2 cores against
