@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -17,10 +18,13 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from bonefrac.atomic import _UMASK, atomic_open, write_atomic
 from bonefrac.cli import main
+from bonefrac.data import dataset as dataset_module
+from bonefrac.data.audit import audit_manifest
+from bonefrac.data.dataset import scan_folder, walk_files
 from bonefrac.data.io import NON_FINITE_REASON, read_image
-from bonefrac.errors import BonefracError, ImageReadError
+from bonefrac.errors import BonefracError, DatasetError, ImageReadError
 from bonefrac.export import ExportError, export_onnx
-from bonefrac.predict import Predictor
+from bonefrac.predict import Predictor, expand_paths
 from bonefrac.run import (
     CALIBRATION_FILE,
     LABELS_FILE,
@@ -31,7 +35,7 @@ from bonefrac.run import (
     WEIGHTS_FILE,
     Run,
 )
-from tests.helpers import write_dicom
+from tests.helpers import bar_image, write_bar_set, write_dicom
 
 # --------------------------------------------------------------------------------------------------------
 # Non-finite pixels: refused by the reader, never passed on to a model
@@ -227,3 +231,90 @@ def tmp_image(folder: Path) -> Path:
     path = folder / "bar.png"
     Image.fromarray((_ramp() * 255).astype(np.uint8)).save(path)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# Nothing vanishes: unreadable folders are reported, links never make a cycle or a file twice
+
+_REAL_SCANDIR = os.scandir
+
+
+@pytest.fixture
+def locked(monkeypatch):
+    """Folders named "locked" cannot be listed. Simulated: chmod cannot lock out root, which runs the tests here."""
+
+    def scandir(path="."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return _REAL_SCANDIR(path)
+
+    monkeypatch.setattr(dataset_module.os, "scandir", scandir)
+
+
+def _linked_tree(root: Path) -> Path:
+    """root/a.png, root/sub/b.png, and links: root/loop -> root, root/sub/up -> root/sub, root/again.png -> a.png."""
+    rng = np.random.default_rng(0)
+    (root / "sub").mkdir(parents=True)
+    bar_image(rng, True).save(root / "a.png")
+    bar_image(rng, False).save(root / "sub" / "b.png")
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "sub" / "up").symlink_to(root / "sub", target_is_directory=True)
+    (root / "again.png").symlink_to(root / "a.png")
+    return root
+
+
+def test_walk_files_follows_links_once_and_never_round_a_cycle(tmp_path: Path) -> None:
+    root = _linked_tree(tmp_path / "data")
+    files, problems = walk_files(root)
+    assert [p.relative_to(root).as_posix() for p in files] == ["a.png", "sub/b.png"] and problems == []
+
+
+def test_a_glob_through_a_link_to_its_own_folder_gives_each_file_once(tmp_path: Path) -> None:
+    root = _linked_tree(tmp_path / "data")
+    files, _ = expand_paths([str(root / "**" / "*.png")])
+    assert sorted(p.resolve() for p in files) == [root / "a.png", root / "sub" / "b.png"]
+    files, _ = expand_paths([root, root / "sub", str(root / "*.png")])  # a folder, its subfolder and a glob
+    assert len(files) == 2
+
+
+def test_unreadable_folder_is_a_problem_not_nothing(tmp_path: Path, locked) -> None:
+    root = _linked_tree(tmp_path / "data")
+    (root / "sub" / "locked").mkdir()
+    files, problems = walk_files(root)
+    assert len(files) == 2
+    assert [(p.path, p.reason) for p in problems] == [
+        (str(root / "sub" / "locked"), "folder cannot be read (Permission denied)")]
+
+
+def test_predict_gives_an_unreadable_folder_a_row(bar_run, tmp_path: Path, locked) -> None:
+    root = _linked_tree(tmp_path / "inbox")
+    (root / "sub" / "locked").mkdir()
+    result = Predictor(bar_run, backend="torch").predict_paths([root])
+    rows = {row.file: row for row in result.rows}
+    assert len(result.rows) == 3 and result.n_errors == 1
+    row = rows[str(root / "sub" / "locked")]
+    assert row.status == "error" and row.error == "folder cannot be read (Permission denied)"
+
+
+def test_scan_and_audit_list_an_unreadable_folder(tmp_path: Path, locked) -> None:
+    root = write_bar_set(tmp_path / "data", {"train": 3, "val": 2})
+    (root / "train" / "fractured" / "locked").mkdir()
+    manifest = scan_folder(root)
+    assert len(manifest.rows) == 10
+    problem = ("train/fractured/locked", "folder cannot be read (Permission denied)")
+    assert [(p.path, p.reason) for p in manifest.problems] == [problem]
+    assert problem in [(p.path, p.reason) for p in audit_manifest(manifest, workers=1).problems]
+
+
+def test_an_unreadable_split_folder_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    root = write_bar_set(tmp_path / "data", {"train": 2, "val": 2})
+    listing = Path.iterdir
+
+    def iterdir(self: Path):
+        if self.name == "train":
+            raise PermissionError(13, "Permission denied", str(self))
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(DatasetError, match="train: folder cannot be read \\(Permission denied\\)"):
+        scan_folder(root)

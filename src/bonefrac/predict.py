@@ -50,6 +50,7 @@ from rich.text import Text
 
 from bonefrac.calibration import apply_temperature, levels_text
 from bonefrac.choices import BACKENDS, PREDICTION_FORMATS, STUDY_AGGREGATE
+from bonefrac.data.dataset import FileProblem, walk_files
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format, truncated_loaded
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import format_interval
@@ -74,21 +75,31 @@ def _image_like(path: Path) -> bool:
         return False
 
 
-def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], int]:
+def expand_paths(
+    paths: Iterable[str | os.PathLike[str]], *, problems: list[FileProblem] | None = None
+) -> tuple[list[Path], int]:
     """(files to predict, number of non-image files passed over) for files, folders and globs, in a stable order.
 
     A file named explicitly is always read (and reported if it is not an image); folders are searched recursively
-    and globs expanded here when the shell did not, keeping only image-like files (IMAGE_SUFFIXES or magic bytes).
-    A path that is neither a file, a folder nor a matching glob stays in the list, so that it gets its own error row.
+    (dataset.walk_files: links followed, never round a cycle) and globs expanded here when the shell did not, keeping
+    only image-like files (IMAGE_SUFFIXES or magic bytes). A path that is neither a file, a folder nor a matching glob
+    stays in the list, so that it gets its own error row. A folder that cannot be listed is added to `problems`.
+    A file reached twice (a folder and a glob, a link, a glob through a link to its own folder) is given once.
     """
     files: list[Path] = []
     skipped = 0
+
+    def add_folder(folder: Path) -> None:
+        found, unreadable = walk_files(folder, hidden_folders=True)
+        if problems is not None:
+            problems.extend(unreadable)
+        add_candidates(found)
 
     def add_candidates(candidates: Iterable[Path]) -> None:
         nonlocal skipped
         for candidate in sorted(candidates):
             if candidate.is_dir():
-                add_candidates(candidate.rglob("*"))
+                add_folder(candidate)
             elif _image_like(candidate):
                 files.append(candidate)
             else:
@@ -97,7 +108,7 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], i
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            add_candidates(p for p in path.rglob("*") if not p.is_dir())
+            add_folder(path)
         elif path.exists() or not _GLOB_CHARS & set(str(raw)):
             files.append(path)
         else:
@@ -106,8 +117,10 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], i
                 add_candidates(matches)
             else:
                 files.append(path)  # read_image will say "file not found"
-    unique = list(dict.fromkeys(files))  # a file reached twice (a folder and a glob) is predicted once
-    return unique, skipped
+    unique: dict[Path, Path] = {}
+    for file in files:  # by resolved path: "**" through a link to its own folder matches one file many times
+        unique.setdefault(file.resolve(), file)
+    return list(unique.values()), skipped
 
 
 # --- prediction ----------------------------------------------------------------------------------------------------
@@ -358,7 +371,8 @@ class Predictor:
         prevalence: add PPV and NPV at it (Calibration.predictive_values; a bad one fails before any image is read).
         """
         values = None if prevalence is None else self.run.calibration.predictive_values(prevalence)
-        files, skipped = expand_paths(paths)
+        unreadable: list[FileProblem] = []  # folders that could not be listed: each gets an error row
+        files, skipped = expand_paths(paths, problems=unreadable)
         rows: list[PredictionRow | None] = [None] * len(files)
         pending: list[tuple[int, PreparedImage]] = []
 
@@ -380,6 +394,8 @@ class Predictor:
             if progress:
                 progress(index + 1, len(files))
         flush()
+        rows += [PredictionRow(problem.path, "error", {}, "", self.threshold, self.operating_point, problem.reason)
+                 for problem in unreadable]
         return PredictionResult(self.labels, [row for row in rows if row is not None], skipped, self.backend, values)
 
 
