@@ -3,28 +3,37 @@ CSV formula injection and the server's response headers. Every file is generated
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
+import logging
 import os
 import shutil
+import socket
 import warnings
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+from rich.console import Console
 
+import bonefrac
 from bonefrac.atomic import _UMASK, atomic_open, write_atomic
 from bonefrac.cli import main
 from bonefrac.data import dataset as dataset_module
 from bonefrac.data.audit import audit_manifest
-from bonefrac.data.dataset import scan_folder, walk_files
+from bonefrac.data.dataset import read_manifest, scan_folder, walk_files, write_manifest
 from bonefrac.data.io import NON_FINITE_REASON, read_image
 from bonefrac.errors import BonefracError, DatasetError, ImageReadError
 from bonefrac.export import ExportError, export_onnx
-from bonefrac.predict import Predictor, expand_paths
+from bonefrac.predict import Predictor, expand_paths, prediction_table, write_predictions
 from bonefrac.run import (
     CALIBRATION_FILE,
     LABELS_FILE,
@@ -35,6 +44,9 @@ from bonefrac.run import (
     WEIGHTS_FILE,
     Run,
 )
+from bonefrac.safe_text import neutralise_csv, restore_csv, terminal_safe
+from bonefrac.serve import ServeSettings, create_app
+from bonefrac.serve.hosts import allowed_hosts
 from tests.helpers import bar_image, write_bar_set, write_dicom
 
 # --------------------------------------------------------------------------------------------------------
@@ -318,3 +330,134 @@ def test_an_unreadable_split_folder_is_a_clear_error(tmp_path: Path, monkeypatch
     monkeypatch.setattr(Path, "iterdir", iterdir)
     with pytest.raises(DatasetError, match="train: folder cannot be read \\(Permission denied\\)"):
         scan_folder(root)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output hygiene: CSV cells, terminal text, the server's headers and hosts, its log
+
+
+@pytest.mark.parametrize(
+    ("cell", "written"),
+    [
+        ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"),
+        ("+1", "+1"),  # numbers stay numbers
+        ("-0.5", "-0.5"),
+        ("-1e-05", "-1e-05"),
+        ("+cmd", "'+cmd"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("\tx.png", "'\tx.png"),
+        ("\rx.png", "'\rx.png"),
+        ("'quoted", "''quoted"),  # so that restore_csv gives back exactly what was written
+        ("a=b.png", "a=b.png"),
+        ("", ""),
+        (0.25, 0.25),
+        (None, None),
+    ],
+)
+def test_csv_cells_are_neutralised_and_restored(cell, written) -> None:
+    assert neutralise_csv([cell]) == [written]
+    assert neutralise_csv({"file": cell}) == {"file": written}
+    if isinstance(cell, str):
+        assert restore_csv({"file": written}) == {"file": cell}
+
+
+def test_every_csv_writer_neutralises_its_cells() -> None:
+    """One helper, used wherever bonefrac writes a CSV for a user; the exceptions write numbers or names it made."""
+    numbers_or_own_names = {"run.py", "tune.py", "synth.py", "split.py"}
+    for path in Path(bonefrac.__file__).parent.rglob("*.py"):
+        text = path.read_text()
+        if ("csv.writer(" in text or "csv.DictWriter(" in text) and path.name not in numbers_or_own_names:
+            assert "neutralise_csv(" in text or "_write_csv(" in text, path
+
+
+def test_predictions_csv_of_a_formula_file_name(bar_run, tmp_path: Path, monkeypatch) -> None:
+    names = ["=HYPERLINK(1).png", "@evil.png", "-x.png", "+y.png", "plain.png"]
+    for name in names:
+        bar_image(np.random.default_rng(0), True).save(tmp_path / name)
+    monkeypatch.chdir(tmp_path)  # relative names: the file cell starts with the name itself
+    result = Predictor(bar_run, backend="torch").predict_paths(names)
+    out = write_predictions(result, tmp_path / "predictions.csv")
+    with open(out, newline="") as handle:
+        files = [row["file"] for row in csv.DictReader(handle)]
+    assert files == ["'=HYPERLINK(1).png", "'@evil.png", "'-x.png", "'+y.png", "plain.png"]
+
+
+def test_manifest_csv_neutralised_and_read_back_unchanged(tmp_path: Path) -> None:
+    root = write_bar_set(tmp_path / "data", {"train": 2, "val": 2})
+    (root / "train" / "fractured" / "0.png").rename(root / "train" / "fractured" / "=cmd.png")
+    manifest = scan_folder(root)
+    write_manifest(manifest, tmp_path / "out")
+    text = (tmp_path / "out" / "manifest.csv").read_text()
+    assert "train/fractured/=cmd.png" in text  # a path never starts with "=": it starts with the split
+    manifest.rows[0].path = "=cmd.png"  # a CSV-sourced manifest row may be a bare name
+    manifest.rows[0].group = "@group"
+    write_manifest(manifest, tmp_path / "out")
+    text = (tmp_path / "out" / "manifest.csv").read_text()
+    assert "\n'=cmd.png," in text and ",'@group," in text
+    assert read_manifest(tmp_path / "out").rows[0].path == "=cmd.png"
+    assert read_manifest(tmp_path / "out").rows[0].group == "@group"
+
+
+def test_terminal_text_escapes_control_characters_and_markup(bar_run, tmp_path: Path) -> None:
+    assert terminal_safe("a\x1b[31mred\x07.png") == "a\\x1b[31mred\\x07.png"
+    assert terminal_safe("[bold]x[/bold]") == "\\[bold]x\\[/bold]"
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    bar_image(np.random.default_rng(0), True).save(folder / "evil\x1b]0;pwned\x07.png")
+    result = Predictor(bar_run, backend="torch").predict_paths([folder])
+    console = Console(file=io.StringIO(), width=200, force_terminal=True)
+    console.print(prediction_table(result, "default", "fractured"))
+    shown = console.file.getvalue()
+    assert "\x1b]0;" not in shown and "\x07" not in shown and "\\x1b]0;pwned\\x07.png" in shown
+
+
+@pytest.fixture(scope="module")
+def guarded_app(bar_run):
+    return create_app(bar_run, ServeSettings(allowed_hosts=allowed_hosts("127.0.0.1")))
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [("localhost:8000", 200), ("127.0.0.1", 200), ("[::1]:8000", 200), ("evil.example", 400),
+     ("127.0.0.1.evil.example", 400), ("", 400)],
+)
+def test_only_allowed_hosts_are_answered_and_every_answer_is_nosniff(guarded_app, host, status) -> None:
+    with TestClient(guarded_app) as client:
+        response = client.get("/health", headers={"host": host})
+    assert response.status_code == status
+    assert response.headers["x-content-type-options"] == "nosniff"
+    if status == 400:
+        assert "--allowed-host" in response.json()["detail"] and "evil" not in response.text
+
+
+def test_nosniff_on_errors_and_pages_and_any_host_without_a_list(bar_run) -> None:
+    with TestClient(create_app(bar_run)) as client:  # create_app alone: no host list (TestClient says testserver)
+        answers = [client.get("/"), client.get("/nowhere"), client.post("/v1/predict", content=b"x"),
+                   client.post("/v1/predict", files={"file": ("a.png", b"not an image")})]
+    assert [r.status_code for r in answers] == [200, 404, 415, 415]
+    assert all(r.headers["x-content-type-options"] == "nosniff" for r in answers)
+
+
+def test_allowed_hosts_of_a_wildcard_bind_and_extra_names() -> None:
+    assert allowed_hosts("127.0.0.1") == ("127.0.0.1", "localhost", "::1")
+    assert "xray.lan" in allowed_hosts("127.0.0.1", ["XRay.lan"])
+    everywhere = allowed_hosts("0.0.0.0")
+    assert "0.0.0.0" not in everywhere and socket.gethostname().lower() in everywhere
+
+
+def test_a_broken_codec_inside_a_dicom_logs_one_line_without_a_traceback(tmp_path: Path, caplog) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    path = write_dicom(tmp_path / "a.dcm", np.zeros((64, 64)), bits_stored=8)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.BitsAllocated, ds.HighBit = 8, 7
+    ds.PixelData = encapsulate([jpeg[: len(jpeg) // 2]])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    with caplog.at_level(logging.INFO), pytest.raises(ImageReadError, match="corrupt DICOM"):
+        read_image(path)
+    assert all(record.exc_info is None and not record.exc_text for record in caplog.records)
+    assert "Traceback" not in caplog.text

@@ -76,6 +76,7 @@ from bonefrac.metrics import (
     format_interval,
 )
 from bonefrac.run import Run
+from bonefrac.safe_text import neutralise_csv
 from bonefrac.shipped import is_shipped
 from bonefrac.study import (
     LABEL_RULE,
@@ -723,9 +724,9 @@ def _write_predictions(path: Path, predictions: SplitPredictions, proba: np.ndar
     labels = predictions.labels
     with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "label", "group", *(f"p_{label}" for label in labels), "prediction"])
+        writer.writerow(neutralise_csv(["file", "label", "group", *(f"p_{label}" for label in labels), "prediction"]))
         for file, y, group, p, pred in zip(predictions.files, predictions.y_true, groups, proba, y_pred, strict=True):
-            writer.writerow([file, labels[y], group, *(f"{v:.6f}" for v in p), labels[pred]])
+            writer.writerow(neutralise_csv([file, labels[y], group, *(f"{v:.6f}" for v in p), labels[pred]]))
 
 
 def _report_text(metrics: dict, intervals: dict[str, Interval], labels: list[str]) -> str:

@@ -56,6 +56,7 @@ from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import format_interval
 from bonefrac.ood import OODVerdict, check_radiograph
 from bonefrac.run import ONNX_FILE, Run
+from bonefrac.safe_text import neutralise_csv, terminal_safe
 from bonefrac.study import Studies, StudyIds, aggregate_studies, study_decisions, study_of_files
 from bonefrac.tta import tta_logits
 
@@ -459,7 +460,7 @@ def _write_rows(result: PredictionResult, handle: TextIO, fmt: str) -> None:
         writer = csv.DictWriter(handle, fieldnames=csv_columns(result.labels), lineterminator="\n")
         writer.writeheader()
         for record in records:
-            writer.writerow({key: "" if value is None else value for key, value in record.items()})
+            writer.writerow(neutralise_csv({key: "" if value is None else value for key, value in record.items()}))
 
 
 def prediction_table(result: PredictionResult, operating_point: str, positive_label: str | None) -> Table:
@@ -468,10 +469,12 @@ def prediction_table(result: PredictionResult, operating_point: str, positive_la
     the three-level answer when the run has one. Decisions are never cut: the file column folds first."""
     # Paths relative to the folder they share, so that the table has room for them in a narrow terminal.
     base = os.path.commonpath([os.path.abspath(Path(row.file).parent) for row in result.rows]) if result.rows else ""
-    table = Table(title=f"files under {base or '.'} ({result.backend} backend, operating point {operating_point})",
+    # File names are the user's: a control character in one (an ESC sequence) is shown escaped, never obeyed.
+    table = Table(title=f"files under {terminal_safe(base or '.')} ({result.backend} backend, operating point "
+                        f"{operating_point})",
                   expand=True)
     shown = [positive_label] if positive_label else list(result.labels)
-    names = [(os.path.relpath(os.path.abspath(row.file), base) if base else row.file)
+    names = [terminal_safe(os.path.relpath(os.path.abspath(row.file), base) if base else row.file)
              + (" (truncated)" if row.truncated else "") for row in result.rows]
     table.add_column("file", overflow="fold", ratio=1, min_width=min(24, max(map(len, names), default=4)))
     for label in shown:
@@ -488,7 +491,7 @@ def prediction_table(result: PredictionResult, operating_point: str, positive_la
             decision = f"not assessed: {row.ood_reason}"
         else:
             decision = row.prediction
-        table.add_row(name, *probabilities, decision, *[row.level or ""] * with_levels)
+        table.add_row(name, *probabilities, terminal_safe(decision), *[row.level or ""] * with_levels)
     return table
 
 
@@ -527,7 +530,7 @@ def study_table(studies: Studies, run: Run, source: str) -> Table:
     table.add_column("decision", no_wrap=True)
     for study, n, p, decision in zip(studies.ids, studies.n_images, studies.p,
                                      study_decisions(studies, positive, threshold), strict=True):
-        table.add_row(study, str(int(n)), f"{p:.4f}", run.labels[decision])
+        table.add_row(terminal_safe(study), str(int(n)), f"{p:.4f}", run.labels[decision])
     return table
 
 

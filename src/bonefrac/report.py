@@ -29,6 +29,7 @@ from bonefrac.data.io import read_image, truncated_loaded
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import METRIC_NAMES, format_interval, format_number
 from bonefrac.run import CONFIG_FILE, CURVES_FILE, REPORT_FILE, Run
+from bonefrac.safe_text import restore_csv
 
 SAMPLES_PER_CLASS = 4
 THUMBNAIL_SIDE = 112
@@ -412,7 +413,7 @@ def gallery_picks(predictions_csv: Path, positive: str, per_kind: int = GALLERY_
     """(kind, predictions.csv row) for the gallery: the most confident true positives, the most confident false
     negatives (lowest p among fractured) and false positives (highest p among the rest)."""
     with open(predictions_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+        rows = [restore_csv(record) for record in csv.DictReader(handle)]
     column = f"p_{positive}"
     by_p = sorted(rows, key=lambda r: float(r[column]), reverse=True)
     found = [r for r in by_p if r["label"] == positive]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from bonefrac.data.io import probe_image
 from bonefrac.errors import DatasetError, ImageReadError
+from bonefrac.safe_text import neutralise_csv, restore_csv
 
 SPLIT_NAMES = {
     "train": "train",
@@ -359,11 +360,11 @@ def write_manifest(manifest: Manifest, out_dir: str | Path) -> Path:
     with open(out_dir / "manifest.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()
-        writer.writerows(asdict(row) for row in manifest.rows)
+        writer.writerows(neutralise_csv(asdict(row)) for row in manifest.rows)
     with open(out_dir / "problems.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "reason"])
         writer.writeheader()
-        writer.writerows(asdict(problem) for problem in manifest.problems)
+        writer.writerows(neutralise_csv(asdict(problem)) for problem in manifest.problems)
     (out_dir / "labels.json").write_text(
         json.dumps({"root": str(manifest.root), "labels": manifest.labels}, indent=2)
     )
@@ -376,13 +377,13 @@ def read_manifest(out_dir: str | Path) -> Manifest:
     meta = json.loads((out_dir / "labels.json").read_text())
     with open(out_dir / "manifest.csv", newline="") as handle:
         rows = [
-            ManifestRow(**{k: int(v) if k in _INT_FIELDS else v for k, v in record.items()})
+            ManifestRow(**{k: int(v) if k in _INT_FIELDS else v for k, v in restore_csv(record).items()})
             for record in csv.DictReader(handle)
         ]
     problems: list[FileProblem] = []
     if (out_dir / "problems.csv").exists():
         with open(out_dir / "problems.csv", newline="") as handle:
-            problems = [FileProblem(**record) for record in csv.DictReader(handle)]
+            problems = [FileProblem(**restore_csv(record)) for record in csv.DictReader(handle)]
     return Manifest(root=Path(meta["root"]), labels=list(meta["labels"]), rows=rows, problems=problems)
 
 

@@ -15,6 +15,7 @@ memory (`read_image(data, name=filename)`), the same way as a file and without b
 from __future__ import annotations
 
 import io
+import logging
 import os
 import stat
 import struct
@@ -114,6 +115,21 @@ NON_FINITE_REASON = "non-finite pixel values (NaN or Inf)"
 
 _PIL_BIT_DEPTH = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
 _DICOM_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+
+class _OneLine(logging.Filter):
+    """Keep a log record's message, drop its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+# pydicom logs every failing pixel decoder with LOGGER.exception: a truncated JPEG inside a DICOM put a Pillow
+# traceback in the server's log. The failure reaches the caller as an ImageReadError with the reason; the log keeps
+# pydicom's one line (the codec's message, no header value).
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_OneLine())
 
 PathLike = str | os.PathLike[str]
 # What the readers take: a file on disk, or the file's bytes already in memory (an upload that is never written).
