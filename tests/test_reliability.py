@@ -1,5 +1,7 @@
 """Reliability under abuse (issue 17): non-finite pixels, damaged run files, unreadable folders, link cycles,
-CSV formula injection and the server's response headers. Every file is generated in tmp_path."""
+CSV formula injection, terminal escapes, the server's hosts and headers, and read_image fuzzed with Hypothesis
+(random bytes and mutated valid PNG/JPEG/DICOM: an ImageReadError or a finite image, nothing else). Every file is
+generated in tmp_path or in memory; the module runs in about 15 s."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,6 +21,8 @@ import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -461,3 +466,67 @@ def test_a_broken_codec_inside_a_dicom_logs_one_line_without_a_traceback(tmp_pat
         read_image(path)
     assert all(record.exc_info is None and not record.exc_text for record in caplog.records)
     assert "Traceback" not in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------------
+# read_image under fuzzing (Hypothesis): an ImageReadError or a finite image in [0, 1], never anything else
+
+FUZZ = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ_MAX_PIXELS = 1_000_000  # a mutated header may claim any size; keep every decode small
+
+
+def _seed_files() -> dict[str, bytes]:
+    """Small valid files to mutate: PNG (8 and 16 bit), JPEG, and DICOM (with and without a VOI window)."""
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (24, 24), dtype=np.uint8)
+    files = {}
+    for name, image, fmt in (("a.png", Image.fromarray(gray), "PNG"),
+                             ("b.png", Image.fromarray(gray.astype(np.uint16) * 257), "PNG"),
+                             ("c.jpg", Image.fromarray(gray), "JPEG")):
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        files[name] = buffer.getvalue()
+    folder = Path(tempfile.mkdtemp())
+    files["d.dcm"] = write_dicom(folder / "d.dcm", gray.astype(np.uint16) * 16).read_bytes()
+    files["e.dcm"] = write_dicom(folder / "e.dcm", gray.astype(np.uint16) * 16, WindowCenter=2000,
+                                 WindowWidth=3000, RescaleSlope=1, RescaleIntercept=0).read_bytes()
+    shutil.rmtree(folder)
+    return files
+
+
+SEEDS = _seed_files()
+
+
+def _read_or_refuse(data: bytes, name: str) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels, info = read_image(data, name=name, max_pixels=FUZZ_MAX_PIXELS, allow_truncated=True)
+    except ImageReadError:
+        return
+    assert pixels.ndim == 2 and pixels.dtype == np.float32 and pixels.size > 0
+    assert np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1
+
+
+@FUZZ
+@given(data=st.binary(max_size=4096), name=st.sampled_from(["x.png", "x.jpg", "x.dcm", "x.tif", "x"]))
+def test_read_image_of_random_bytes(data: bytes, name: str) -> None:
+    _read_or_refuse(data, name)
+
+
+@FUZZ
+@given(seed=st.sampled_from(sorted(SEEDS)), data=st.data())
+def test_read_image_of_a_mutated_valid_file(seed: str, data) -> None:
+    original = bytearray(SEEDS[seed])
+    for _ in range(data.draw(st.integers(1, 8), label="mutations")):
+        kind = data.draw(st.sampled_from(["flip", "truncate", "insert", "delete"]), label="kind")
+        at = data.draw(st.integers(0, max(0, len(original) - 1)), label="at")
+        if kind == "flip" and original:
+            original[at] = data.draw(st.integers(0, 255), label="byte")
+        elif kind == "truncate":
+            del original[at:]
+        elif kind == "insert":
+            original[at:at] = data.draw(st.binary(min_size=1, max_size=16), label="bytes")
+        elif original:
+            del original[at : at + data.draw(st.integers(1, 16), label="length")]
+    _read_or_refuse(bytes(original), seed)

@@ -191,7 +191,8 @@ def probe_image(path: PathLike) -> ImageInfo:
     source = _source(path, None)
     fmt = _identify(source)
     if fmt == "DICOM":
-        return _dicom_info(source, _open_dicom(source, stop_before_pixels=True), MAX_PIXELS)
+        with _dicom_errors(source):
+            return _dicom_info(source, _open_dicom(source, stop_before_pixels=True), MAX_PIXELS)
     with source.open() as fp:
         img = _open_pil(fp, source, fmt)
         return _pil_info(img, source, fmt, MAX_PIXELS)
@@ -204,7 +205,8 @@ def dicom_study_uid(path: PathLike) -> str | None:
     source = _source(path, None)
     if _identify(source) != "DICOM":
         return None
-    uid = str(_open_dicom(source, stop_before_pixels=True).get("StudyInstanceUID") or "").strip()
+    with _dicom_errors(source):
+        uid = str(_open_dicom(source, stop_before_pixels=True).get("StudyInstanceUID") or "").strip()
     return uid or None
 
 
@@ -233,7 +235,8 @@ def read_image(
     resolved = _source(source, name)
     fmt = _identify(resolved)
     if fmt == "DICOM":
-        pixels, info = _read_dicom(resolved, max_pixels=max_pixels, max_side=max_side)
+        with _dicom_errors(resolved):
+            pixels, info = _read_dicom(resolved, max_pixels=max_pixels, max_side=max_side)
     else:
         pixels, info = _read_pil(
             resolved, fmt, allow_truncated=allow_truncated, max_pixels=max_pixels, max_side=max_side
@@ -548,6 +551,21 @@ def _read_dicom(source: _Source, *, max_pixels: int, max_side: int | None) -> tu
     if factor > 1:  # no reduced-size decoding for DICOM: box-reduce the full frame instead
         pixels = np.asarray(Image.fromarray(pixels).reduce(factor))
     return pixels, replace(info, warnings=(*info.warnings, *notes))
+
+
+@contextmanager
+def _dicom_errors(source: _Source) -> Iterator[None]:
+    """Any pydicom failure not already turned into an ImageReadError becomes one, by its type only.
+
+    pydicom converts header elements lazily, on first access, so a damaged element (an unknown VR, a value that does
+    not parse) raises whatever its converter raises wherever it is first read: found by fuzzing read_image.
+    """
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except Exception as err:  # pydicom's message may quote header values, so only its type is kept
+        raise ImageReadError(source.name, f"corrupt DICOM ({type(err).__name__} in a header element)") from err
 
 
 def _open_dicom(source: _Source, *, stop_before_pixels: bool) -> Dataset:
