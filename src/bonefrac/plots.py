@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from bonefrac.atomic import atomic_open
 from bonefrac.calibration import expected_calibration_error, reliability_curve
 from bonefrac.metrics import binary_average_precision, binary_roc_auc
 
@@ -32,7 +33,8 @@ def _figure(width: float, height: float) -> Figure:
 def _finish(figure: Figure, path: str | Path | None) -> Figure:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
+        with atomic_open(path, "wb") as handle:  # a run's plots are run files: whole or not at all
+            figure.savefig(handle, format=Path(path).suffix.lstrip(".") or "png")
     return figure
 
 
