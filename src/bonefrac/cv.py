@@ -38,6 +38,7 @@ import numpy as np
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.choices import CV_FOLDS, CV_VAL_SHARE
 from bonefrac.config import DataConfig, RunConfig, from_yaml, to_yaml
+from bonefrac.console import progress as progress_bar
 from bonefrac.data.audit import audit_manifest, manifest_hashes
 from bonefrac.data.dataset import (
     DATA_MANIFEST,
@@ -188,12 +189,14 @@ def cross_validate(
     fold not finished yet, pool the out-of-fold predictions. `config.data.root` is replaced by each fold's folders.
     """
     out_dir = Path(out_dir).expanduser().resolve()
-    manifest = scan_folders([Path(folder) for folder in data])
+    with progress_bar("scanning", progress) as update:
+        manifest = scan_folders([Path(folder) for folder in data], progress=update)
     if not manifest.rows:
         raise DatasetError("no readable images in " + ", ".join(map(str, data)))
-    say(f"{len(manifest.rows)} images in {len(manifest.datasets)} data folder(s); grouping (audit)")
-    manifest, hashes = readable(manifest, allow_truncated=config.data.allow_truncated,
-                                workers=max(1, config.data.workers))
+    say(f"{len(manifest.rows)} images in {len(manifest.datasets)} data folder(s)")
+    with progress_bar("hashing for the audit's duplicate groups", progress) as update:
+        manifest, hashes = readable(manifest, allow_truncated=config.data.allow_truncated,
+                                    workers=max(1, config.data.workers), progress=update)
     for problem in manifest.problems:
         say(f"left out: {problem.path}: {problem.reason}")
     groups = cv_groups(manifest, hashes)
