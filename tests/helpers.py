@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -110,3 +111,31 @@ def write_dicom(
     if not preamble:
         path.write_bytes(path.read_bytes()[132:])  # drop the 128-byte preamble and "DICM"
     return path
+
+
+STUDY_SECRETS = ("SECRET^PATIENT", "SECRET-ID-4711", "ACC-SECRET-99")  # patient name, id, accession: never printed
+
+
+def write_study(folder: Path, rng: np.random.Generator, *, photometric: str, fractured: bool,
+                extra: tuple[str, ...] = (), size: int = 48) -> str:
+    """One DICOM study of two 16-bit views (frontal, lateral) of a bar 'bone', as folder/<view>.dcm; returns its
+    StudyInstanceUID. extra adds 'blank' (a constant image: not a radiograph) and/or 'no-pixels' (a header only)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name, patient_id, accession = STUDY_SECRETS
+    study = {"StudyInstanceUID": generate_uid(), "PatientName": name, "PatientID": patient_id,
+             "AccessionNumber": accession, "StudyID": "1", "StudyDate": "20240229", "StudyTime": "101500",
+             "PatientBirthDate": "19470302", "PatientSex": "F", "ReferringPhysicianName": "", "Modality": "DX"}
+    series = generate_uid()
+    views = ["frontal", "lateral", *extra]
+    for number, view in enumerate(views, start=1):
+        gray = np.asarray(bar_image(rng, fractured and view == "frontal", size=size)).astype(np.uint16)
+        if view == "blank":
+            gray[:] = 128
+        stored = 65535 - gray * 257 if photometric == "MONOCHROME1" else gray * 257
+        path = write_dicom(folder / f"{view}.dcm", stored, photometric=photometric, bits_stored=16,
+                           SeriesInstanceUID=series, SeriesNumber=1, InstanceNumber=number, **study)
+        if view == "no-pixels":
+            ds = pydicom.dcmread(path)
+            del ds.PixelData
+            ds.save_as(path)
+    return study["StudyInstanceUID"]

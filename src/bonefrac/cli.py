@@ -421,6 +421,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     fmt = output_format(args.out, args.format) if args.out else None  # a wrong --out fails before any work
     if args.format and not args.out:
         raise BonefracError("--format needs --out (a file, or - for stdout)")
+    if args.dicom_overlay and not args.dicom_out:
+        raise BonefracError("--dicom-overlay needs --dicom-out DIR")
     say = status if to_stdout else console  # with the rows on stdout, every other line goes to stderr
     run, paths = _run_and_paths(args.items, say)
     predictor = Predictor(run, backend=args.backend, batch_size=args.batch_size, tta=args.tta,
@@ -436,6 +438,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         console.print(prediction_table(result, predictor.operating_point, predictor.run.positive_label),
                       highlight=False)
     _print_studies(result, predictor.run, args, say)
+    if args.dicom_out:
+        _write_dicom_results(result, predictor, args, say)
     if not predictor.calibrated:
         say.print("not calibrated: T = 1 and threshold 0.5 (run bonefrac calibrate)", highlight=False)
     say.print(result.summary(), highlight=False)
@@ -457,6 +461,24 @@ def _print_studies(result, run, args: argparse.Namespace, say: Console) -> None:
         path = write_study_predictions(Path(args.out).parent / STUDY_FILE, studies, labels=run.labels,
                                        positive=run.positive, threshold=run.calibration.threshold)
         say.print(f"written: {path}", highlight=False)
+
+
+def _write_dicom_results(result, predictor, args: argparse.Namespace, say: Console) -> None:
+    """`bonefrac predict --dicom-out`: an SR per DICOM study (bonefrac.dicom_sr), and why other files got none."""
+    from bonefrac.dicom_sr import write_dicom_results
+
+    overlay = None
+    if args.dicom_overlay:
+        from bonefrac.explain import Explainer, overlay_rgb
+
+        explainer = Explainer(predictor)
+
+        def overlay(pixels):
+            return overlay_rgb(pixels, explainer.explain(pixels).heatmap)
+    written = write_dicom_results(result, predictor.run, args.dicom_out, rule=args.study_aggregate, overlay=overlay)
+    for file, reason in written.skipped.items():
+        say.print(f"no DICOM output for {file}: {reason}", highlight=False)
+    say.print(f"{written.summary()} in {args.dicom_out} (one folder per study)", highlight=False)
 
 
 def _rows_to_stdout(result, fmt: str) -> None:
@@ -860,6 +882,11 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
                       "Prints one row per study and writes study_predictions.csv beside --out")
     predict.add_argument("--studies", metavar="CSV", help="a CSV of path,study (or path,<--study-column>) naming "
                          "each file's study; paths relative to the CSV's folder or absolute")
+    predict.add_argument("--dicom-out", metavar="DIR", help="for DICOM inputs, one DICOM Structured Report per "
+                         "study, filed in the original study (same StudyInstanceUID, patient and accession; a new "
+                         "series): DIR/<study>/SR.dcm (docs/PACS.md)")
+    predict.add_argument("--dicom-overlay", action="store_true", help="with --dicom-out, also a Grad-CAM overlay "
+                         "per assessed image as a DICOM Secondary Capture in the same study (a new series)")
     predict.set_defaults(func=cmd_predict)
 
     explain = commands.add_parser(
