@@ -519,6 +519,32 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0 if rows and not failed else 1
 
 
+def cmd_pacs_run(args: argparse.Namespace) -> int:
+    from bonefrac.pacs import connect, read_credentials, run_pacs, watch_pacs
+    from bonefrac.predict import Predictor
+
+    if args.watch and args.study:
+        raise BonefracError("--watch looks at every new study; --study answers one and stops: give one of them")
+    client = connect(args.url, read_credentials(args.credentials), root=args.dicomweb_root)
+    predictor = Predictor(Path(args.run) if args.run else _run_and_paths([])[0], backend=args.backend)
+
+    def say(line: str) -> None:
+        console.print(line, highlight=False)
+
+    if args.watch:
+        try:
+            watch_pacs(client, predictor, interval=args.interval, since=args.since, rule=args.study_aggregate,
+                       say=say)
+        except KeyboardInterrupt:
+            say("stopped (Ctrl+C); a study that was being answered is answered next time")
+        return 0
+    outcomes = run_pacs(client, predictor, study=args.study, since=args.since, rule=args.study_aggregate, say=say)
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("stored", "skipped", "failed")}
+    say(f"{len(outcomes)} studies: {counts['stored']} answered, {counts['skipped']} already answered by this model "
+        f"version, {counts['failed']} failed (tried again next time)")
+    return 1 if counts["failed"] else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from bonefrac.serve import ServeSettings, serve
 
@@ -928,6 +954,33 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
+def add_pacs_parser(commands: argparse._SubParsersAction) -> None:
+    """`bonefrac pacs run`: DICOMweb round trip with a PACS (bonefrac.pacs, docs/PACS.md)."""
+    pacs = commands.add_parser("pacs", help="answer studies on a PACS over DICOMweb: an SR filed into each study")
+    pacs_commands = pacs.add_subparsers(title="pacs commands", metavar="COMMAND", required=True)
+    run = pacs_commands.add_parser(
+        "run", help="find studies, fetch their images, predict, and store one SR back into each study (STOW-RS)",
+        description="Studies this model version has answered already are skipped; a failed study stores nothing "
+                    "and is tried again next time. Credentials: --credentials FILE or the environment variable "
+                    "BONEFRAC_PACS_AUTH ('user:password' or 'Bearer <token>'), never on the command line.",
+    )
+    run.add_argument("run", nargs="?", help="run directory (default: the shipped model)")
+    run.add_argument("--url", required=True, help="the PACS's HTTP address, e.g. http://127.0.0.1:8042 (Orthanc)")
+    run.add_argument("--dicomweb-root", default="/dicom-web", help="DICOMweb path under --url (default /dicom-web)")
+    run.add_argument("--credentials", metavar="FILE", help="a file holding 'user:password' or 'Bearer <token>' "
+                     "(default: the environment variable BONEFRAC_PACS_AUTH, else none)")
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--study", metavar="UID", help="answer this StudyInstanceUID only")
+    which.add_argument("--since", metavar="YYYYMMDD", help="only studies with StudyDate on or after this day")
+    run.add_argument("--watch", action="store_true", help="keep looking for new studies until Ctrl+C")
+    run.add_argument("--interval", type=float, default=30.0, metavar="S", help="seconds between looks (default 30)")
+    run.add_argument("--backend", choices=BACKENDS, default="auto",
+                     help="auto: onnxruntime when RUN/model.onnx exists, else PyTorch")
+    run.add_argument("--study-aggregate", choices=STUDY_AGGREGATES, default=STUDY_AGGREGATE,
+                     help=f"a study's probability from its images': mean or max (default {STUDY_AGGREGATE})")
+    run.set_defaults(func=cmd_pacs_run)
+
+
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser(
         "demo",
@@ -1025,6 +1078,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parsers(commands)
     add_inference_parsers(commands)
     add_serve_parser(commands)
+    add_pacs_parser(commands)
     add_demo_parser(commands)
     return parser
 
