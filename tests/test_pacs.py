@@ -4,17 +4,9 @@ the Orthanc binary or its DicomWeb plugin is absent (.ci/run installs both)."""
 
 from __future__ import annotations
 
-import glob
-import json
-import shutil
-import socket
-import subprocess
-import time
-
 import numpy as np
 import pydicom
 import pytest
-import requests
 
 from bonefrac.cli import main
 from bonefrac.dicom_sr import NOT_ASSESSED, read_study_report, report_series_description
@@ -22,65 +14,16 @@ from bonefrac.pacs import AUTH_ENV, Credentials, PacsError, connect, read_creden
 from bonefrac.predict import Predictor
 from bonefrac.run import Run
 from bonefrac.study import dicom_study_name
-from tests.helpers import STUDY_SECRETS, write_study
+from tests.helpers import STUDY_SECRETS, free_port, orthanc_missing, orthanc_server, write_study
 
 USER, PASSWORD = "bonefrac", "pw-never-shown-4711"
-PLUGIN_GLOBS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so*", "/usr/lib/orthanc/libOrthancDicomWeb.so*")
-
-
-def orthanc_binary() -> str | None:
-    return shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
-
-
-def dicomweb_plugin() -> str | None:
-    found = [path for pattern in PLUGIN_GLOBS for path in sorted(glob.glob(pattern))]
-    return found[0] if found else None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """The URL of a fresh Orthanc with basic auth (USER, PASSWORD) and DICOMweb, stopped after the module."""
-    binary, plugin = orthanc_binary(), dicomweb_plugin()
-    if binary is None or plugin is None:
-        pytest.skip("Orthanc or its DicomWeb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
-    folder = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
-    config = {
-        "Name": "bonefrac-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-        "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
-        "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "SaveJobs": False,
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    log = open(folder / "orthanc.log", "w")
-    process = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
-                               cwd=folder)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"{url}/dicom-web/studies", auth=(USER, PASSWORD), timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Orthanc did not start: {(folder / 'orthanc.log').read_text()[-2000:]}")
-            time.sleep(0.2)
+    if orthanc_missing():
+        pytest.skip(orthanc_missing())
+    with orthanc_server(tmp_path_factory.mktemp("orthanc"), users={USER: PASSWORD}) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")
