@@ -63,7 +63,8 @@ def main() -> int:
     seconds = [outcome.seconds for outcome in outcomes]
     print(f"\nper study: median {statistics.median(seconds):.2f} s, first (warm-up) {seconds[0]:.2f} s, "
           f"max {max(seconds):.2f} s")
-    print(f"second pass: {sum(o.status == 'skipped' for o in again)} of {len(again)} skipped")
+    print(f"second pass: {sum(o.status == 'skipped' for o in again)} of {len(again)} skipped, "
+          f"max {max(o.seconds for o in again):.3f} s per study")
     print(f"the CLI once more (start-up, model load, {len(again)} skips): {cli_seconds:.1f} s, exit {cli.returncode}")
     return 0
 

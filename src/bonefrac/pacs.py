@@ -184,7 +184,8 @@ def answer_study(client, predictor: Predictor, uid: str, *, rule: str = STUDY_AG
     try:
         series = _calling("a series search", url, lambda: client.search_for_series(study_instance_uid=uid))
         if any(_value(s, _SERIES_DESCRIPTION) == description for s in series):
-            return StudyOutcome(name, "skipped", "already answered by this model version")
+            return StudyOutcome(name, "skipped", "already answered by this model version",
+                                time.perf_counter() - start)
         images = [_value(s, _SERIES_UID) for s in series if _value(s, _MODALITY) not in NOT_IMAGES]
         with tempfile.TemporaryDirectory(prefix="bonefrac-pacs-") as folder:
             files = _fetch_images(client, uid, images, Path(folder) / "in")
