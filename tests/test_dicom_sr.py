@@ -3,6 +3,8 @@ pydicom and highdicom; Grad-CAM overlays as Secondary Captures; non-DICOM inputs
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -65,7 +67,8 @@ def test_one_report_per_study_in_the_original_study(inbox, written):
         assert sr.SOPInstanceUID not in {s.SOPInstanceUID for s in sources}
         assert pydicom.uid.UID(sr.SeriesInstanceUID).is_valid and pydicom.uid.UID(sr.SOPInstanceUID).is_valid
         assert sr.SeriesDescription == report_series_description(predictor.run)
-        assert sr.CompletionFlag == "COMPLETE"
+        assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+        assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99BONEFRAC"
         evidence = {ref.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
                     for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
         assert evidence == {s.SOPInstanceUID for s in sources}
@@ -124,6 +127,25 @@ def test_overlays_are_secondary_captures_in_the_study(bar_run, inbox, tmp_path):
     assert images[0].SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
     assert images[0].PhotometricInterpretation == "RGB" and images[0].pixel_array.shape == (48, 48, 3)
     assert images[0].PatientID == STUDY_SECRETS[1]
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is not installed")
+def test_dciodvfy_finds_no_error(bar_run, inbox, tmp_path):
+    """David Clunie's validator checks every module of what we write against the standard's IODs."""
+    from bonefrac.explain import Explainer, overlay_rgb
+
+    root, _ = inbox
+    predictor = Predictor(bar_run, backend="torch")
+    explainer = Explainer(predictor)
+    result = predictor.predict_paths([root / "mono1"])
+    dicom = write_dicom_results(result, predictor.run, tmp_path,
+                                overlay=lambda pixels: overlay_rgb(pixels, explainer.explain(pixels).heatmap))
+    files = [*dicom.reports.values(), *(path for paths in dicom.overlays.values() for path in paths)]
+    assert len(files) == 3  # the SR and the overlays of the two views (the blank image is not assessed)
+    for path in files:
+        checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, f"{path.name}: {errors}"
 
 
 def test_cli_dicom_out_says_what_is_skipped_and_shows_no_header_value(bar_run, inbox, tmp_path, capsys):

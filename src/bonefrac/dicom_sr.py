@@ -239,7 +239,7 @@ def build_study_report(
     root.ContentSequence = hd.sr.ContentSequence(items)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # highdicom warns about attributes it fills in; nothing a user can act on
-        return hd.sr.ComprehensiveSR(
+        report = hd.sr.ComprehensiveSR(
             evidence=list(headers),
             content=root,
             series_instance_uid=series_instance_uid or generate_uid(),
@@ -250,17 +250,26 @@ def build_study_report(
             is_complete=True,
             series_description=report_series_description(run),
         )
+    # A private coding scheme is declared in the SOP Common module (PS3.3 C.12.1.1.5), so readers know whose it is.
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = "bonefrac private codes"
+    scheme.CodingSchemeResponsibleOrganization = "bonefrac (research software; see its docs/PACS.md)"
+    report.CodingSchemeIdentificationSequence = [scheme]
+    return report
 
 
 def overlay_image(header: Dataset, overlay: np.ndarray, *, series_instance_uid: str,
                   instance_number: int) -> hd.sc.SCImage:
     """A Grad-CAM overlay (uint8 RGB, the image's size) as a Secondary Capture in the source image's study."""
     orientation = _patient_orientation(header)
+    laterality = str(header.get("Laterality") or header.get("ImageLaterality") or "")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=header, pixel_array=overlay, photometric_interpretation="RGB", bits_allocated=8,
             coordinate_system="PATIENT", patient_orientation=orientation or ("L", "F"),
+            laterality=laterality if laterality in ("L", "R") else None,
             series_instance_uid=series_instance_uid, series_number=OVERLAY_SERIES_NUMBER,
             sop_instance_uid=generate_uid(), instance_number=instance_number, manufacturer=MANUFACTURER,
         )
@@ -268,6 +277,8 @@ def overlay_image(header: Dataset, overlay: np.ndarray, *, series_instance_uid: 
         # highdicom wants an orientation for a patient image; PatientOrientation is type 2 (may be empty), and
         # empty is the truth when the source image does not say it: never invent one.
         image.PatientOrientation = None
+    if "Laterality" not in image:
+        image.Laterality = None  # type 2C in General Series: present and empty when the source does not say
     image.SeriesDescription = "bonefrac Grad-CAM overlay (research only)"
     image.ImageComments = "A heatmap shows what moved the model's score, not where a fracture is. " + DISCLAIMER
     image.BurnedInAnnotation = "NO"
