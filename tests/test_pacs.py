@@ -89,11 +89,13 @@ def test_round_trip_files_one_sr_per_study_and_a_rerun_does_nothing(bar_run, ort
         assert len(sr_series(client, uid, description)) == 1
 
 
-def test_one_study_by_uid(bar_run, orthanc, studies, capsys, monkeypatch):
+def test_one_study_by_uid_or_since_a_date(bar_run, orthanc, studies, capsys, monkeypatch):
     code, text = pacs_run(bar_run, orthanc, capsys, monkeypatch, "--study", studies["mono2"])
     assert code == 0 and "1 studies" in text
     code, text = pacs_run(bar_run, orthanc, capsys, monkeypatch, "--study", "1.2.3.4")
     assert code == 2 and "no such study" in text
+    code, text = pacs_run(bar_run, orthanc, capsys, monkeypatch, "--since", "20990101")
+    assert code == 0 and "0 studies" in text
 
 
 def test_watch_polls_until_ctrl_c(bar_run, client, studies):

@@ -200,6 +200,10 @@ def answer_study(client, predictor: Predictor, uid: str, *, rule: str = STUDY_AG
             _calling("storing the SR (STOW-RS)", url, lambda: client.store_instances([sr], study_instance_uid=uid))
     except PacsError as err:
         return StudyOutcome(name, "failed", str(err), time.perf_counter() - start)
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        # A header highdicom cannot build an SR from must not stop the other studies (nor --watch). Only the
+        # exception's type is shown: its message may quote header values.
+        return StudyOutcome(name, "failed", f"no SR could be built ({type(err).__name__})", time.perf_counter() - start)
     return StudyOutcome(name, "stored", _finding_words(sr, len(files)), time.perf_counter() - start)
 
 
