@@ -78,11 +78,14 @@ def table(out: Path) -> str:
                   "|---" * (2 + len(SUMMARY_METRICS)) + "|",
                   "| **pooled out-of-fold** | " + str(metrics["n_files"]) + " | "
                   + " | ".join(format_interval(metrics["pooled"][k]) for k in SUMMARY_METRICS) + " |"]
-        for dataset, entry in metrics["per_dataset"].items():
-            lines.append(f"| {dataset} (out-of-fold) | {entry['n_files']} | "
-                         + " | ".join(format_interval(entry[k]) for k in SUMMARY_METRICS) + " |")
+        left_out = metrics["by"] is not None  # a fold is a value left out: its rows are the per-folder ones
+        if not (left_out and metrics["by"] == "dataset"):
+            for dataset, entry in metrics["per_dataset"].items():
+                lines.append(f"| {dataset} (out-of-fold) | {entry['n_files']} | "
+                             + " | ".join(format_interval(entry[k]) for k in SUMMARY_METRICS) + " |")
         for fold, entry in metrics["per_fold"].items():
-            lines.append(f"| fold {fold} (test) | {entry['n_files']} | "
+            name = f"tested on {fold}, trained on the rest" if left_out else f"fold {fold} (test)"
+            lines.append(f"| {name} | {entry['n_files']} | "
                          + " | ".join(format_interval(entry[k]) for k in SUMMARY_METRICS) + " |")
         spread = metrics["across_folds"]
         lines += ["| mean ± sd across folds | | " + " | ".join(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import shutil
@@ -56,6 +57,15 @@ def write_bar_set(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
             for i in range(n):
                 bar_image(rng, label == "fractured").save(root / split / label / f"{i}.png")
     return root
+
+
+def write_folder_manifest(root: Path, records: list[dict]) -> Path:
+    """root/manifest.csv: a data folder's own list of its files (label, file, and columns such as group)."""
+    with open(root / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    return root / "manifest.csv"
 
 
 def tiny_fit(root: Path | list[Path], cache: Path, out: Path, **overrides) -> Path:

@@ -17,7 +17,7 @@ from bonefrac.cv import OOF_FILE, by_values, cross_validate, plan_folds
 from bonefrac.data.dataset import scan_folders
 from bonefrac.errors import BonefracError, DatasetError
 from bonefrac.run import Run
-from tests.helpers import write_bar_set
+from tests.helpers import write_bar_set, write_folder_manifest
 
 
 def test_singleton_groups_are_stratified_within_one_image_per_class():
@@ -71,10 +71,7 @@ def two_folders(tmp_path_factory) -> list[Path]:
     plain = write_bar_set(base / "plain", {"": 8}, seed=1)
     records = [{"label": label, "file": f"{i}.png", "group": f"p{label[0]}{i // 2}", "site": "s" + str(i % 2)}
                for label in ("fractured", "not_fractured") for i in range(8)]
-    with open(plain / "manifest.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    write_folder_manifest(plain, records)
     split = write_bar_set(base / "split", {"train": 5, "test": 3}, seed=2)
     return [plain, split]
 
@@ -206,3 +203,16 @@ def test_a_folder_that_is_not_a_cross_validation_is_refused(two_folders, tmp_pat
     with pytest.raises(BonefracError, match="not empty"):
         cross_validate(two_folders, tiny_config(tmp_path / "cache"), tmp_path / "busy", folds=2, progress=False)
 
+
+
+def test_three_classes_are_cross_validated_by_argmax(tmp_path):
+    root = write_bar_set(tmp_path / "three", {"": 6}, seed=4)
+    (root / "other").mkdir()
+    for path in sorted((root / "fractured").glob("*.png"))[::2]:  # half the fractured images, another class
+        path.rename(root / "other" / path.name)
+    result = cross_validate([root], tiny_config(tmp_path / "cache"), tmp_path / "cv", folds=2, progress=False,
+                            n_resamples=50)
+    assert result.metrics["positive_label"] is None
+    assert {row["label"] for row in read_rows(tmp_path / "cv" / OOF_FILE)} == {"fractured", "not_fractured", "other"}
+    assert "| fold-1 |" in result.report and "argmax" in result.report
+    assert not (tmp_path / "cv" / "roc_folds.png").exists()  # each fold's evaluation has the one-vs-rest curves

@@ -15,7 +15,7 @@ from bonefrac.errors import DatasetError
 from bonefrac.evaluate import evaluate_run
 from bonefrac.run import Run
 from bonefrac.shipped import shipped_run
-from tests.helpers import write_bar_set
+from tests.helpers import write_bar_set, write_folder_manifest
 
 N = 6  # images per class
 
@@ -27,10 +27,7 @@ def plain(tmp_path_factory) -> Path:
     root = write_bar_set(tmp_path_factory.mktemp("plain") / "hospital", {"": N}, seed=7)
     records = [{"label": label, "file": f"{i}.png", "group": f"{label}-{i // 2}", "source": "a" if i % 2 else "b"}
                for label in ("fractured", "not_fractured") for i in range(N)]
-    with open(root / "manifest.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    write_folder_manifest(root, records)
     return root
 
 

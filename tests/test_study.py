@@ -18,7 +18,7 @@ from bonefrac.errors import BonefracError
 from bonefrac.evaluate import evaluate_run
 from bonefrac.run import Run
 from bonefrac.study import aggregate_studies, dicom_study_name, study_decisions, study_metrics
-from tests.helpers import bar_image, write_bar_set, write_dicom
+from tests.helpers import bar_image, write_bar_set, write_dicom, write_folder_manifest
 
 N = 6  # images per class
 IDS = ["a", "a", "b", "c", "c", "c"]
@@ -81,10 +81,7 @@ def hospital(tmp_path_factory) -> Path:
     root = write_bar_set(tmp_path_factory.mktemp("studies") / "hospital", {"": N}, seed=11)
     records = [{"label": label, "file": f"{i}.png", "group": f"{label}-{i // 2}", "study": study_of(label, i)}
                for label in ("fractured", "not_fractured") for i in range(N)]
-    with open(root / "manifest.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    write_folder_manifest(root, records)
     return root
 
 

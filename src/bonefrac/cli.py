@@ -38,6 +38,7 @@ from bonefrac.config import (
 )
 from bonefrac.console import console, progress, status
 from bonefrac.errors import BonefracError
+from bonefrac.safe_text import terminal_safe
 
 
 def default_out(root: str, what: str) -> Path:
@@ -136,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bonefrac.config import build_config
     from bonefrac.data.io import truncated_loaded
     from bonefrac.run import Run
-    from bonefrac.train import fit
+    from bonefrac.train import fit, rank_zero_only
 
     overrides = {key: getattr(args, key) for key in TRAIN_OVERRIDE_KEYS} | {"data.root": args.data}
     out = Path(args.out) if args.out else None
@@ -147,6 +148,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config_file = out / "config.yaml" if (out / "config.yaml").exists() else None
     config = build_config(config_file=config_file, overrides=overrides)
     run_dir = fit(config, out or Path("runs") / config.model.name, resume=args.resume, verbose=args.verbose)
+    if rank_zero_only.rank != 0:  # set by Lightning from torchrun's or SLURM's environment, as train.fit reads it
+        return 0  # only the first process writes summary.json (and may not have yet): it reports
     summary = Run.load(run_dir).summary()
     auroc = summary["best_val_auroc"]
     console.print(f"run directory: {run_dir}")
@@ -428,6 +431,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(run, backend=args.backend, batch_size=args.batch_size, tta=args.tta,
                           operating_point=args.operating_point, threshold=args.threshold,
                           allow_truncated=args.allow_truncated)
+    if predictor.backend_note:
+        status.print(f"[yellow]warning:[/yellow] {predictor.backend_note}", highlight=False)
     with progress("predicting") as update:
         result = predictor.predict_paths(paths, progress=update, prevalence=args.prevalence)
     if to_stdout:
@@ -551,6 +556,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         backend=args.backend, max_upload_mb=args.max_upload_mb, max_files=args.max_files,
         request_timeout_s=args.timeout, save_uploads=args.save_uploads, allow_truncated=args.allow_truncated,
+        allowed_hosts=tuple(args.allowed_host),  # serve adds the bound host and the loopback names
     )
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         status.print(f"[yellow]listening on {args.host}: other machines can reach this server; it has no "
@@ -950,6 +956,11 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-files", type=int, default=16, help="files per batch request (default 16)")
     serve.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per request, in seconds (default 60)")
     serve.add_argument("--save-uploads", metavar="DIR", help="keep every upload in DIR (default: never written)")
+    serve.add_argument(
+        "--allowed-host", action="append", default=[], metavar="NAME",
+        help="also answer requests for this Host name (repeatable; '*': any). Default: the --host address, "
+             "localhost, 127.0.0.1 and ::1 (and the machine's names when --host is 0.0.0.0); others get 400",
+    )
     add_allow_truncated(serve, run=True)
     serve.set_defaults(func=cmd_serve)
 
@@ -1088,7 +1099,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.func(args)
     except BonefracError as err:
-        status.print(f"[red]error:[/red] {err}", highlight=False)
+        status.print(f"[red]error:[/red] {terminal_safe(str(err))}", highlight=False)
         code = 2
     except KeyboardInterrupt:
         status.print("interrupted")

@@ -31,6 +31,7 @@ from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.evaluate import evaluate_run
 from bonefrac.metrics import delong_test, format_interval, paired_bootstrap_auc_difference
 from bonefrac.run import Run
+from bonefrac.safe_text import restore_csv
 
 LATENCY_IMAGES = 8  # batch-1 forward passes timed per run (after one warm-up pass)
 N_PAIRED_RESAMPLES = 2000
@@ -43,7 +44,7 @@ ALPHA = 0.05  # the p-value below which compare.md calls a difference significan
 def read_predictions_csv(path: str | Path) -> list[dict[str, str]]:
     """eval/<split>/predictions.csv as a list of rows (file, label, group, p_<label>..., prediction)."""
     with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+        return [restore_csv(record) for record in csv.DictReader(handle)]
 
 
 def _mean_epoch_seconds(run: Run) -> float | None:

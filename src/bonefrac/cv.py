@@ -52,6 +52,7 @@ from bonefrac.errors import BonefracError, DatasetError
 from bonefrac.evaluate import DATASET_STRATUM, evaluate_run
 from bonefrac.metrics import METRIC_NAMES, bootstrap_ci, classification_metrics, format_interval
 from bonefrac.run import CHECKPOINTS, SUMMARY_FILE, Run
+from bonefrac.safe_text import neutralise_csv, restore_csv
 
 PLAN_FILE = "cv.json"
 FOLDS_FILE = "folds.csv"
@@ -75,11 +76,13 @@ class Fold:
         return dict(Counter(self.splits))
 
 
+@dataclass
 class CrossValidation:
-    """What `cross_validate` wrote: the folder, the folds, the pooled and per-fold metrics, and CV.md's text."""
+    """What `cross_validate` wrote: its folder, cv_metrics.json's content, and CV.md's text."""
 
-    def __init__(self, out_dir: Path, metrics: dict, report: str):
-        self.out_dir, self.metrics, self.report = out_dir, metrics, report
+    out_dir: Path
+    metrics: dict
+    report: str
 
 
 def readable(manifest: Manifest, *, allow_truncated: bool = False, workers: int = 1,
@@ -249,7 +252,7 @@ def _check_or_write_plan(out_dir: Path, record: dict, manifest: Manifest, groups
             raise BonefracError(f"{out_dir} holds a cross-validation with other {', '.join(changed)}; give a new "
                                 "--out (or remove that folder) to start another")
         with open(out_dir / FOLDS_FILE, newline="") as handle:
-            if list(csv.DictReader(handle)) != rows:
+            if [restore_csv(record) for record in csv.DictReader(handle)] != rows:
                 raise BonefracError(f"{out_dir}: the images or their folds changed since this cross-validation "
                                     "started; give a new --out")
         return
@@ -265,7 +268,7 @@ def _write_csv(path: Path, rows: Sequence[dict]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(map(neutralise_csv, rows))
 
 
 # --- one fold -----------------------------------------------------------------------------------------------------
@@ -359,7 +362,7 @@ def _pool(out_dir: Path, plan: Sequence[Fold], manifest: Manifest, evaluations: 
         fold_root = out_dir / "data" / fold.name
         data_root = Path(evaluations[fold.name]["data_root"])
         with open(out_dir / "runs" / fold.name / "eval" / "test" / "predictions.csv", newline="") as handle:
-            for row in csv.DictReader(handle):
+            for row in map(restore_csv, csv.DictReader(handle)):
                 dataset, file = origin[(data_root / row["file"]).relative_to(fold_root).as_posix()]
                 oof.append({**row, "dataset": dataset, "file": file, "fold": fold.name})
     _write_csv(out_dir / OOF_FILE, [{k: row[k] for k in ("dataset", "file", "fold", "label", "group",
@@ -458,9 +461,10 @@ def _report(metrics: dict, plan: Sequence[Fold]) -> str:
               + " |", "|---" * (4 + len(SUMMARY_METRICS)) + "|"]
     for fold in plan:
         entry = metrics["per_fold"][fold.name]
-        lines.append(f"| {fold.name} | {entry['n_files']} | {entry['n_groups']} | {entry['threshold']:.3f} | "
+        threshold = "argmax" if entry["threshold"] is None else f"{entry['threshold']:.3f}"
+        lines.append(f"| {fold.name} | {entry['n_files']} | {entry['n_groups']} | {threshold} | "
                      + " | ".join(format_interval(entry[k]) for k in SUMMARY_METRICS) + " |")
-    if (metrics["positive_label"]):
+    if metrics["positive_label"]:
         lines += ["", f"![per-fold ROC curves]({ROC_FILE})"]
     lines += ["", DISCLAIMER, ""]
     return "\n".join(lines)

@@ -102,7 +102,11 @@ def dicom_headers(files: Sequence[str]) -> DicomHeaders:
         if header is None:
             found.skipped[file] = "not a DICOM file (results go into a DICOM study; this file has none)"
             continue
-        missing = [key for key in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID") if not header.get(key)]
+        try:
+            missing = [key for key in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID") if not header.get(key)]
+        except Exception as err:  # pydicom converts elements lazily; its message may quote header values
+            found.skipped[file] = f"corrupt DICOM header ({type(err).__name__})"
+            continue
         if missing:
             found.skipped[file] = f"DICOM without {', '.join(missing)}: no study to file results in"
             continue

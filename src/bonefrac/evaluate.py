@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bonefrac import DISCLAIMER
+from bonefrac.atomic import atomic_open, write_atomic
 from bonefrac.calibration import (
     apply_temperature,
     choose_thresholds,
@@ -75,6 +76,7 @@ from bonefrac.metrics import (
     format_interval,
 )
 from bonefrac.run import Run
+from bonefrac.safe_text import neutralise_csv
 from bonefrac.shipped import is_shipped
 from bonefrac.study import (
     LABEL_RULE,
@@ -622,7 +624,7 @@ def evaluate_run(
     if leaky:
         for entry in metrics["metrics"].values():
             entry["leakage"] = "; ".join(leak_lines)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     _plot_evaluation(out_dir, metrics, predictions, proba, y_pred, intervals)
     return Evaluation(out_dir, metrics, _report_text(metrics, intervals, run.labels))
 
@@ -720,11 +722,11 @@ def _plot_evaluation(out_dir: Path, metrics: dict, predictions: SplitPredictions
 def _write_predictions(path: Path, predictions: SplitPredictions, proba: np.ndarray, y_pred: np.ndarray,
                        groups: Sequence[str]) -> None:
     labels = predictions.labels
-    with open(path, "w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["file", "label", "group", *(f"p_{label}" for label in labels), "prediction"])
+        writer.writerow(neutralise_csv(["file", "label", "group", *(f"p_{label}" for label in labels), "prediction"]))
         for file, y, group, p, pred in zip(predictions.files, predictions.y_true, groups, proba, y_pred, strict=True):
-            writer.writerow([file, labels[y], group, *(f"{v:.6f}" for v in p), labels[pred]])
+            writer.writerow(neutralise_csv([file, labels[y], group, *(f"{v:.6f}" for v in p), labels[pred]]))
 
 
 def _report_text(metrics: dict, intervals: dict[str, Interval], labels: list[str]) -> str:

@@ -45,6 +45,7 @@ from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import bootstrap_indices
 from bonefrac.models import feature_layer
 from bonefrac.predict import Predictor, expand_paths
+from bonefrac.safe_text import neutralise_csv
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}
 assert tuple(METHODS) == CAM_METHODS, "the CLI offers choices.CAM_METHODS: name the same methods there"
@@ -367,5 +368,5 @@ def explain_paths(
         writer = csv.DictWriter(handle, fieldnames=EXPLAIN_FIELDS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: "" if value is None else value for key, value in vars(row).items()})
+            writer.writerow(neutralise_csv({key: "" if value is None else value for key, value in vars(row).items()}))
     return rows

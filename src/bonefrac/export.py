@@ -12,10 +12,16 @@ Parity: the largest absolute difference between PyTorch's and onnxruntime's cali
 inputs (random uint8 images through the eval preset) plus up to 32 readable val images of the run's data folder.
 Above PARITY_TOLERANCE the export is refused and nothing is left behind: a model file that disagrees with the
 weights it came from is worse than none.
+
+The graph is exported and checked in memory; only after parity passes are model.onnx and then onnx.json written, each
+atomically (bonefrac.atomic), and onnx.json records the sha256 of model.onnx, so a model.onnx cut short, replaced or
+left from another export is found when it is loaded (Run.onnx_problem).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
 from pathlib import Path
 
@@ -23,6 +29,7 @@ import numpy as np
 import torch
 
 from bonefrac import DISCLAIMER
+from bonefrac.atomic import write_atomic
 from bonefrac.calibration import apply_temperature
 from bonefrac.data.io import IMAGE_SUFFIXES, read_image
 from bonefrac.errors import BonefracError, ImageReadError
@@ -71,7 +78,7 @@ def export_onnx(run: Run | str | Path, *, opset: int = OPSET, tolerance: float =
         raise BonefracError(f"opset {opset}: use 17 or newer")
     model = run.network()
     size, channels = run.preprocessing.image_size, run.preprocessing.channels
-    onnx_path = run.path / ONNX_FILE
+    onnx_path, graph = run.path / ONNX_FILE, io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated in favour of torch.export's, which needs onnxscript; for a
         # plain feed-forward CNN both give the same graph, and this one needs no extra package.
@@ -79,7 +86,7 @@ def export_onnx(run: Run | str | Path, *, opset: int = OPSET, tolerance: float =
         torch.onnx.export(
             model,
             (torch.zeros(1, channels, size, size),),
-            str(onnx_path),
+            graph,
             opset_version=opset,
             input_names=["image"],
             output_names=["logits"],
@@ -91,17 +98,21 @@ def export_onnx(run: Run | str | Path, *, opset: int = OPSET, tolerance: float =
     inputs, n_real = _parity_inputs(run)
     with torch.inference_mode():
         torch_logits = model(inputs).numpy()
-    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_bytes = graph.getvalue()
+    session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     onnx_logits = session.run(None, {"image": inputs.numpy()})[0]
     parity = float(np.max(np.abs(apply_temperature(torch_logits, temperature) - apply_temperature(onnx_logits,
                                                                                                    temperature))))
+    # An older export goes first: its sidecar describes nothing now, and if the new files are never written (parity
+    # fails, or the process dies in between) no model.onnx is left that a reader could take for this run's.
+    (run.path / ONNX_META_FILE).unlink(missing_ok=True)
+    onnx_path.unlink(missing_ok=True)
     if parity > tolerance:
-        onnx_path.unlink()
-        (run.path / ONNX_META_FILE).unlink(missing_ok=True)  # an older export's sidecar describes nothing now
         raise ExportError(
             f"{onnx_path}: onnxruntime and PyTorch probabilities differ by up to {parity:.2e} (> {tolerance:g}) on "
-            f"{inputs.shape[0]} inputs; the ONNX file was removed"
+            f"{inputs.shape[0]} inputs; no ONNX file was written"
         )
+    write_atomic(onnx_path, onnx_bytes)
     calibration = run.calibration
     run.write_json(ONNX_META_FILE, {
         "model": run.config.model.name,
@@ -116,6 +127,7 @@ def export_onnx(run: Run | str | Path, *, opset: int = OPSET, tolerance: float =
         "calibration": {"calibrated": calibration.fitted, "temperature": temperature,
                         "threshold": calibration.threshold, "operating_point": calibration.operating_point},
         "weights_sha256": run.weights_sha256(),
+        "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),  # checked when model.onnx is loaded (Run.onnx_problem)
         "parity": {
             "max_abs_diff_probability": parity,
             "tolerance": tolerance,

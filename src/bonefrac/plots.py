@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from bonefrac.atomic import atomic_open
 from bonefrac.calibration import expected_calibration_error, reliability_curve
 from bonefrac.metrics import binary_average_precision, binary_roc_auc
 
@@ -32,7 +33,8 @@ def _figure(width: float, height: float) -> Figure:
 def _finish(figure: Figure, path: str | Path | None) -> Figure:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
+        with atomic_open(path, "wb") as handle:  # a run's plots are run files: whole or not at all
+            figure.savefig(handle, format=Path(path).suffix.lstrip(".") or "png")
     return figure
 
 
@@ -96,6 +98,16 @@ def plot_confusion_matrix(
     return _finish(figure, path)
 
 
+def _roc_axes(ax) -> None:
+    """The axes every ROC plot shares: rates from 0 to 1, square, a light grid."""
+    ax.set_xlabel("1 - specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+
+
 def plot_roc(
     y_true: np.ndarray,
     proba: np.ndarray,
@@ -126,12 +138,7 @@ def plot_roc(
         is_case = y_true == positive
         ax.plot(flagged[~is_case].mean(), flagged[is_case].mean(), "o", color="black", markersize=5,
                 label=f"threshold {threshold:.2f}")
-    ax.set_xlabel("1 - specificity (false-positive rate)")
-    ax.set_ylabel("sensitivity (true-positive rate)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
+    _roc_axes(ax)
     ax.legend(loc="lower right", fontsize=7.5)
     ax.set_title(f"{title} ({_n_text(y_true, labels, positive)})", fontsize=10)
     return _finish(figure, path)
@@ -164,12 +171,7 @@ def plot_roc_folds(
     if pooled_auc and pooled_auc.get("low") is not None:
         text += f" [{pooled_auc['low']:.3f}, {pooled_auc['high']:.3f}]"
     ax.plot(fpr, tpr, color="black", linewidth=2, label=f"pooled: AUC {text}")
-    ax.set_xlabel("1 - specificity (false-positive rate)")
-    ax.set_ylabel("sensitivity (true-positive rate)")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
+    _roc_axes(ax)
     ax.legend(loc="lower right", fontsize=7)
     ax.set_title(f"{title} ({len(is_case)} images)", fontsize=10)
     return _finish(figure, path)

@@ -50,11 +50,13 @@ from rich.text import Text
 
 from bonefrac.calibration import apply_temperature, levels_text
 from bonefrac.choices import BACKENDS, PREDICTION_FORMATS, STUDY_AGGREGATE
+from bonefrac.data.dataset import FileProblem, walk_files
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format, truncated_loaded
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import format_interval
 from bonefrac.ood import OODVerdict, check_radiograph
 from bonefrac.run import ONNX_FILE, Run
+from bonefrac.safe_text import neutralise_csv, terminal_safe
 from bonefrac.study import Studies, StudyIds, aggregate_studies, study_decisions, study_of_files
 from bonefrac.tta import tta_logits
 
@@ -74,21 +76,31 @@ def _image_like(path: Path) -> bool:
         return False
 
 
-def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], int]:
+def expand_paths(
+    paths: Iterable[str | os.PathLike[str]], *, problems: list[FileProblem] | None = None
+) -> tuple[list[Path], int]:
     """(files to predict, number of non-image files passed over) for files, folders and globs, in a stable order.
 
     A file named explicitly is always read (and reported if it is not an image); folders are searched recursively
-    and globs expanded here when the shell did not, keeping only image-like files (IMAGE_SUFFIXES or magic bytes).
-    A path that is neither a file, a folder nor a matching glob stays in the list, so that it gets its own error row.
+    (dataset.walk_files: links followed, never round a cycle) and globs expanded here when the shell did not, keeping
+    only image-like files (IMAGE_SUFFIXES or magic bytes). A path that is neither a file, a folder nor a matching glob
+    stays in the list, so that it gets its own error row. A folder that cannot be listed is added to `problems`.
+    A file reached twice (a folder and a glob, a link, a glob through a link to its own folder) is given once.
     """
     files: list[Path] = []
     skipped = 0
+
+    def add_folder(folder: Path) -> None:
+        found, unreadable = walk_files(folder, hidden_folders=True)
+        if problems is not None:
+            problems.extend(unreadable)
+        add_candidates(found)
 
     def add_candidates(candidates: Iterable[Path]) -> None:
         nonlocal skipped
         for candidate in sorted(candidates):
             if candidate.is_dir():
-                add_candidates(candidate.rglob("*"))
+                add_folder(candidate)
             elif _image_like(candidate):
                 files.append(candidate)
             else:
@@ -97,7 +109,7 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], i
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            add_candidates(p for p in path.rglob("*") if not p.is_dir())
+            add_folder(path)
         elif path.exists() or not _GLOB_CHARS & set(str(raw)):
             files.append(path)
         else:
@@ -106,8 +118,10 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], i
                 add_candidates(matches)
             else:
                 files.append(path)  # read_image will say "file not found"
-    unique = list(dict.fromkeys(files))  # a file reached twice (a folder and a glob) is predicted once
-    return unique, skipped
+    unique: dict[Path, Path] = {}
+    for file in files:  # by resolved path: "**" through a link to its own folder matches one file many times
+        unique.setdefault(file.resolve(), file)
+    return list(unique.values()), skipped
 
 
 # --- prediction ----------------------------------------------------------------------------------------------------
@@ -213,7 +227,9 @@ class Predictor:
     """A run's model with its preprocessing, temperature and decision rule, ready for image files.
 
     backend: "onnx" (onnxruntime on RUN/model.onnx, made by `bonefrac export`), "torch", or "auto" (onnx when
-    model.onnx exists and was exported from the current weights, else torch). allow_truncated: load truncated files
+    model.onnx exists and was exported from the current weights, else torch). A model.onnx that is there but cannot be
+    used (damaged, stale, not loadable) is an error with "onnx" and, with "auto", torch with `backend_note` saying
+    why (the CLI prints it as one warning line). allow_truncated: load truncated files
     (their rows say truncated) instead of failing them; None: as the run was trained (Run.allow_truncated).
     """
 
@@ -239,15 +255,15 @@ class Predictor:
         self.batch_size = max(1, batch_size)
         self.tta = tta
         self.allow_truncated = self.run.allow_truncated(allow_truncated)
+        self.backend_note: str | None = None  # why "auto" did not use an existing model.onnx
         self.backend = self._choose_backend(backend)
         self._session = None
         if self.backend == "onnx":
-            import onnxruntime
-
-            self._session = onnxruntime.InferenceSession(
-                str(self.run.path / ONNX_FILE), providers=["CPUExecutionProvider"]
-            )
-            self._input_name = self._session.get_inputs()[0].name
+            self._session = self._onnx_session(backend)
+            if self._session is None:
+                self.backend = "torch"
+            else:
+                self._input_name = self._session.get_inputs()[0].name
 
     # What the run says, named as the callers (serve, explain, the CLI) use it.
     run_dir = property(lambda self: self.run.path)
@@ -277,7 +293,24 @@ class Predictor:
             return "onnx"
         if backend == "onnx":
             raise BonefracError(problem)
+        if (self.run.path / ONNX_FILE).is_file():
+            self.backend_note = f"{problem}; predicting with torch"
         return "torch"
+
+    def _onnx_session(self, backend: str):
+        """onnxruntime's session on model.onnx; None (auto: torch, with backend_note) when the file does not load."""
+        import onnxruntime
+
+        path = self.run.path / ONNX_FILE
+        try:
+            return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for a bad file
+            problem = (f"{path} does not load ({type(err).__name__}); export again: "
+                       f"bonefrac export {self.run.path} --format onnx")
+            if backend == "onnx":
+                raise BonefracError(problem) from None
+            self.backend_note = f"{problem}; predicting with torch"
+            return None
 
     def logits(self, batch: torch.Tensor) -> np.ndarray:
         """Raw logits (n, C) of a preprocessed batch (n, C, S, S); with tta, the mean over tta_views (tta_logits)."""
@@ -339,7 +372,8 @@ class Predictor:
         prevalence: add PPV and NPV at it (Calibration.predictive_values; a bad one fails before any image is read).
         """
         values = None if prevalence is None else self.run.calibration.predictive_values(prevalence)
-        files, skipped = expand_paths(paths)
+        unreadable: list[FileProblem] = []  # folders that could not be listed: each gets an error row
+        files, skipped = expand_paths(paths, problems=unreadable)
         rows: list[PredictionRow | None] = [None] * len(files)
         pending: list[tuple[int, PreparedImage]] = []
 
@@ -361,6 +395,8 @@ class Predictor:
             if progress:
                 progress(index + 1, len(files))
         flush()
+        rows += [PredictionRow(problem.path, "error", {}, "", self.threshold, self.operating_point, problem.reason)
+                 for problem in unreadable]
         return PredictionResult(self.labels, [row for row in rows if row is not None], skipped, self.backend, values)
 
 
@@ -424,7 +460,7 @@ def _write_rows(result: PredictionResult, handle: TextIO, fmt: str) -> None:
         writer = csv.DictWriter(handle, fieldnames=csv_columns(result.labels), lineterminator="\n")
         writer.writeheader()
         for record in records:
-            writer.writerow({key: "" if value is None else value for key, value in record.items()})
+            writer.writerow(neutralise_csv({key: "" if value is None else value for key, value in record.items()}))
 
 
 def prediction_table(result: PredictionResult, operating_point: str, positive_label: str | None) -> Table:
@@ -433,10 +469,12 @@ def prediction_table(result: PredictionResult, operating_point: str, positive_la
     the three-level answer when the run has one. Decisions are never cut: the file column folds first."""
     # Paths relative to the folder they share, so that the table has room for them in a narrow terminal.
     base = os.path.commonpath([os.path.abspath(Path(row.file).parent) for row in result.rows]) if result.rows else ""
-    table = Table(title=f"files under {base or '.'} ({result.backend} backend, operating point {operating_point})",
+    # File names are the user's: a control character in one (an ESC sequence) is shown escaped, never obeyed.
+    table = Table(title=f"files under {terminal_safe(base or '.')} ({result.backend} backend, operating point "
+                        f"{operating_point})",
                   expand=True)
     shown = [positive_label] if positive_label else list(result.labels)
-    names = [(os.path.relpath(os.path.abspath(row.file), base) if base else row.file)
+    names = [terminal_safe(os.path.relpath(os.path.abspath(row.file), base) if base else row.file)
              + (" (truncated)" if row.truncated else "") for row in result.rows]
     table.add_column("file", overflow="fold", ratio=1, min_width=min(24, max(map(len, names), default=4)))
     for label in shown:
@@ -453,7 +491,7 @@ def prediction_table(result: PredictionResult, operating_point: str, positive_la
             decision = f"not assessed: {row.ood_reason}"
         else:
             decision = row.prediction
-        table.add_row(name, *probabilities, decision, *[row.level or ""] * with_levels)
+        table.add_row(name, *probabilities, terminal_safe(decision), *[row.level or ""] * with_levels)
     return table
 
 
@@ -492,7 +530,7 @@ def study_table(studies: Studies, run: Run, source: str) -> Table:
     table.add_column("decision", no_wrap=True)
     for study, n, p, decision in zip(studies.ids, studies.n_images, studies.p,
                                      study_decisions(studies, positive, threshold), strict=True):
-        table.add_row(study, str(int(n)), f"{p:.4f}", run.labels[decision])
+        table.add_row(terminal_safe(study), str(int(n)), f"{p:.4f}", run.labels[decision])
     return table
 
 

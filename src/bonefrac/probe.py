@@ -152,10 +152,13 @@ def cached_features(
     # of the previous fold's): only the images none of them holds go through the network.
     known = _features_elsewhere(folder.parent, key_parts, unique)
     missing = [md5 for md5 in unique if md5 not in known]
+    if progress:
+        progress(len(known), len(unique))
     if missing:
         dataset = CachedImageDataset(image_cache, missing, [0] * len(missing), transform)
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
-        known.update(zip(missing, extract_features(backbone, loader, progress=progress), strict=True))
+        counted = (lambda done, _: progress(len(known) + done, len(unique))) if progress else None
+        known.update(zip(missing, extract_features(backbone, loader, progress=counted), strict=True))
     features = np.stack([known[md5] for md5 in unique]).astype(np.float32)
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial", dir=folder.parent))

@@ -22,12 +22,14 @@ import numpy as np
 from PIL import Image
 
 from bonefrac import DISCLAIMER, __version__
+from bonefrac.atomic import write_atomic
 from bonefrac.data.audit import leak_line
 from bonefrac.data.dataset import SYNTHETIC_NOTICE, common_root, find_layout
 from bonefrac.data.io import read_image, truncated_loaded
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import METRIC_NAMES, format_interval, format_number
 from bonefrac.run import CONFIG_FILE, CURVES_FILE, REPORT_FILE, Run
+from bonefrac.safe_text import restore_csv
 
 SAMPLES_PER_CLASS = 4
 THUMBNAIL_SIDE = 112
@@ -411,7 +413,7 @@ def gallery_picks(predictions_csv: Path, positive: str, per_kind: int = GALLERY_
     """(kind, predictions.csv row) for the gallery: the most confident true positives, the most confident false
     negatives (lowest p among fractured) and false positives (highest p among the rest)."""
     with open(predictions_csv, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+        rows = [restore_csv(record) for record in csv.DictReader(handle)]
     column = f"p_{positive}"
     by_p = sorted(rows, key=lambda r: float(r[column]), reverse=True)
     found = [r for r in by_p if r["label"] == positive]
@@ -522,5 +524,4 @@ def write_report(run: Run | str | Path, data_root: str | Path | Sequence[str | P
         f"<title>bonefrac report: {esc(name)}</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>"
     )
     out = run.path / REPORT_FILE
-    out.write_text(page, encoding="utf-8")
-    return out
+    return write_atomic(out, page)

@@ -29,6 +29,11 @@ it through here and nowhere else; a file's name and format live in this module o
 Why preprocessing is stored, not looked up: the mean/std of a model name come from the model registry and timm, and
 either may change; a run keeps what it was trained with, the way timm attaches `pretrained_cfg` to the model it
 builds. Runs written before preprocessing.json existed derive it once from their config when loaded.
+
+Every file is written atomically (bonefrac.atomic: a temporary file in the run folder, fsync, rename), so a crash
+leaves the old file or the new one. A damaged file (cut short by a full disk, edited by hand, copied half-way) is
+found when it is read and answered with a BonefracError that names it and what to do (`damaged_file`): train, calibrate,
+evaluate or export again. model.onnx is checked against the sha256 that onnx.json records for it.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import torch
 from torch import nn
 
 from bonefrac import __version__
+from bonefrac.atomic import atomic_open, write_atomic
 from bonefrac.calibration import level, predictive_values, sensitivity_point, three_levels
 from bonefrac.config import RunConfig, from_yaml, to_yaml
 from bonefrac.data.audit import AUDIT_FILE
@@ -82,6 +88,13 @@ METRICS_COLUMNS = (
     "epoch_seconds",  # training + validation
     "images_per_second",  # training images / training seconds
 )
+# What to do about a damaged file, by name (anything else: train again).
+_REMEDIES = {
+    CALIBRATION_FILE: "calibrate again: bonefrac calibrate RUN",
+    ONNX_FILE: "export again: bonefrac export RUN --format onnx",
+    ONNX_META_FILE: "export again: bonefrac export RUN --format onnx",
+    "metrics.json": "evaluate again: bonefrac evaluate RUN",
+}
 RESAMPLES = ("bicubic",)  # how `letterbox` resizes; the image cache stores images resized this way
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}  # eval/<split>/ listed in this order, others after
 
@@ -288,7 +301,7 @@ class Run:
         if not write:
             return run
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_FILE).write_text(to_yaml(config))
+        write_atomic(path / CONFIG_FILE, to_yaml(config))
         run.write_json(LABELS_FILE, {"labels": run.labels, "positive_label": run.positive_label,
                                      "num_classes": len(run.labels)})
         run.write_json(PREPROCESSING_FILE, run.preprocessing.to_dict())
@@ -302,8 +315,10 @@ class Run:
             if not (path / name).is_file():
                 raise BonefracError(f"{path}: not a finished run directory (no {name}); train one with bonefrac train")
         config = from_yaml((path / CONFIG_FILE).read_text(), source=str(path / CONFIG_FILE))
-        meta = json.loads((path / LABELS_FILE).read_text())
-        labels = list(meta["labels"])
+        meta = _read_json(path / LABELS_FILE)
+        if not isinstance(meta.get("labels"), list) or len(meta["labels"]) < 2:
+            raise damaged_file(path / LABELS_FILE, "no list of class names")
+        labels = [str(label) for label in meta["labels"]]
         positive = labels.index(meta["positive_label"]) if meta.get("positive_label") in labels else 1
         preprocessing = Preprocessing.stored(path) or Preprocessing.resolve(config)
         calibration = _read_json(path / CALIBRATION_FILE)
@@ -350,7 +365,10 @@ class Run:
 
         model = create_model(self.config.model.name, num_classes=self.num_classes, pretrained=False,
                              in_chans=self.preprocessing.channels, drop_rate=self.config.model.drop_rate)
-        state = safetensors.torch.load_file(str(self.path / WEIGHTS_FILE), device="cpu")
+        try:
+            state = safetensors.torch.load_file(str(self.path / WEIGHTS_FILE), device="cpu")
+        except (safetensors.SafetensorError, OSError, ValueError) as err:  # cut short, or not safetensors at all
+            raise damaged_file(self.path / WEIGHTS_FILE, str(err).splitlines()[0] if str(err) else "") from None
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -371,27 +389,31 @@ class Run:
 
         metadata = {"model": self.config.model.name, "labels": json.dumps(self.labels), "epoch": str(epoch),
                     "strategy": strategy, "bonefrac": __version__}
-        out = self.path / WEIGHTS_FILE
-        safetensors.torch.save_file({k: t.contiguous() for k, t in weights.items()}, str(out), metadata=metadata)
-        return out
+        data = safetensors.torch.save({k: t.contiguous() for k, t in weights.items()}, metadata=metadata)
+        return write_atomic(self.path / WEIGHTS_FILE, data)
 
     def weights_sha256(self) -> str:
         """sha256 of model.safetensors: onnx.json stores it, so a model.onnx older than the weights shows."""
-        digest = hashlib.sha256()
-        with open(self.path / WEIGHTS_FILE, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return file_sha256(self.path / WEIGHTS_FILE)
 
     def onnx_problem(self) -> str | None:
-        """Why model.onnx cannot stand in for the weights (missing, or exported from other weights); None if it can."""
-        onnx_path, meta = self.path / ONNX_FILE, self.read_json(ONNX_META_FILE)
+        """Why model.onnx cannot stand in for the weights (missing, damaged, or exported from other weights); None
+        if it can. onnx.json records the sha256 of the weights it came from and of model.onnx itself."""
+        onnx_path = self.path / ONNX_FILE
+        export_again = f"export again: bonefrac export {self.path} --format onnx"
         if not onnx_path.is_file():
             return f"{onnx_path} not found; make it with bonefrac export {self.path} --format onnx"
+        try:
+            meta = self.read_json(ONNX_META_FILE)
+        except BonefracError as err:
+            return str(err)
         if meta is None:
-            return f"{self.path / ONNX_META_FILE} not found; export again: bonefrac export {self.path} --format onnx"
+            return f"{self.path / ONNX_META_FILE} not found; {export_again}"
         if meta.get("weights_sha256") != self.weights_sha256():
-            return f"{onnx_path} was exported from other weights than {WEIGHTS_FILE}; export again"
+            return f"{onnx_path} was exported from other weights than {WEIGHTS_FILE}; {export_again}"
+        # Exports older than this check record no onnx_sha256; onnxruntime then finds a damaged file (Predictor).
+        if "onnx_sha256" in meta and meta["onnx_sha256"] != file_sha256(onnx_path):
+            return f"{onnx_path} is damaged (its sha256 is not the one {ONNX_META_FILE} records); {export_again}"
         return None
 
     # --- calibration ---
@@ -430,7 +452,7 @@ class Run:
     def write_history(self, history: Sequence[dict[str, float]]) -> Path:
         """metrics.csv: METRICS_COLUMNS, one row per epoch."""
         path = self.path / METRICS_FILE
-        with open(path, "w", newline="") as handle:
+        with atomic_open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
             writer.writeheader()
             for row in history:
@@ -439,7 +461,13 @@ class Run:
 
     def history(self) -> list[dict[str, float]]:
         """metrics.csv as numbers; [] when the run has none."""
-        return read_history(self.path / METRICS_FILE) if (self.path / METRICS_FILE).is_file() else []
+        path = self.path / METRICS_FILE
+        if not path.is_file():
+            return []
+        try:
+            return read_history(path)
+        except (ValueError, TypeError, UnicodeDecodeError) as err:  # a row cut short reads as None
+            raise damaged_file(path, str(err)) from None
 
     # --- evaluations ---
 
@@ -465,9 +493,8 @@ class Run:
         return _read_json(self.path / name)
 
     def write_json(self, name: str, record: dict) -> Path:
-        path = self.path / name
-        path.write_text(json.dumps(record, indent=2))
-        return path
+        """RUN/name as indented JSON, written atomically."""
+        return write_atomic(self.path / name, json.dumps(record, indent=2))
 
 
 def read_history(path: str | Path) -> list[dict[str, float]]:
@@ -479,5 +506,31 @@ def read_history(path: str | Path) -> list[dict[str, float]]:
         ]
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def damaged_file(path: Path, reason: str = "") -> BonefracError:
+    """The error for a run file that exists but cannot be used: its path, why, and what to do about it."""
+    remedy = _REMEDIES.get(path.name, "train the run again (bonefrac train) or restore the file from a copy")
+    run_dir = path.parent.parent.parent if path.name == "metrics.json" else path.parent  # eval/<split>/metrics.json
+    detail = f" ({reason})" if reason else ""
+    return BonefracError(f"{path} is damaged{detail}; {remedy.replace('RUN', str(run_dir))}")
+
+
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A run's JSON file as a dict; None when it does not exist; damaged_file when it is not a JSON object."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError: cut short or not JSON
+        raise damaged_file(path, f"not JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise damaged_file(path, "not a JSON object")
+    return record

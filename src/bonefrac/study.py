@@ -46,6 +46,7 @@ from bonefrac.data.dataset import (
 from bonefrac.data.io import dicom_study_uid
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import Interval, bootstrap_ci, classification_metrics, predicted_labels
+from bonefrac.safe_text import neutralise_csv
 
 STUDY_COLUMN = "study"  # the manifest.csv column used without --study-column
 DICOM_STUDY = "StudyInstanceUID"  # --study-column value that asks for the DICOM header's study
@@ -274,11 +275,11 @@ def write_study_predictions(
     labelled = studies.positive is not None
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["study", "n_images", *(["label", f"n_{labels[positive]}_images"] * labelled),
-                         f"p_{labels[positive]}", "aggregate", "prediction"])
+        writer.writerow(neutralise_csv(["study", "n_images", *(["label", f"n_{labels[positive]}_images"] * labelled),
+                                        f"p_{labels[positive]}", "aggregate", "prediction"]))
         for k, study in enumerate(studies.ids):
             known = [labels[positive] if studies.positive[k] else labels[1 - positive],
                      int(studies.n_positive_images[k])] if labelled else []
-            writer.writerow([study, int(studies.n_images[k]), *known, f"{studies.p[k]:.6f}", studies.rule,
-                             labels[decisions[k]]])
+            writer.writerow(neutralise_csv([study, int(studies.n_images[k]), *known, f"{studies.p[k]:.6f}",
+                                            studies.rule, labels[decisions[k]]]))
     return path

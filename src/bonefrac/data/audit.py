@@ -34,9 +34,11 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.metrics import roc_auc_score
 
 from bonefrac import DISCLAIMER
+from bonefrac.atomic import write_atomic
 from bonefrac.data.dataset import SPLITS, FileProblem, Manifest, ManifestRow, scan_folder
 from bonefrac.data.io import ImageInfo, read_image, truncated_loaded
 from bonefrac.errors import ImageReadError
+from bonefrac.safe_text import terminal_safe
 
 HASH_SIZE = 16  # 16x16 DCT coefficients -> 256 bits
 THUMBNAIL = 64
@@ -416,8 +418,7 @@ def write_json(report: AuditReport, out_dir: str | Path) -> Path:
     """out_dir/audit.json (AUDIT_FILE)."""
     out = Path(out_dir) / AUDIT_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report.to_dict(), indent=2))
-    return out
+    return write_atomic(out, json.dumps(report.to_dict(), indent=2))
 
 
 def _thumbnail_uri(path: Path, side: int = 112) -> str:
@@ -546,7 +547,7 @@ def console_tables(report: AuditReport) -> list:
         problems.add_column("file")
         problems.add_column("reason")
         for problem in report.problems[:50]:
-            problems.add_row(problem.path, problem.reason)
+            problems.add_row(terminal_safe(problem.path), terminal_safe(problem.reason))
         out.append(problems)
     if report.truncated:
         out.append(f"[yellow]{escape(truncated_loaded(report.truncated, named=10))}[/yellow]")

@@ -27,12 +27,13 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from bonefrac.data.io import probe_image
 from bonefrac.errors import DatasetError, ImageReadError
+from bonefrac.safe_text import neutralise_csv, restore_csv
 
 SPLIT_NAMES = {
     "train": "train",
@@ -147,17 +148,64 @@ def file_md5(path: str | Path, chunk: int = 1 << 20) -> str:
 def _class_folders(parent: Path) -> dict[str, list[Path]]:
     """Class label -> the folders below `parent` that hold it (two folders may normalise to one label)."""
     found: dict[str, list[Path]] = {}
-    for child in sorted(parent.iterdir()):
+    try:
+        children = sorted(parent.iterdir())
+    except OSError as err:  # without its listing the layout is unknown: say so rather than guess
+        raise DatasetError(f"{parent}: folder cannot be read ({_os_reason(err)})") from None
+    for child in children:
         if child.is_dir() and not child.name.startswith("."):
             found.setdefault(canonical_label(child.name), []).append(child)
     return found
 
 
-def _walk_files(folder: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            yield Path(dirpath) / name
+def walk_files(folder: str | Path, *, hidden_folders: bool = False) -> tuple[list[Path], list[FileProblem]]:
+    """(every file under `folder`, the folders that could not be listed with why), in a stable order: a folder's
+    files by name, then its subfolders by name, as os.walk gives them.
+
+    Linked folders are followed, but never into a folder already walked (a link to a parent would be a cycle), and a
+    file reached twice (through a link) is given once: both by resolved path. A folder that cannot be listed
+    (permission denied, removed while walking) is a FileProblem with the reason instead of vanishing. Folders whose
+    name starts with "." are left out unless `hidden_folders`. Files are not opened: a broken link is a file here.
+    """
+    files: list[Path] = []
+    problems: list[FileProblem] = []
+    seen_folders: set[Path] = set()
+    seen_files: set[Path] = set()
+    stack = [Path(folder)]
+    while stack:
+        directory = stack.pop()
+        real = directory.resolve()
+        if real in seen_folders:
+            continue
+        seen_folders.add(real)
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as err:
+            problems.append(FileProblem(str(directory), f"folder cannot be read ({_os_reason(err)})"))
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                is_folder = entry.is_dir()  # follows a link
+            except OSError:
+                is_folder = False
+            if is_folder:
+                if hidden_folders or not entry.name.startswith("."):
+                    subfolders.append(Path(entry.path))
+                continue
+            path = Path(entry.path)
+            resolved = path.resolve()
+            if resolved not in seen_files:
+                seen_files.add(resolved)
+                files.append(path)
+        stack.extend(reversed(subfolders))  # depth first, in name order
+    return files, problems
+
+
+def _os_reason(err: OSError) -> str:
+    """An OSError in words, without the path it carries: 'Permission denied'."""
+    return err.strerror or type(err).__name__
 
 
 def find_layout(root: Path) -> list[tuple[str, str, Path]]:
@@ -225,10 +273,15 @@ def scan_folders(
     names = [s if short.count(s) == 1 else r for s, r in zip(short, relative, strict=True)]
     layouts = [find_layout(folder) for folder in folders]
     labels = sorted({label for layout in layouts for _, label, _ in layout})
-    files = [ManifestRow(path.relative_to(root).as_posix(), label, split, dataset=name)
-             for name, layout in zip(names, layouts, strict=True)
-             for split, label, folder in layout for path in _walk_files(folder)]
+    files: list[ManifestRow] = []
+    unlisted: list[FileProblem] = []  # folders that could not be read: audit and scan list them, they never vanish
+    for name, layout in zip(names, layouts, strict=True):
+        for split, label, folder in layout:
+            found, problems = walk_files(folder)
+            files += [ManifestRow(path.relative_to(root).as_posix(), label, split, dataset=name) for path in found]
+            unlisted += [FileProblem(Path(p.path).relative_to(root).as_posix(), p.reason) for p in problems]
     manifest = _probed(root, labels, files, compute_md5=compute_md5, progress=progress)
+    manifest.problems = unlisted + manifest.problems
     manifest.folders = dict(zip(names, relative, strict=True))
     return manifest
 
@@ -307,11 +360,11 @@ def write_manifest(manifest: Manifest, out_dir: str | Path) -> Path:
     with open(out_dir / "manifest.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()
-        writer.writerows(asdict(row) for row in manifest.rows)
+        writer.writerows(neutralise_csv(asdict(row)) for row in manifest.rows)
     with open(out_dir / "problems.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "reason"])
         writer.writeheader()
-        writer.writerows(asdict(problem) for problem in manifest.problems)
+        writer.writerows(neutralise_csv(asdict(problem)) for problem in manifest.problems)
     (out_dir / "labels.json").write_text(
         json.dumps({"root": str(manifest.root), "labels": manifest.labels}, indent=2)
     )
@@ -324,13 +377,13 @@ def read_manifest(out_dir: str | Path) -> Manifest:
     meta = json.loads((out_dir / "labels.json").read_text())
     with open(out_dir / "manifest.csv", newline="") as handle:
         rows = [
-            ManifestRow(**{k: int(v) if k in _INT_FIELDS else v for k, v in record.items()})
+            ManifestRow(**{k: int(v) if k in _INT_FIELDS else v for k, v in restore_csv(record).items()})
             for record in csv.DictReader(handle)
         ]
     problems: list[FileProblem] = []
     if (out_dir / "problems.csv").exists():
         with open(out_dir / "problems.csv", newline="") as handle:
-            problems = [FileProblem(**record) for record in csv.DictReader(handle)]
+            problems = [FileProblem(**restore_csv(record)) for record in csv.DictReader(handle)]
     return Manifest(root=Path(meta["root"]), labels=list(meta["labels"]), rows=rows, problems=problems)
 
 

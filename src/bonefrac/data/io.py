@@ -15,6 +15,7 @@ memory (`read_image(data, name=filename)`), the same way as a file and without b
 from __future__ import annotations
 
 import io
+import logging
 import os
 import stat
 import struct
@@ -108,8 +109,27 @@ _EXIF_TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 
+# Why a file whose pixels hold NaN or Inf is refused: no scaling makes them a picture, and a model fed NaN
+# answers with a confident-looking probability (a float TIFF of NaNs was once called "fractured", p = 0.78).
+NON_FINITE_REASON = "non-finite pixel values (NaN or Inf)"
+
 _PIL_BIT_DEPTH = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
 _DICOM_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+
+class _OneLine(logging.Filter):
+    """Keep a log record's message, drop its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+# pydicom logs every failing pixel decoder with LOGGER.exception: a truncated JPEG inside a DICOM put a Pillow
+# traceback in the server's log. The failure reaches the caller as an ImageReadError with the reason; the log keeps
+# pydicom's one line (the codec's message, no header value).
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_OneLine())
 
 PathLike = str | os.PathLike[str]
 # What the readers take: a file on disk, or the file's bytes already in memory (an upload that is never written).
@@ -171,7 +191,8 @@ def probe_image(path: PathLike) -> ImageInfo:
     source = _source(path, None)
     fmt = _identify(source)
     if fmt == "DICOM":
-        return _dicom_info(source, _open_dicom(source, stop_before_pixels=True), MAX_PIXELS)
+        with _dicom_errors(source):
+            return _dicom_info(source, _open_dicom(source, stop_before_pixels=True), MAX_PIXELS)
     with source.open() as fp:
         img = _open_pil(fp, source, fmt)
         return _pil_info(img, source, fmt, MAX_PIXELS)
@@ -192,7 +213,10 @@ def dicom_study_uid(path: PathLike) -> str | None:
     format or names no study. Fails as `probe_image` does. Study-level results group DICOM images by it
     (bonefrac.study)."""
     header = read_dicom_header(path)
-    uid = "" if header is None else str(header.get("StudyInstanceUID") or "").strip()
+    if header is None:
+        return None
+    with _dicom_errors(_source(path, None)):
+        uid = str(header.get("StudyInstanceUID") or "").strip()
     return uid or None
 
 
@@ -221,11 +245,13 @@ def read_image(
     resolved = _source(source, name)
     fmt = _identify(resolved)
     if fmt == "DICOM":
-        pixels, info = _read_dicom(resolved, max_pixels=max_pixels, max_side=max_side)
+        with _dicom_errors(resolved):
+            pixels, info = _read_dicom(resolved, max_pixels=max_pixels, max_side=max_side)
     else:
         pixels, info = _read_pil(
             resolved, fmt, allow_truncated=allow_truncated, max_pixels=max_pixels, max_side=max_side
         )
+    _require_finite(resolved, pixels)  # the readers check raw values; this keeps the contract on every path
     for message in info.warnings:
         warnings.warn(message, stacklevel=2)
     return pixels, info
@@ -324,6 +350,12 @@ def _reduce_factor(width: int, height: int, max_side: int | None) -> int:
     return max(1, max(width, height) // max_side)
 
 
+def _require_finite(source: _Source, values: np.ndarray) -> None:
+    """Refuse pixels that hold NaN or Inf (a float TIFF, DICOM float pixel data or a NaN/Inf rescale)."""
+    if values.dtype.kind in "fc" and not np.isfinite(values).all():
+        raise ImageReadError(source.name, NON_FINITE_REASON)
+
+
 def _short_message(err: BaseException) -> str:
     """A library exception as a short phrase: its first line, or its type when it has no message."""
     lines = str(err).strip().splitlines()
@@ -380,6 +412,8 @@ def _decode_pil(
         gray = gray.reduce(factor)
     if orientation in _EXIF_TRANSPOSE:
         gray = gray.transpose(_EXIF_TRANSPOSE[orientation])
+    if gray.mode == "F":  # float TIFF: min-max scaling would hide an Inf (everything else becomes 0)
+        _require_finite(source, np.asarray(gray))
     return _gray_to_unit(gray), info
 
 
@@ -519,7 +553,7 @@ def _read_dicom(source: _Source, *, max_pixels: int, max_side: int | None) -> tu
         luma = frame.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # ITU-R 601, as Pillow's "L"
         pixels = np.clip(luma / (2 ** (info.bit_depth or 8) - 1), 0, 1).astype(np.float32)
     elif info.mode in ("MONOCHROME1", "MONOCHROME2"):
-        pixels = _monochrome_to_unit(frame, ds, notes)
+        pixels = _monochrome_to_unit(frame, ds, notes, source)
     else:
         raise ImageReadError(source.name, f"unsupported DICOM photometric interpretation {info.mode}")
 
@@ -527,6 +561,21 @@ def _read_dicom(source: _Source, *, max_pixels: int, max_side: int | None) -> tu
     if factor > 1:  # no reduced-size decoding for DICOM: box-reduce the full frame instead
         pixels = np.asarray(Image.fromarray(pixels).reduce(factor))
     return pixels, replace(info, warnings=(*info.warnings, *notes))
+
+
+@contextmanager
+def _dicom_errors(source: _Source) -> Iterator[None]:
+    """Any pydicom failure not already turned into an ImageReadError becomes one, by its type only.
+
+    pydicom converts header elements lazily, on first access, so a damaged element (an unknown VR, a value that does
+    not parse) raises whatever its converter raises wherever it is first read: found by fuzzing read_image.
+    """
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except Exception as err:  # pydicom's message may quote header values, so only its type is kept
+        raise ImageReadError(source.name, f"corrupt DICOM ({type(err).__name__} in a header element)") from err
 
 
 def _open_dicom(source: _Source, *, stop_before_pixels: bool) -> Dataset:
@@ -611,9 +660,13 @@ def _native_pixel_bytes(ds: Dataset) -> int:
     return (samples * bits_allocated + 7) // 8
 
 
-def _monochrome_to_unit(frame: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
+def _monochrome_to_unit(frame: np.ndarray, ds: Dataset, notes: list[str], source: _Source) -> np.ndarray:
     """Modality transform, then VOI (LUT or window), then scale to [0, 1] and invert MONOCHROME1."""
+    # FloatPixelData may hold NaN, and a RescaleSlope or Intercept of NaN/Inf makes every value non-finite;
+    # min-max scaling of an all-Inf image would otherwise return a plausible all-black picture.
+    _require_finite(source, frame)
     values = apply_modality_lut(frame, ds)
+    _require_finite(source, np.asarray(values))
     voi = _voi_kind(ds)
     low = high = 0.0
     try:

@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -55,6 +55,7 @@ from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.explain import Explainer, gray_uint8, heatmap_rgba, overlay_rgb, png_bytes
 from bonefrac.predict import BACKENDS, PredictionRow, Predictor, PreparedImage
 from bonefrac.serve.card import model_card, threshold_meaning
+from bonefrac.serve.hosts import HostGuard, allowed_hosts
 from bonefrac.serve.schemas import ERROR_RESPONSES, NOT_READY, Batch, Health, ModelCard, Prediction, Ready
 from bonefrac.serve.uploads import TimeoutMiddleware, Upload, UploadError, read_form
 
@@ -79,6 +80,9 @@ class ServeSettings:
     # Load truncated uploads (the decoder fills in the rest; the answer says truncated) instead of a 422 that names
     # --allow-truncated; None: as the run was trained (Run.allow_truncated).
     allow_truncated: bool | None = None
+    # Host names answered (serve.hosts.allowed_hosts: `bonefrac serve` sets the bound host, localhost, 127.0.0.1, ::1
+    # and --allowed-host); None: any (create_app called directly, as the tests and an embedding app do).
+    allowed_hosts: tuple[str, ...] | None = None
 
     @property
     def max_file_bytes(self) -> int:
@@ -139,6 +143,8 @@ class Service:
             raise BonefracError(f"backend {settings.backend!r}: choose from {', '.join(BACKENDS)}")
         self.settings = settings
         self.predictor = Predictor(run_dir, backend=settings.backend, allow_truncated=settings.allow_truncated)
+        if self.predictor.backend_note:
+            log.warning(self.predictor.backend_note)
         if self.predictor.backend == "onnx":
             # onnxruntime runs the model; PyTorch only preprocesses (and draws heatmaps). Its OpenMP threads, spinning
             # after each preprocessing op, took the cores from onnxruntime's: 25-34 ms a request on 2 cores against
@@ -296,6 +302,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     )
     app.state.service = service
     app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s)
+    app.add_middleware(HostGuard, allowed=settings.allowed_hosts)  # added last: outside the timeout, so its 503 too
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, err: UploadError) -> JSONResponse:
@@ -391,7 +398,10 @@ def app_from_environment() -> FastAPI:
     """uvicorn's factory for `--workers N`: each worker process builds its own app from what `serve` put in
     BONEFRAC_SERVE (the run directory and the settings as JSON)."""
     handed = json.loads(os.environ[ENVIRONMENT_KEY])
-    return create_app(handed["run_dir"], ServeSettings(**handed["settings"]))
+    settings = handed["settings"]
+    if settings.get("allowed_hosts") is not None:  # JSON made the tuple a list
+        settings["allowed_hosts"] = tuple(settings["allowed_hosts"])
+    return create_app(handed["run_dir"], ServeSettings(**settings))
 
 
 def serve(run_dir: str | Path, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
@@ -400,6 +410,7 @@ def serve(run_dir: str | Path, settings: ServeSettings, *, host: str = "127.0.0.
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    settings = replace(settings, allowed_hosts=allowed_hosts(host, settings.allowed_hosts or ()))
     if workers == 1:
         uvicorn.run(create_app(run_dir, settings), host=host, port=port, log_level="info")
         return

@@ -363,11 +363,16 @@ function fillSummaryRow(entry, row = entry.row) {
 }
 
 // One CSV field as Python's csv module writes it (bonefrac predict): quoted only when it must be, booleans as
-// True/False, nothing for null.
+// True/False, nothing for null; text a spreadsheet would run as a formula gets a leading quote, by the rule of
+// bonefrac.safe_text.neutralise_csv (a file name may start with "=").
 function csvField(value) {
   if (value === null || value === undefined) return "";
   if (typeof value === "boolean") return value ? "True" : "False";
-  const text = String(value);
+  let text = String(value);
+  const number = /^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/.test(text);
+  if (typeof value === "string" && (text.startsWith("'") || (/^[=+\-@\t\r]/.test(text) && !number))) {
+    text = `'${text}`;
+  }
   return /[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
 }
 
