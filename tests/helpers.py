@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import csv
+import glob
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
+import requests
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -120,3 +130,95 @@ def write_dicom(
     if not preamble:
         path.write_bytes(path.read_bytes()[132:])  # drop the 128-byte preamble and "DICM"
     return path
+
+
+STUDY_SECRETS = ("SECRET^PATIENT", "SECRET-ID-4711", "ACC-SECRET-99")  # patient name, id, accession: never printed
+
+
+def write_study(folder: Path, rng: np.random.Generator, *, photometric: str, fractured: bool,
+                extra: tuple[str, ...] = (), size: int = 48) -> str:
+    """One DICOM study of two 16-bit views (frontal, lateral) of a bar 'bone', as folder/<view>.dcm; returns its
+    StudyInstanceUID. extra adds 'blank' (a constant image: not a radiograph) and/or 'no-pixels' (a header only)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name, patient_id, accession = STUDY_SECRETS
+    study = {"StudyInstanceUID": generate_uid(), "PatientName": name, "PatientID": patient_id,
+             "AccessionNumber": accession, "StudyID": "1", "StudyDate": "20240229", "StudyTime": "101500",
+             "PatientBirthDate": "19470302", "PatientSex": "F", "ReferringPhysicianName": "", "Modality": "DX"}
+    series = generate_uid()
+    views = ["frontal", "lateral", *extra]
+    for number, view in enumerate(views, start=1):
+        gray = np.asarray(bar_image(rng, fractured and view == "frontal", size=size)).astype(np.uint16)
+        if view == "blank":
+            gray[:] = 128
+        stored = 65535 - gray * 257 if photometric == "MONOCHROME1" else gray * 257
+        path = write_dicom(folder / f"{view}.dcm", stored, photometric=photometric, bits_stored=16,
+                           SeriesInstanceUID=series, SeriesNumber=1, InstanceNumber=number, **study)
+        if view == "no-pixels":
+            ds = pydicom.dcmread(path)
+            del ds.PixelData
+            ds.save_as(path)
+    return study["StudyInstanceUID"]
+
+
+ORTHANC_PLUGIN_GLOBS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so*", "/usr/lib/orthanc/libOrthancDicomWeb.so*")
+
+
+def _orthanc() -> tuple[str | None, str | None]:
+    """Debian's Orthanc binary (in /usr/sbin) and its DicomWeb plugin, or None for what is missing."""
+    binary = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
+    plugins = [path for pattern in ORTHANC_PLUGIN_GLOBS for path in sorted(glob.glob(pattern))]
+    return binary, plugins[0] if plugins else None
+
+
+def orthanc_missing() -> str | None:
+    """Why orthanc_server cannot start here, or None when it can."""
+    binary, plugin = _orthanc()
+    if binary is None:
+        return "Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)"
+    if plugin is None:
+        return "Orthanc's DicomWeb plugin is not installed (apt-get install orthanc-dicomweb)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def orthanc_server(folder: Path, users: dict[str, str] | None = None) -> Iterator[str]:
+    """A fresh Orthanc with DICOMweb on a free loopback port, storing in `folder` (config and log there too);
+    yields its URL and stops it after. users: basic-auth accounts (default: no authentication)."""
+    binary, plugin = _orthanc()
+    port = free_port()
+    config = {
+        "Name": "bonefrac-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+        "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": bool(users), "RegisteredUsers": users or {},
+        "Plugins": [plugin], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "SaveJobs": False,
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    url = f"http://127.0.0.1:{port}"
+    auth = next(iter(users.items())) if users else None
+    with open(folder / "orthanc.log", "w") as log:
+        process = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=folder)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if requests.get(f"{url}/dicom-web/studies", auth=auth, timeout=1).ok:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Orthanc did not start: {(folder / 'orthanc.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()

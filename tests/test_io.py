@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
-    JPEGLSLossless,
+    HTJ2KLossless,
 )
 
 from bonefrac.data.io import IMAGE_SUFFIXES, MAX_PIXELS, ImageInfo, probe_image, read_image, sniff_format
@@ -573,8 +573,8 @@ def _dicom_failure(kind: str, tmp_path: Path) -> Path:
     else:  # compressed with a codec nobody installed
         _write_dicom(path, STORED)
         ds = pydicom.dcmread(path)
-        ds.file_meta.TransferSyntaxUID = JPEGLSLossless
-        ds.PixelData = encapsulate([b"\xff\xd8 not really JPEG-LS \xff\xd9"])
+        ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+        ds.PixelData = encapsulate([b"\xff\x4f not really HTJ2K \xff\xd9"])
         ds["PixelData"].VR = "OB"
         ds.save_as(path, enforce_file_format=True)
     return path
@@ -588,15 +588,17 @@ def _dicom_failure(kind: str, tmp_path: Path) -> Path:
         ("bomb", "20000×20000 pixels is over the limit of 100,000,000 pixels"),
         (
             "compressed",
-            "DICOM uses compressed transfer syntax JPEG-LS Lossless Image Compression and no decoder",
+            # HTJ2K: highdicom brings a JPEG-LS decoder (pyjpegls), and Pillow decodes JPEG 2000
+            "DICOM uses compressed transfer syntax High-Throughput JPEG 2000 Image Compression (Lossless Only) and no "
+            "decoder",
         ),
     ],
 )
 def test_dicom_failures_name_the_cause_but_no_patient_data(
     tmp_path: Path, kind: str, reason: str, caplog, capsys
 ) -> None:
-    if kind == "compressed" and get_decoder(JPEGLSLossless).is_available:
-        pytest.skip("a JPEG-LS decoder is installed here")
+    if kind == "compressed" and get_decoder(HTJ2KLossless).is_available:
+        pytest.skip("an HTJ2K decoder is installed here")
     path = _dicom_failure(kind, tmp_path)
     caplog.set_level(logging.DEBUG)
     with warnings.catch_warnings(record=True) as caught_warnings:

@@ -424,6 +424,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     fmt = output_format(args.out, args.format) if args.out else None  # a wrong --out fails before any work
     if args.format and not args.out:
         raise BonefracError("--format needs --out (a file, or - for stdout)")
+    if args.dicom_overlay and not args.dicom_out:
+        raise BonefracError("--dicom-overlay needs --dicom-out DIR")
     say = status if to_stdout else console  # with the rows on stdout, every other line goes to stderr
     run, paths = _run_and_paths(args.items, say)
     predictor = Predictor(run, backend=args.backend, batch_size=args.batch_size, tta=args.tta,
@@ -441,6 +443,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         console.print(prediction_table(result, predictor.operating_point, predictor.run.positive_label),
                       highlight=False)
     _print_studies(result, predictor.run, args, say)
+    if args.dicom_out:
+        _write_dicom_results(result, predictor, args, say)
     if not predictor.calibrated:
         say.print("not calibrated: T = 1 and threshold 0.5 (run bonefrac calibrate)", highlight=False)
     say.print(result.summary(), highlight=False)
@@ -462,6 +466,24 @@ def _print_studies(result, run, args: argparse.Namespace, say: Console) -> None:
         path = write_study_predictions(Path(args.out).parent / STUDY_FILE, studies, labels=run.labels,
                                        positive=run.positive, threshold=run.calibration.threshold)
         say.print(f"written: {path}", highlight=False)
+
+
+def _write_dicom_results(result, predictor, args: argparse.Namespace, say: Console) -> None:
+    """`bonefrac predict --dicom-out`: an SR per DICOM study (bonefrac.dicom_sr), and why other files got none."""
+    from bonefrac.dicom_sr import write_dicom_results
+
+    overlay = None
+    if args.dicom_overlay:
+        from bonefrac.explain import Explainer, overlay_rgb
+
+        explainer = Explainer(predictor)
+
+        def overlay(pixels):
+            return overlay_rgb(pixels, explainer.explain(pixels).heatmap)
+    written = write_dicom_results(result, predictor.run, args.dicom_out, rule=args.study_aggregate, overlay=overlay)
+    for file, reason in written.skipped.items():
+        say.print(f"no DICOM output for {file}: {reason}", highlight=False)
+    say.print(f"{written.summary()} in {args.dicom_out} (one folder per study)", highlight=False)
 
 
 def _rows_to_stdout(result, fmt: str) -> None:
@@ -500,6 +522,32 @@ def cmd_explain(args: argparse.Namespace) -> int:
     )
     console.print("A heatmap shows what moved the model's score, not where a fracture is.", highlight=False)
     return 0 if rows and not failed else 1
+
+
+def cmd_pacs_run(args: argparse.Namespace) -> int:
+    from bonefrac.pacs import connect, read_credentials, run_pacs, watch_pacs
+    from bonefrac.predict import Predictor
+
+    if args.watch and args.study:
+        raise BonefracError("--watch looks at every new study; --study answers one and stops: give one of them")
+    client = connect(args.url, read_credentials(args.credentials), root=args.dicomweb_root)
+    predictor = Predictor(Path(args.run) if args.run else _run_and_paths([])[0], backend=args.backend)
+
+    def say(line: str) -> None:
+        console.print(line, highlight=False)
+
+    if args.watch:
+        try:
+            watch_pacs(client, predictor, interval=args.interval, since=args.since, rule=args.study_aggregate,
+                       say=say)
+        except KeyboardInterrupt:
+            say("stopped (Ctrl+C); a study that was being answered is answered next time")
+        return 0
+    outcomes = run_pacs(client, predictor, study=args.study, since=args.since, rule=args.study_aggregate, say=say)
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("stored", "skipped", "failed")}
+    say(f"{len(outcomes)} studies: {counts['stored']} answered, {counts['skipped']} already answered by this model "
+        f"version, {counts['failed']} failed (tried again next time)")
+    return 1 if counts["failed"] else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -866,6 +914,11 @@ def add_inference_parsers(commands: argparse._SubParsersAction) -> None:
                       "Prints one row per study and writes study_predictions.csv beside --out")
     predict.add_argument("--studies", metavar="CSV", help="a CSV of path,study (or path,<--study-column>) naming "
                          "each file's study; paths relative to the CSV's folder or absolute")
+    predict.add_argument("--dicom-out", metavar="DIR", help="for DICOM inputs, one DICOM Structured Report per "
+                         "study, filed in the original study (same StudyInstanceUID, patient and accession; a new "
+                         "series): DIR/<study>/SR.dcm (docs/PACS.md)")
+    predict.add_argument("--dicom-overlay", action="store_true", help="with --dicom-out, also a Grad-CAM overlay "
+                         "per assessed image as a DICOM Secondary Capture in the same study (a new series)")
     predict.set_defaults(func=cmd_predict)
 
     explain = commands.add_parser(
@@ -910,6 +963,33 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     add_allow_truncated(serve, run=True)
     serve.set_defaults(func=cmd_serve)
+
+
+def add_pacs_parser(commands: argparse._SubParsersAction) -> None:
+    """`bonefrac pacs run`: DICOMweb round trip with a PACS (bonefrac.pacs, docs/PACS.md)."""
+    pacs = commands.add_parser("pacs", help="answer studies on a PACS over DICOMweb: an SR filed into each study")
+    pacs_commands = pacs.add_subparsers(title="pacs commands", metavar="COMMAND", required=True)
+    run = pacs_commands.add_parser(
+        "run", help="find studies, fetch their images, predict, and store one SR back into each study (STOW-RS)",
+        description="Studies this model version has answered already are skipped; a failed study stores nothing "
+                    "and is tried again next time. Credentials: --credentials FILE or the environment variable "
+                    "BONEFRAC_PACS_AUTH ('user:password' or 'Bearer <token>'), never on the command line.",
+    )
+    run.add_argument("run", nargs="?", help="run directory (default: the shipped model)")
+    run.add_argument("--url", required=True, help="the PACS's HTTP address, e.g. http://127.0.0.1:8042 (Orthanc)")
+    run.add_argument("--dicomweb-root", default="/dicom-web", help="DICOMweb path under --url (default /dicom-web)")
+    run.add_argument("--credentials", metavar="FILE", help="a file holding 'user:password' or 'Bearer <token>' "
+                     "(default: the environment variable BONEFRAC_PACS_AUTH, else none)")
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--study", metavar="UID", help="answer this StudyInstanceUID only")
+    which.add_argument("--since", metavar="YYYYMMDD", help="only studies with StudyDate on or after this day")
+    run.add_argument("--watch", action="store_true", help="keep looking for new studies until Ctrl+C")
+    run.add_argument("--interval", type=float, default=30.0, metavar="S", help="seconds between looks (default 30)")
+    run.add_argument("--backend", choices=BACKENDS, default="auto",
+                     help="auto: onnxruntime when RUN/model.onnx exists, else PyTorch")
+    run.add_argument("--study-aggregate", choices=STUDY_AGGREGATES, default=STUDY_AGGREGATE,
+                     help=f"a study's probability from its images': mean or max (default {STUDY_AGGREGATE})")
+    run.set_defaults(func=cmd_pacs_run)
 
 
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:
@@ -1009,6 +1089,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parsers(commands)
     add_inference_parsers(commands)
     add_serve_parser(commands)
+    add_pacs_parser(commands)
     add_demo_parser(commands)
     return parser
 

@@ -198,15 +198,25 @@ def probe_image(path: PathLike) -> ImageInfo:
         return _pil_info(img, source, fmt, MAX_PIXELS)
 
 
+def read_dicom_header(path: PathLike) -> Dataset | None:
+    """A DICOM file's header (pixels not read); None when the file is another image format. Fails as `probe_image`
+    does. The DICOM results filed back into a study copy its patient, study and instance UIDs from it
+    (bonefrac.dicom_sr)."""
+    source = _source(path, None)
+    if _identify(source) != "DICOM":
+        return None
+    return _open_dicom(source, stop_before_pixels=True)
+
+
 def dicom_study_uid(path: PathLike) -> str | None:
     """The StudyInstanceUID of a DICOM file from its header (pixels not read); None when the file is another image
     format or names no study. Fails as `probe_image` does. Study-level results group DICOM images by it
     (bonefrac.study)."""
-    source = _source(path, None)
-    if _identify(source) != "DICOM":
+    header = read_dicom_header(path)
+    if header is None:
         return None
-    with _dicom_errors(source):
-        uid = str(_open_dicom(source, stop_before_pixels=True).get("StudyInstanceUID") or "").strip()
+    with _dicom_errors(_source(path, None)):
+        uid = str(header.get("StudyInstanceUID") or "").strip()
     return uid or None
 
 
