@@ -136,7 +136,7 @@ def image_finding(row: PredictionRow, positive_label: str) -> ImageFinding:
     if row.status != "ok":
         return ImageFinding(row.file, NOT_ASSESSED, None, f"unreadable: {row.error}")
     p = row.probabilities[positive_label]
-    if row.accepted is False:
+    if not row.assessed:
         return ImageFinding(row.file, NOT_ASSESSED, p, f"out of distribution: {row.ood_reason}")
     return ImageFinding(row.file, SUSPECTED if row.prediction == positive_label else NOT_SUSPECTED, p)
 

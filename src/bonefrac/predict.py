@@ -144,6 +144,11 @@ class PredictionRow:
     level: str | None = None  # fracture, doubt or no fracture (Calibration.level); None without the rule
     truncated: bool | None = None  # a truncated file loaded anyway (allow_truncated); None when unreadable
 
+    @property
+    def assessed(self) -> bool:
+        """Read and accepted by the out-of-distribution guard: a finding that may count (in a study, in an SR)."""
+        return self.status == "ok" and self.accepted is not False
+
     def record(self, labels: Sequence[str]) -> dict:
         """The flat CSV/JSON row: file, status, p_<class>..., prediction, level, threshold, operating_point,
         truncated, guard, error."""
@@ -499,14 +504,16 @@ def predict_studies(
     result: PredictionResult, run: Run, *, column: str | None = None, studies_csv: str | Path | None = None,
     rule: str = STUDY_AGGREGATE,
 ) -> tuple[Studies, StudyIds] | None:
-    """The readable files' p(positive) aggregated per study (max or mean: `rule`), and where the studies came from.
+    """The assessed files' p(positive) aggregated per study (mean or max: `rule`), and where the studies came from.
 
     Studies from studies_csv (path,<column>), a column of the files' data folder manifest.csv, or the DICOM
-    StudyInstanceUID when every readable file is a DICOM naming one (bonefrac.study.study_of_files); None when none
-    of these is known. Files that could not be read are left out; a file without a study is one of its own.
+    StudyInstanceUID when every assessed file is a DICOM naming one (bonefrac.study.study_of_files); None when none
+    of these is known. Files that could not be read or that the out-of-distribution guard rejected are left out (a
+    photograph of a form filed in a study must not move its answer; PredictionRow.assessed); a file without a study
+    is one of its own.
     """
     asked = column is not None or studies_csv is not None
-    ok = [row for row in result.rows if row.status == "ok"]
+    ok = [row for row in result.rows if row.assessed]
     if not ok or (not run.binary and not asked):
         return None
     if not run.binary:
