@@ -92,6 +92,23 @@ def calibrated_bar_run(tmp_path_factory: pytest.TempPathFactory, *, seed: int = 
     return tiny_fit(root, tmp_path_factory.mktemp("cache"), out, **{"train.epochs": epochs})
 
 
+def dicom_dataset(rows: int, columns: int, *, photometric: str = "MONOCHROME2") -> Dataset:
+    """A Secondary Capture DX dataset with its file meta, size and photometric interpretation, but no pixels yet."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    return ds
+
+
 def write_dicom(
     path: Path,
     stored: np.ndarray,
@@ -105,20 +122,9 @@ def write_dicom(
 
     `elements` set any further attribute by keyword (PatientName, WindowCenter, VOILUTSequence, ...).
     """
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = stored.shape[-2:]
+    ds = dicom_dataset(*stored.shape[-2:], photometric=photometric)
     if stored.ndim == 3:
         ds.NumberOfFrames = stored.shape[0]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
     ds.BitsAllocated = 16
     ds.BitsStored = bits_stored
     ds.HighBit = bits_stored - 1

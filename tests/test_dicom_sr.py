@@ -110,15 +110,20 @@ def test_report_content(inbox, written):
                                         else NOT_SUSPECTED.value)
 
 
-def test_overlays_are_secondary_captures_in_the_study(bar_run, inbox, tmp_path):
+def with_overlays(run_dir: Path, folder: Path, out: Path):
+    """write_dicom_results of the files in `folder`, with a Grad-CAM overlay of each assessed image."""
     from bonefrac.explain import Explainer, overlay_rgb
 
-    root, uids = inbox
-    predictor = Predictor(bar_run, backend="torch")
+    predictor = Predictor(run_dir, backend="torch")
     explainer = Explainer(predictor)
-    result = predictor.predict_paths([root / "mono2"])
-    dicom = write_dicom_results(result, predictor.run, tmp_path,
-                                overlay=lambda pixels: overlay_rgb(pixels, explainer.explain(pixels).heatmap))
+    result = predictor.predict_paths([folder])
+    return write_dicom_results(result, predictor.run, out,
+                               overlay=lambda pixels: overlay_rgb(pixels, explainer.explain(pixels).heatmap))
+
+
+def test_overlays_are_secondary_captures_in_the_study(bar_run, inbox, tmp_path):
+    root, uids = inbox
+    dicom = with_overlays(bar_run, root / "mono2", tmp_path)
     paths = dicom.overlays[dicom_study_name(uids["mono2"])]
     assert len(paths) == 2
     images = [hd.imread(path) for path in paths]
@@ -132,14 +137,8 @@ def test_overlays_are_secondary_captures_in_the_study(bar_run, inbox, tmp_path):
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is not installed")
 def test_dciodvfy_finds_no_error(bar_run, inbox, tmp_path):
     """David Clunie's validator checks every module of what we write against the standard's IODs."""
-    from bonefrac.explain import Explainer, overlay_rgb
-
     root, _ = inbox
-    predictor = Predictor(bar_run, backend="torch")
-    explainer = Explainer(predictor)
-    result = predictor.predict_paths([root / "mono1"])
-    dicom = write_dicom_results(result, predictor.run, tmp_path,
-                                overlay=lambda pixels: overlay_rgb(pixels, explainer.explain(pixels).heatmap))
+    dicom = with_overlays(bar_run, root / "mono1", tmp_path)
     files = [*dicom.reports.values(), *(path for paths in dicom.overlays.values() for path in paths)]
     assert len(files) == 3  # the SR and the overlays of the two views (the blank image is not assessed)
     for path in files:

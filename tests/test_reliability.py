@@ -24,9 +24,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import JPEGBaseline8Bit
 from rich.console import Console
 
 import bonefrac
@@ -52,7 +51,7 @@ from bonefrac.run import (
 from bonefrac.safe_text import neutralise_csv, restore_csv, terminal_safe
 from bonefrac.serve import ServeSettings, create_app
 from bonefrac.serve.hosts import allowed_hosts
-from tests.helpers import bar_image, write_bar_set, write_dicom
+from tests.helpers import bar_image, dicom_dataset, write_bar_set, write_dicom
 
 # --------------------------------------------------------------------------------------------------------
 # Non-finite pixels: refused by the reader, never passed on to a model
@@ -73,18 +72,7 @@ def _float_tiff(path: Path, bad: float) -> Path:
 
 def _float_dicom(path: Path, bad: float) -> Path:
     """A DICOM whose pixels are FloatPixelData (32-bit IEEE floats), as pydicom writes it."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows = ds.Columns = 32
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds = dicom_dataset(32, 32)
     ds.BitsAllocated = 32
     ds.FloatPixelData = _ramp(bad).astype("<f4").tobytes()
     ds.save_as(path, enforce_file_format=True)
