@@ -429,12 +429,70 @@ def test_cli_serve_passes_settings_and_refuses_a_missing_run(run, tmp_path, monk
     assert main(["serve", str(run), "--port", "8123", "--max-upload-mb", "5", "--timeout", "9"]) == 0
     (run_dir, settings, where), = calls
     assert Path(run_dir) == Path(run) and settings.max_upload_mb == 5 and settings.request_timeout_s == 9
-    assert where == {"host": "127.0.0.1", "port": 8123, "workers": 1}
+    assert where == {"host": "127.0.0.1", "port": 8123, "workers": 1, "insecure": False}
     assert "http://127.0.0.1:8123/" in capsys.readouterr().out
     assert main(["serve", "--port", "8125"]) == 0  # no run: the shipped model
     assert calls[-1][0] == shipped_run() and "using the shipped model" in capsys.readouterr().out
     monkeypatch.undo()
     assert main(["serve", str(tmp_path / "missing"), "--port", "8124"]) == 2
+
+
+# --- authentication (issue 17, item 7) ------------------------------------------------------------------------------
+
+
+def test_the_api_needs_the_token_when_the_server_has_one(run, xray, caplog):
+    token = "correct horse battery staple"
+    settings = ServeSettings(token=token)
+    assert token not in repr(settings)  # never in a log line or a traceback that shows the settings
+    with caplog.at_level(logging.DEBUG), TestClient(create_app(run, settings)) as guarded:
+        missing = guarded.get("/v1/model")
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == 'Bearer realm="bonefrac"'
+        assert missing.json() == {"detail": "this server needs a token: send Authorization: Bearer <token>"}
+        for header in ("Bearer wrong", f"Basic {token}", f"Bearer {token}x", "Bearer "):
+            wrong = guarded.get("/v1/model", headers={"Authorization": header})
+            assert wrong.status_code == 401 and wrong.headers["www-authenticate"].startswith("Bearer realm=")
+        assert guarded.get("/v1/model", headers={"Authorization": "Bearer wrong"}).json() == {
+            "detail": "the token is not valid"}
+        refused = post(guarded, xray)  # refused before the body is read
+        assert refused.status_code == 401
+        assert guarded.post("/v1/predict/batch", files=[("files", ("a.png", xray))]).status_code == 401
+        bearer = {"Authorization": f"Bearer {token}"}
+        assert guarded.get("/v1/model", headers=bearer).status_code == 200
+        answer = guarded.post("/v1/predict", files={"file": ("x.png", xray)}, headers=bearer)
+        assert answer.status_code == 200 and answer.json()["status"] == "ok"
+        for open_path in ("/health", "/ready", "/", "/static/app.js", "/openapi.json"):  # no model, no patient
+            assert guarded.get(open_path).status_code == 200, open_path
+    assert token not in caplog.text
+
+
+def test_serve_refuses_a_network_address_without_a_token(run, tmp_path, monkeypatch, capsys):
+    import bonefrac.serve as serve_module
+    from bonefrac.errors import BonefracError
+    from bonefrac.serve import serve
+
+    monkeypatch.delenv("BONEFRAC_TOKEN", raising=False)
+    with pytest.raises(BonefracError, match="--host 0.0.0.0 lets other machines reach the API"):
+        serve(run, ServeSettings(), host="0.0.0.0")  # the library refuses too, before uvicorn starts
+    calls = []
+    monkeypatch.setattr(serve_module, "serve", lambda run_dir, settings, **kw: calls.append((settings, kw)))
+    assert main(["serve", str(run), "--host", "0.0.0.0"]) == 2 and not calls
+    error = capsys.readouterr().err
+    assert "error: --host 0.0.0.0 lets other machines reach the API: give a token (--token-file FILE or " \
+           "BONEFRAC_TOKEN), or --insecure to serve without one" in " ".join(error.split())
+    assert main(["serve", str(run), "--host", "0.0.0.0", "--insecure"]) == 0
+    assert calls[-1][0].token is None and calls[-1][1]["insecure"] is True
+    assert "NO authentication" in capsys.readouterr().err
+    token_file = tmp_path / "token"
+    token_file.write_text("from-the-file\n")
+    assert main(["serve", str(run), "--host", "0.0.0.0", "--token-file", str(token_file)]) == 0
+    assert calls[-1][0].token == "from-the-file"
+    assert "from-the-file" not in "".join(capsys.readouterr())
+    monkeypatch.setenv("BONEFRAC_TOKEN", "from-the-environment")
+    assert main(["serve", str(run), "--host", "192.168.1.5"]) == 0 and calls[-1][0].token == "from-the-environment"
+    assert main(["serve", str(run), "--host", "::1"]) == 0  # loopback: a token is optional
+    token_file.write_text("  \n")
+    assert main(["serve", str(run), "--token-file", str(token_file)]) == 2  # an empty file is no token
+    assert "the file is empty" in capsys.readouterr().err
 
 
 # --- operating points, the three-level answer and predictive values (issue 16, item 1) ---------------------------
@@ -539,8 +597,8 @@ def test_openapi_has_a_success_schema_for_every_endpoint_and_documents_the_refus
                                                                                           ["properties"])
     for path in ("/v1/predict", "/v1/predict/batch"):
         responses = spec["paths"][path]["post"]["responses"]
-        assert {"200", "400", "413", "415", "422", "503"} <= set(responses), path
-        for status in ("413", "415", "422", "503"):
+        assert {"200", "400", "401", "413", "415", "422", "503"} <= set(responses), path
+        for status in ("401", "413", "415", "422", "503"):
             assert schema(path, "post", status)["title"] == "ErrorDetail"
             examples = responses[status]["content"]["application/json"]["examples"]
             assert all(set(example["value"]) == {"detail"} for example in examples.values()), status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -504,19 +505,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from bonefrac.serve import ServeSettings, serve
+    from bonefrac.serve.auth import TOKEN_ENVIRONMENT, check_exposure, is_loopback, read_token
 
+    token = read_token(args.token_file, os.environ.get(TOKEN_ENVIRONMENT))
+    check_exposure(args.host, token, args.insecure)  # before anything is loaded: a one-line refusal, exit 2
     settings = ServeSettings(
         backend=args.backend, max_upload_mb=args.max_upload_mb, max_files=args.max_files,
         request_timeout_s=args.timeout, save_uploads=args.save_uploads, allow_truncated=args.allow_truncated,
         allowed_hosts=tuple(args.allowed_host),  # serve adds the bound host and the loopback names
+        token=token,
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        status.print(f"[yellow]listening on {args.host}: other machines can reach this server; it has no "
-                     "authentication and no TLS[/yellow]", highlight=False)
+    if not is_loopback(args.host):
+        guard = "the API needs its token" if token else "it has NO authentication (--insecure)"
+        status.print(f"[yellow]listening on {args.host}: other machines can reach this server; {guard}; there is "
+                     "no TLS (put a reverse proxy in front)[/yellow]", highlight=False)
     console.print(f"bonefrac serve: the page at http://{args.host}:{args.port}/ (API docs at /docs); Ctrl+C stops it",
                   highlight=False)
     run = Path(args.run) if args.run else _run_and_paths([])[0]
-    serve(run, settings, host=args.host, port=args.port, workers=args.workers)
+    serve(run, settings, host=args.host, port=args.port, workers=args.workers, insecure=args.insecure)
     return 0
 
 
@@ -907,6 +913,15 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "--allowed-host", action="append", default=[], metavar="NAME",
         help="also answer requests for this Host name (repeatable; '*': any). Default: the --host address, "
              "localhost, 127.0.0.1 and ::1 (and the machine's names when --host is 0.0.0.0); others get 400",
+    )
+    serve.add_argument(
+        "--token-file", metavar="FILE",
+        help="require 'Authorization: Bearer TOKEN' on /v1/ (TOKEN: the file's first line); default: the "
+             "BONEFRAC_TOKEN environment variable, else no token (never give a token on the command line)",
+    )
+    serve.add_argument(
+        "--insecure", action="store_true",
+        help="allow a non-loopback --host without a token (anyone who reaches it may use the API)",
     )
     add_allow_truncated(serve, run=True)
     serve.set_defaults(func=cmd_serve)

@@ -18,7 +18,8 @@ PyTorch inference on a worker thread took 1.7x as long on a 2-core machine (docs
 What the client gets for a bad request, always as {"detail": reason}: 413 for an upload over the size limit, 415
 for a body or a file that is not an image, 422 for an image that cannot be read (truncated, corrupt), a request
 without a file or a decision parameter it cannot use, 400 for a malformed multipart body, 503 for a request over the
-time limit. An image that does not look like a radiograph is not an error: 200 with accepted = false and the reason.
+time limit, 401 for an /v1/ request without the server's token (settings.token; serve/auth.py). An image that does
+not look like a radiograph is not an error: 200 with accepted = false and the reason.
 Uploads stay in memory unless `settings.save_uploads` names a folder, and nothing read from a file (DICOM header
 values included) is logged.
 """
@@ -35,7 +36,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -54,6 +55,7 @@ from bonefrac.data.io import sniff_format
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.explain import Explainer, gray_uint8, heatmap_rgba, overlay_rgb, png_bytes
 from bonefrac.predict import BACKENDS, PredictionRow, Predictor, PreparedImage
+from bonefrac.serve.auth import TokenGuard, check_exposure
 from bonefrac.serve.card import model_card, threshold_meaning
 from bonefrac.serve.hosts import HostGuard, allowed_hosts
 from bonefrac.serve.schemas import ERROR_RESPONSES, NOT_READY, Batch, Health, ModelCard, Prediction, Ready
@@ -83,6 +85,9 @@ class ServeSettings:
     # Host names answered (serve.hosts.allowed_hosts: `bonefrac serve` sets the bound host, localhost, 127.0.0.1, ::1
     # and --allowed-host); None: any (create_app called directly, as the tests and an embedding app do).
     allowed_hosts: tuple[str, ...] | None = None
+    # The bearer token the /v1/ endpoints require (serve.auth); None: none (then `serve` binds to loopback only,
+    # unless insecure). Kept out of repr so that it never reaches a log line or a traceback.
+    token: str | None = field(default=None, repr=False)
 
     @property
     def max_file_bytes(self) -> int:
@@ -302,6 +307,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     )
     app.state.service = service
     app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s)
+    app.add_middleware(TokenGuard, token=settings.token)  # before the body is read, outside the timeout
     app.add_middleware(HostGuard, allowed=settings.allowed_hosts)  # added last: outside the timeout, so its 503 too
 
     @app.exception_handler(UploadError)
@@ -363,7 +369,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
         return {"results": results, "n_files": len(results), "n_errors": errors, "disclaimer": DISCLAIMER}
 
     @app.get("/v1/model", summary="The model card: name, labels, threshold, metrics with 95% CIs, data",
-             response_model=ModelCard)
+             response_model=ModelCard, responses={401: ERROR_RESPONSES[401]})
     async def model() -> dict:
         return service.card
 
@@ -405,9 +411,14 @@ def app_from_environment() -> FastAPI:
 
 
 def serve(run_dir: str | Path, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
-          workers: int = 1) -> None:
-    """Run the app under uvicorn until interrupted; several workers are processes, each with its own model."""
+          workers: int = 1, insecure: bool = False) -> None:
+    """Run the app under uvicorn until interrupted; several workers are processes, each with its own model.
+
+    Refuses (BonefracError) to listen on a non-loopback address without `settings.token`, unless `insecure`.
+    """
     import uvicorn
+
+    check_exposure(host, settings.token, insecure)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     settings = replace(settings, allowed_hosts=allowed_hosts(host, settings.allowed_hosts or ()))

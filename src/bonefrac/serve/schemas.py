@@ -205,6 +205,8 @@ def _error(description: str, *examples: str) -> dict:
 
 ERROR_RESPONSES = {
     400: _error("a malformed multipart body", "malformed multipart body: it ends before its closing boundary"),
+    401: _error("no token or a wrong one, when the server has a token (Authorization: Bearer; WWW-Authenticate)",
+                "this server needs a token: send Authorization: Bearer <token>", "the token is not valid"),
     413: _error("a file over the upload limit, or more files than allowed",
                 "file 'big.png' is over the upload limit of 50 MB", "more than 16 files in one request"),
     415: _error("a body that is not multipart/form-data, or a file that is no image format",
