@@ -353,6 +353,68 @@ def test_request_timeout_is_503(run, xray, monkeypatch):
         assert response.json()["detail"] == "request took longer than 0.2 s; try again later"
 
 
+def slow_steps(monkeypatch, predictor, seconds: float) -> list[int]:
+    """Make each image's model call take `seconds` more; returns the list of image counts each call got."""
+    calls: list[int] = []
+    fast = predictor.predict_prepared
+
+    def predict_slowly(images):
+        calls.append(len(images))
+        time.sleep(seconds * len(images))  # the cost of a model call grows with its images
+        return fast(images)
+
+    monkeypatch.setattr(predictor, "predict_prepared", predict_slowly)
+    return calls
+
+
+def test_a_timed_out_request_stops_its_work_and_the_next_is_served_in_its_own_time(run, xray, monkeypatch):
+    app = create_app(run, ServeSettings(request_timeout_s=2.0))
+    calls = slow_steps(monkeypatch, app.state.service.predictor, 0.5)
+    with TestClient(app) as timed:
+        started = time.monotonic()
+        files = [("files", (f"{i}.png", xray)) for i in range(10)]  # 5 s of model calls
+        assert timed.post("/v1/predict/batch", files=files).status_code == 503
+        next_started = time.monotonic()
+        assert next_started - started < 3
+        answer = post(timed, xray)  # waits at most for the abandoned request's current step (0.5 s), then its own
+        assert answer.status_code == 200 and answer.json()["status"] == "ok"
+        assert time.monotonic() - next_started < 2.0
+    assert sum(calls) <= 6 and calls[-1] == 1  # the batch stopped after at most 5 of its 10 images
+
+
+def test_work_for_a_client_that_went_away_stops(run, xray, monkeypatch):
+    app = create_app(run)
+    calls = slow_steps(monkeypatch, app.state.service.predictor, 0.3)
+    with TestClient(app):  # start-up: the model warmed up
+        pass
+    body = (_part(xray) + b"\r\n") * 8 + b"--b--\r\n"  # eight files (read_form takes every part with a file name)
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict/batch", "query_string": b"", "headers": [
+        (b"content-type", b"multipart/form-data; boundary=b"), (b"host", b"testserver")]}
+    sent = []
+
+    async def client_that_leaves() -> None:
+        gone = anyio.Event()
+
+        async def receive() -> dict:
+            if not sent:
+                sent.append("body")
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(app, scope, receive, send)
+            await anyio.sleep(0.5)  # the first image is in the model
+            gone.set()
+
+    anyio.run(client_that_leaves)
+    assert sum(calls) <= 3  # of 8 images: the one running, perhaps the next, never the rest
+    assert any(m.get("status") == 503 for m in sent if isinstance(m, dict))
+
+
 def test_the_model_is_loaded_and_called_on_one_model_thread_never_the_event_loop(run, xray, monkeypatch):
     import bonefrac.serve.app as app_module
 

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -233,23 +234,48 @@ class Service:
         return result
 
     def predict(self, uploads: list[Upload], *, heatmap: bool, show_image: bool, predictor: Predictor | None = None,
-                predictive_values: dict | None = None) -> list[dict]:
-        """Every upload's result (an error entry for an unreadable one); readable ones go through the model together,
-        decided by `predictor` (what `decider` gave; the run's own operating point by default)."""
+                predictive_values: dict | None = None, stopped: Callable[[], bool] = lambda: False) -> list[dict]:
+        """Every upload's result (an error entry for an unreadable one), decided by `predictor` (what `decider` gave;
+        the run's own operating point by default).
+
+        One image at a time, read, through the model and explained before the next is read: only one image's pixels
+        are held, and `stopped()` (the request timed out, or its client went away) is asked before every step, so
+        abandoned work ends after at most one step (one image's reading, its model call, or its Grad-CAM) and the
+        model thread is free for the next request. Raises WorkCancelled when stopped.
+        """
         predictor = predictor or self.predictor
-        results: list[dict | None] = [None] * len(uploads)
-        prepared: list[tuple[int, PreparedImage]] = []
-        for index, upload in enumerate(uploads):
+
+        def step() -> None:
+            if stopped():
+                raise WorkCancelled
+
+        results = []
+        for upload in uploads:
+            step()
             try:
-                prepared.append((index, self.prepare(upload)))
+                image = self.prepare(upload)
             except UploadError as err:
-                results[index] = {"file": upload.name, "status": "error", "http_status": err.status,
-                                  "error": err.reason}
-        rows = predictor.predict_prepared([image for _, image in prepared])
-        for (index, image), row in zip(prepared, rows, strict=True):
-            results[index] = self.result(image, row, heatmap=heatmap, show_image=show_image, predictor=predictor,
-                                         predictive_values=predictive_values)
-        return [result for result in results if result is not None]
+                results.append({"file": upload.name, "status": "error", "http_status": err.status,
+                                "error": err.reason})
+                continue
+            step()
+            (row,) = predictor.predict_prepared([image])
+            step()  # before the image's PNG and its Grad-CAM, the slowest step
+            results.append(self.result(image, row, heatmap=heatmap, show_image=show_image, predictor=predictor,
+                                       predictive_values=predictive_values))
+        return results
+
+
+class WorkCancelled(Exception):
+    """The request a model call was for timed out or lost its client: the call stops before its next step."""
+
+
+async def _watch_disconnect(request: Request, stop: threading.Event) -> None:
+    """Set `stop` when the client disconnects. Called once the body has been read: the server's next message is then
+    http.disconnect, when the client goes away or once the answer has been sent."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    stop.set()
 
 
 def _unreadable_status(data: bytes) -> int:
@@ -289,7 +315,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
 
     async def on_model_thread(call: Callable[[], T]) -> T:
         # A request cancelled by the timeout while its call still waits in the queue takes the call out of it;
-        # a call already running finishes in the background.
+        # a call already running stops at its next step (Service.predict's `stopped`).
         return await asyncio.get_running_loop().run_in_executor(model_threads, call)
 
     @asynccontextmanager
@@ -328,8 +354,20 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
         # The query wins over a form field of the same name; the decision is checked before the model runs.
         asked = {name: form.fields.get(name) for name in DECISION_FIELDS} | {k: v for k, v in query.items() if v}
         predictor, values = service.decider(asked)
-        results = await on_model_thread(lambda: service.predict(form.uploads, heatmap=heatmap, show_image=image,
-                                                                predictor=predictor, predictive_values=values))
+        # The model thread asks `stop` before each step: set when the client goes away (the watcher) and when the
+        # timeout cancels this request (finally), so that abandoned work does not hold the thread the next request
+        # needs.
+        stop = threading.Event()
+        watcher = asyncio.ensure_future(_watch_disconnect(request, stop))
+        try:
+            results = await on_model_thread(lambda: service.predict(
+                form.uploads, heatmap=heatmap, show_image=image, predictor=predictor, predictive_values=values,
+                stopped=stop.is_set))
+        except WorkCancelled:
+            raise UploadError(503, "the client went away; the request was dropped") from None
+        finally:
+            stop.set()
+            watcher.cancel()
         _log_result(results, sum(len(u.data) for u in form.uploads), time.perf_counter() - started)
         return results
 

@@ -143,8 +143,9 @@ async def read_form(request: Request, *, max_file_bytes: int, max_files: int) ->
 class TimeoutMiddleware:
     """Answer 503 with a reason when a request (upload and inference together) takes longer than `seconds`.
 
-    Covers a client that sends its body slowly as well as a queue of inferences that has grown too long. Work
-    already running in a thread finishes in the background; the client is told to retry.
+    Covers a client that sends its body slowly as well as a queue of inferences that has grown too long. The
+    cancellation reaches the request's model call, which stops before its next step (app.Service.predict); the
+    client is told to retry.
     """
 
     def __init__(self, app: ASGIApp, seconds: float):
