@@ -85,7 +85,8 @@ def test_health_and_ready(client):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["backend"] == "torch"
-    assert ready.json()["limits"] == {"max_upload_mb": 50.0, "max_files": 16, "request_timeout_s": 60.0}
+    assert ready.json()["limits"] == {"max_upload_mb": 50.0, "max_files": 16, "max_body_mb": 200.0, "max_fields": 16,
+                                      "max_field_kb": 64.0, "max_request_mpx": 200.0, "request_timeout_s": 60.0}
 
 
 def test_not_ready_before_start_up(run):
@@ -267,6 +268,77 @@ def test_upload_over_the_size_limit_is_413(run, xray):
         assert declared.json()["detail"] == (
             "request body of 10 MB is over the limit of 0.066536 MB (1 × 0.001 MB and part headers)"
         )
+
+
+def test_the_whole_body_is_capped_form_fields_and_chunked_bodies_included(run, xray):
+    with TestClient(create_app(run, ServeSettings(max_body_mb=0.02))) as limited:  # 20 kB
+        fields = {f"note{i}": "x" * 5000 for i in range(6)}  # 30 kB of fields, each under the field limit
+        response = limited.post("/v1/predict", files={"file": ("x.png", xray)}, data=fields)
+        assert response.status_code == 413
+        detail = response.json()["detail"]  # declared by its Content-Length: refused before it is read
+        assert re.fullmatch(r"request body of 0\.03\d* MB is over the limit of 0\.02 MB \(all parts together\)", detail)
+
+        def chunked_fields():  # no Content-Length: only counting the bytes as they come can stop it
+            yield b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n'
+            yield from [b"x" * 4096] * 1000
+
+        chunked = limited.post("/v1/predict", content=chunked_fields(),
+                               headers={"content-type": "multipart/form-data; boundary=b"})
+        assert chunked.status_code == 413
+        assert chunked.json()["detail"] == "request body is over the limit of 0.02 MB (all parts together)"
+        assert post(limited, xray).status_code == 200  # a normal upload is under it
+
+
+def test_a_chunked_body_is_refused_once_past_the_cap_never_buffered_whole():
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b")]}  # no content-length: chunked
+    pulled = []
+
+    async def receive() -> dict:  # a form field without end: 4 GB if read whole
+        pulled.append(1)
+        head = b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n' if len(pulled) == 1 else b""
+        return {"type": "http.request", "body": head + b"x" * 4096, "more_body": True}
+
+    with pytest.raises(UploadError) as caught:
+        anyio.run(partial(read_form, Request(scope, receive), max_file_bytes=10**9, max_files=1,
+                          max_body_bytes=20_000, max_field_bytes=10**9))
+    assert caught.value.status == 413 and caught.value.reason == (
+        "request body is over the limit of 0.02 MB (all parts together)")
+    assert len(pulled) == 5  # 20,480 bytes: the first chunk past 20,000
+
+
+def test_too_many_or_too_long_form_fields_are_413(run, xray):
+    with TestClient(create_app(run, ServeSettings(max_fields=3, max_field_kb=1))) as limited:
+        upload = {"file": ("x.png", xray)}
+        many = limited.post("/v1/predict", files=upload, data={f"f{i}": "1" for i in range(4)})
+        assert many.status_code == 413 and many.json()["detail"] == "more than 3 form fields in one request"
+        long = limited.post("/v1/predict", files=upload, data={"operating_point": "y" * 1001})
+        assert long.status_code == 413 and long.json()["detail"] == "a form field is over the limit of 1,000 bytes"
+        fine = limited.post("/v1/predict", files=upload, data={"operating_point": "youden", "a": "1", "b": "2"})
+        assert fine.status_code == 200 and fine.json()["operating_point"] == "youden"
+
+
+def test_the_pixels_of_one_request_are_capped_before_decoding(run, xray, monkeypatch):
+    width, height = Image.open(io.BytesIO(xray)).size
+    budget = 1.5 * width * height / 1e6  # one image fits, two do not
+    app = create_app(run, ServeSettings(max_request_mpx=budget))
+    decoded = []
+    prepare = app.state.service.predictor.prepare
+    monkeypatch.setattr(app.state.service.predictor, "prepare", lambda data, **kw: decoded.append(1) or
+                        prepare(data, **kw))
+    with TestClient(app) as limited:
+        assert post(limited, xray).status_code == 200 and len(decoded) == 1
+        two = limited.post("/v1/predict/batch", files=[("files", ("a.png", xray)), ("files", ("b.png", xray))])
+        assert two.status_code == 413 and len(decoded) == 1  # refused from the headers: nothing decoded
+        assert two.json()["detail"] == (f"the images in this request have {2 * width * height / 1e6:.1f} megapixels "
+                                        f"together, over the limit of {budget:g} a request; send fewer or smaller "
+                                        "images")
+        bomb = png(Image.new("L", (4000, 4000)))  # 16 Mpx of zeros: a few kB
+        assert len(bomb) < 50_000
+        answer = post(limited, bomb)
+        assert answer.status_code == 413 and "16.0 megapixels" in answer.json()["detail"] and len(decoded) == 1
+        mixed = limited.post("/v1/predict/batch", files=[("files", ("a.png", xray)), ("files", ("n.png", b"no"))])
+        assert mixed.status_code == 200 and mixed.json()["n_errors"] == 1  # an unreadable file counts no pixels
 
 
 @pytest.mark.parametrize(
@@ -488,9 +560,11 @@ def test_cli_serve_passes_settings_and_refuses_a_missing_run(run, tmp_path, monk
 
     calls = []
     monkeypatch.setattr(serve_module, "serve", lambda run_dir, settings, **kw: calls.append((run_dir, settings, kw)))
-    assert main(["serve", str(run), "--port", "8123", "--max-upload-mb", "5", "--timeout", "9"]) == 0
+    assert main(["serve", str(run), "--port", "8123", "--max-upload-mb", "5", "--timeout", "9", "--max-body-mb", "7",
+                 "--max-request-mpx", "30"]) == 0
     (run_dir, settings, where), = calls
     assert Path(run_dir) == Path(run) and settings.max_upload_mb == 5 and settings.request_timeout_s == 9
+    assert settings.max_body_mb == 7 and settings.max_request_mpx == 30
     assert where == {"host": "127.0.0.1", "port": 8123, "workers": 1, "insecure": False}
     assert "http://127.0.0.1:8123/" in capsys.readouterr().out
     assert main(["serve", "--port", "8125"]) == 0  # no run: the shipped model

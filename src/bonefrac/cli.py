@@ -511,7 +511,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_exposure(args.host, token, args.insecure)  # before anything is loaded: a one-line refusal, exit 2
     settings = ServeSettings(
         backend=args.backend, max_upload_mb=args.max_upload_mb, max_files=args.max_files,
-        request_timeout_s=args.timeout, save_uploads=args.save_uploads, allow_truncated=args.allow_truncated,
+        max_body_mb=args.max_body_mb, max_request_mpx=args.max_request_mpx, request_timeout_s=args.timeout,
+        save_uploads=args.save_uploads, allow_truncated=args.allow_truncated,
         allowed_hosts=tuple(args.allowed_host),  # serve adds the bound host and the loopback names
         token=token,
     )
@@ -907,6 +908,11 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--max-upload-mb", type=float, default=50.0, help="largest file accepted (default 50; 413 over)")
     serve.add_argument("--max-files", type=int, default=16, help="files per batch request (default 16)")
+    serve.add_argument("--max-body-mb", type=float, default=200.0,
+                       help="whole request body, every part and field, chunked or not (default 200; 413 over)")
+    serve.add_argument("--max-request-mpx", type=float, default=200.0,
+                       help="megapixels of the images of one request together, from their headers (default 200; "
+                            "413 over)")
     serve.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per request, in seconds (default 60)")
     serve.add_argument("--save-uploads", metavar="DIR", help="keep every upload in DIR (default: never written)")
     serve.add_argument(

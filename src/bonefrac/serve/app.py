@@ -15,7 +15,8 @@ onnxruntime already use all of them for one batch), so requests queue instead, a
 long one may wait. Loading the model on the thread that runs it matters: with the model loaded on the main thread,
 PyTorch inference on a worker thread took 1.7x as long on a 2-core machine (docs/SERVE.md).
 
-What the client gets for a bad request, always as {"detail": reason}: 413 for an upload over the size limit, 415
+What the client gets for a bad request, always as {"detail": reason}: 413 for an upload over a limit (a file, the
+whole body, the form fields, the pixels of a request: ServeSettings), 415
 for a body or a file that is not an image, 422 for an image that cannot be read (truncated, corrupt), a request
 without a file or a decision parameter it cannot use, 400 for a malformed multipart body, 503 for a request over the
 time limit, 401 for an /v1/ request without the server's token (settings.token; serve/auth.py). An image that does
@@ -52,7 +53,7 @@ from PIL import Image
 
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.calibration import DOUBT, FRACTURE, NO_FRACTURE
-from bonefrac.data.io import sniff_format
+from bonefrac.data.io import probe_image, sniff_format
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.explain import Explainer, gray_uint8, heatmap_rgba, overlay_rgb, png_bytes
 from bonefrac.predict import BACKENDS, PredictionRow, Predictor, PreparedImage
@@ -75,6 +76,11 @@ class ServeSettings:
     backend: str = "auto"  # auto: onnxruntime when RUN/model.onnx is current, else PyTorch
     max_upload_mb: float = 50.0  # per file; larger uploads get 413
     max_files: int = 16  # per /v1/predict/batch request
+    # What one request may make the server hold or decode; beyond each, 413 with the reason (docs/SERVE.md).
+    max_body_mb: float = 200.0  # the whole body, every part and field, chunked or not; counted as it streams in
+    max_fields: int = 16  # form fields (parts without a file name); the API reads 3 (operating_point, ...)
+    max_field_kb: float = 64.0  # each form field
+    max_request_mpx: float = 200.0  # the images of one request together, in megapixels, from their headers
     request_timeout_s: float = 60.0  # upload + queue + inference; past it, 503
     inference_threads: int = 1  # model calls at a time (more only helps with more cores than one call uses)
     display_side: int = 1024  # longest side of the PNGs returned for the page (image, heatmap, overlay)
@@ -93,6 +99,12 @@ class ServeSettings:
     @property
     def max_file_bytes(self) -> int:
         return int(self.max_upload_mb * 1e6)
+
+    @property
+    def form_limits(self) -> dict[str, int]:
+        """The body limits of uploads.read_form, in bytes, besides the number of files."""
+        return {"max_file_bytes": self.max_file_bytes, "max_body_bytes": int(self.max_body_mb * 1e6),
+                "max_fields": self.max_fields, "max_field_bytes": int(self.max_field_kb * 1e3)}
 
 
 # --- what one image gives --------------------------------------------------------------------------------------------
@@ -179,6 +191,22 @@ class Service:
             (folder / (hashlib.sha256(upload.data).hexdigest() + suffix)).write_bytes(upload.data)
         return image
 
+    def check_pixels(self, uploads: list[Upload]) -> None:
+        """413 when the images of one request have more pixels together than settings.max_request_mpx, read from
+        their headers before anything is decoded (a 200 kB PNG may decode to 100 Mpx); an unreadable file counts
+        nothing here and gets its own error."""
+        total = 0
+        for upload in uploads:
+            try:
+                info = probe_image(upload.data, name=upload.name)
+            except ImageReadError:
+                continue
+            total += info.width * info.height
+        limit = self.settings.max_request_mpx
+        if total > limit * 1e6:
+            raise UploadError(413, f"the images in this request have {total / 1e6:.1f} megapixels together, over "
+                                   f"the limit of {limit:g} a request; send fewer or smaller images")
+
     def decider(self, asked: Mapping[str, str | None]) -> tuple[Predictor, dict | None]:
         """The predictor at the operating point or threshold a request asks for, and PPV and NPV at its prevalence
         (None when not asked); 422 with the reason for what `bonefrac predict` would refuse too."""
@@ -244,6 +272,7 @@ class Service:
         model thread is free for the next request. Raises WorkCancelled when stopped.
         """
         predictor = predictor or self.predictor
+        self.check_pixels(uploads)
 
         def step() -> None:
             if stopped():
@@ -350,7 +379,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     async def run_predictions(request: Request, max_files: int, heatmap: bool, image: bool,
                               query: dict[str, str | None]) -> list[dict]:
         started = time.perf_counter()
-        form = await read_form(request, max_file_bytes=settings.max_file_bytes, max_files=max_files)
+        form = await read_form(request, max_files=max_files, **settings.form_limits)
         # The query wins over a form field of the same name; the decision is checked before the model runs.
         asked = {name: form.fields.get(name) for name in DECISION_FIELDS} | {k: v for k, v in query.items() if v}
         predictor, values = service.decider(asked)
@@ -422,6 +451,8 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
             return JSONResponse({"status": "loading", "detail": "the model is warming up"}, status_code=503)
         return {"status": "ready", "model": service.card["name"], "backend": service.predictor.backend,
                 "limits": {"max_upload_mb": settings.max_upload_mb, "max_files": settings.max_files,
+                           "max_body_mb": settings.max_body_mb, "max_fields": settings.max_fields,
+                           "max_field_kb": settings.max_field_kb, "max_request_mpx": settings.max_request_mpx,
                            "request_timeout_s": settings.request_timeout_s}}
 
     @app.get("/", include_in_schema=False)
