@@ -85,7 +85,8 @@ def test_health_and_ready(client):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["backend"] == "torch"
-    assert ready.json()["limits"] == {"max_upload_mb": 50.0, "max_files": 16, "request_timeout_s": 60.0}
+    assert ready.json()["limits"] == {"max_upload_mb": 50.0, "max_files": 16, "max_body_mb": 200.0, "max_fields": 16,
+                                      "max_field_kb": 64.0, "max_request_mpx": 200.0, "request_timeout_s": 60.0}
 
 
 def test_not_ready_before_start_up(run):
@@ -269,6 +270,77 @@ def test_upload_over_the_size_limit_is_413(run, xray):
         )
 
 
+def test_the_whole_body_is_capped_form_fields_and_chunked_bodies_included(run, xray):
+    with TestClient(create_app(run, ServeSettings(max_body_mb=0.02))) as limited:  # 20 kB
+        fields = {f"note{i}": "x" * 5000 for i in range(6)}  # 30 kB of fields, each under the field limit
+        response = limited.post("/v1/predict", files={"file": ("x.png", xray)}, data=fields)
+        assert response.status_code == 413
+        detail = response.json()["detail"]  # declared by its Content-Length: refused before it is read
+        assert re.fullmatch(r"request body of 0\.03\d* MB is over the limit of 0\.02 MB \(all parts together\)", detail)
+
+        def chunked_fields():  # no Content-Length: only counting the bytes as they come can stop it
+            yield b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n'
+            yield from [b"x" * 4096] * 1000
+
+        chunked = limited.post("/v1/predict", content=chunked_fields(),
+                               headers={"content-type": "multipart/form-data; boundary=b"})
+        assert chunked.status_code == 413
+        assert chunked.json()["detail"] == "request body is over the limit of 0.02 MB (all parts together)"
+        assert post(limited, xray).status_code == 200  # a normal upload is under it
+
+
+def test_a_chunked_body_is_refused_once_past_the_cap_never_buffered_whole():
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b")]}  # no content-length: chunked
+    pulled = []
+
+    async def receive() -> dict:  # a form field without end: 4 GB if read whole
+        pulled.append(1)
+        head = b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\n' if len(pulled) == 1 else b""
+        return {"type": "http.request", "body": head + b"x" * 4096, "more_body": True}
+
+    with pytest.raises(UploadError) as caught:
+        anyio.run(partial(read_form, Request(scope, receive), max_file_bytes=10**9, max_files=1,
+                          max_body_bytes=20_000, max_field_bytes=10**9))
+    assert caught.value.status == 413 and caught.value.reason == (
+        "request body is over the limit of 0.02 MB (all parts together)")
+    assert len(pulled) == 5  # 20,480 bytes: the first chunk past 20,000
+
+
+def test_too_many_or_too_long_form_fields_are_413(run, xray):
+    with TestClient(create_app(run, ServeSettings(max_fields=3, max_field_kb=1))) as limited:
+        upload = {"file": ("x.png", xray)}
+        many = limited.post("/v1/predict", files=upload, data={f"f{i}": "1" for i in range(4)})
+        assert many.status_code == 413 and many.json()["detail"] == "more than 3 form fields in one request"
+        long = limited.post("/v1/predict", files=upload, data={"operating_point": "y" * 1001})
+        assert long.status_code == 413 and long.json()["detail"] == "a form field is over the limit of 1,000 bytes"
+        fine = limited.post("/v1/predict", files=upload, data={"operating_point": "youden", "a": "1", "b": "2"})
+        assert fine.status_code == 200 and fine.json()["operating_point"] == "youden"
+
+
+def test_the_pixels_of_one_request_are_capped_before_decoding(run, xray, monkeypatch):
+    width, height = Image.open(io.BytesIO(xray)).size
+    budget = 1.5 * width * height / 1e6  # one image fits, two do not
+    app = create_app(run, ServeSettings(max_request_mpx=budget))
+    decoded = []
+    prepare = app.state.service.predictor.prepare
+    monkeypatch.setattr(app.state.service.predictor, "prepare", lambda data, **kw: decoded.append(1) or
+                        prepare(data, **kw))
+    with TestClient(app) as limited:
+        assert post(limited, xray).status_code == 200 and len(decoded) == 1
+        two = limited.post("/v1/predict/batch", files=[("files", ("a.png", xray)), ("files", ("b.png", xray))])
+        assert two.status_code == 413 and len(decoded) == 1  # refused from the headers: nothing decoded
+        assert two.json()["detail"] == (f"the images in this request have {2 * width * height / 1e6:.1f} megapixels "
+                                        f"together, over the limit of {budget:g} a request; send fewer or smaller "
+                                        "images")
+        bomb = png(Image.new("L", (4000, 4000)))  # 16 Mpx of zeros: a few kB
+        assert len(bomb) < 50_000
+        answer = post(limited, bomb)
+        assert answer.status_code == 413 and "16.0 megapixels" in answer.json()["detail"] and len(decoded) == 1
+        mixed = limited.post("/v1/predict/batch", files=[("files", ("a.png", xray)), ("files", ("n.png", b"no"))])
+        assert mixed.status_code == 200 and mixed.json()["n_errors"] == 1  # an unreadable file counts no pixels
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [(b"name,label\nx.png,fractured\n", "not an image (text file)"),
@@ -353,6 +425,68 @@ def test_request_timeout_is_503(run, xray, monkeypatch):
         assert response.json()["detail"] == "request took longer than 0.2 s; try again later"
 
 
+def slow_steps(monkeypatch, predictor, seconds: float) -> list[int]:
+    """Make each image's model call take `seconds` more; returns the list of image counts each call got."""
+    calls: list[int] = []
+    fast = predictor.predict_prepared
+
+    def predict_slowly(images):
+        calls.append(len(images))
+        time.sleep(seconds * len(images))  # the cost of a model call grows with its images
+        return fast(images)
+
+    monkeypatch.setattr(predictor, "predict_prepared", predict_slowly)
+    return calls
+
+
+def test_a_timed_out_request_stops_its_work_and_the_next_is_served_in_its_own_time(run, xray, monkeypatch):
+    app = create_app(run, ServeSettings(request_timeout_s=2.0))
+    calls = slow_steps(monkeypatch, app.state.service.predictor, 0.5)
+    with TestClient(app) as timed:
+        started = time.monotonic()
+        files = [("files", (f"{i}.png", xray)) for i in range(10)]  # 5 s of model calls
+        assert timed.post("/v1/predict/batch", files=files).status_code == 503
+        next_started = time.monotonic()
+        assert next_started - started < 3
+        answer = post(timed, xray)  # waits at most for the abandoned request's current step (0.5 s), then its own
+        assert answer.status_code == 200 and answer.json()["status"] == "ok"
+        assert time.monotonic() - next_started < 2.0
+    assert sum(calls) <= 6 and calls[-1] == 1  # the batch stopped after at most 5 of its 10 images
+
+
+def test_work_for_a_client_that_went_away_stops(run, xray, monkeypatch):
+    app = create_app(run)
+    calls = slow_steps(monkeypatch, app.state.service.predictor, 0.3)
+    with TestClient(app):  # start-up: the model warmed up
+        pass
+    body = (_part(xray) + b"\r\n") * 8 + b"--b--\r\n"  # eight files (read_form takes every part with a file name)
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict/batch", "query_string": b"", "headers": [
+        (b"content-type", b"multipart/form-data; boundary=b"), (b"host", b"testserver")]}
+    sent = []
+
+    async def client_that_leaves() -> None:
+        gone = anyio.Event()
+
+        async def receive() -> dict:
+            if not sent:
+                sent.append("body")
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(app, scope, receive, send)
+            await anyio.sleep(0.5)  # the first image is in the model
+            gone.set()
+
+    anyio.run(client_that_leaves)
+    assert sum(calls) <= 3  # of 8 images: the one running, perhaps the next, never the rest
+    assert any(m.get("status") == 503 for m in sent if isinstance(m, dict))
+
+
 def test_the_model_is_loaded_and_called_on_one_model_thread_never_the_event_loop(run, xray, monkeypatch):
     import bonefrac.serve.app as app_module
 
@@ -426,15 +560,75 @@ def test_cli_serve_passes_settings_and_refuses_a_missing_run(run, tmp_path, monk
 
     calls = []
     monkeypatch.setattr(serve_module, "serve", lambda run_dir, settings, **kw: calls.append((run_dir, settings, kw)))
-    assert main(["serve", str(run), "--port", "8123", "--max-upload-mb", "5", "--timeout", "9"]) == 0
+    assert main(["serve", str(run), "--port", "8123", "--max-upload-mb", "5", "--timeout", "9", "--max-body-mb", "7",
+                 "--max-request-mpx", "30"]) == 0
     (run_dir, settings, where), = calls
     assert Path(run_dir) == Path(run) and settings.max_upload_mb == 5 and settings.request_timeout_s == 9
-    assert where == {"host": "127.0.0.1", "port": 8123, "workers": 1}
+    assert settings.max_body_mb == 7 and settings.max_request_mpx == 30
+    assert where == {"host": "127.0.0.1", "port": 8123, "workers": 1, "insecure": False}
     assert "http://127.0.0.1:8123/" in capsys.readouterr().out
     assert main(["serve", "--port", "8125"]) == 0  # no run: the shipped model
     assert calls[-1][0] == shipped_run() and "using the shipped model" in capsys.readouterr().out
     monkeypatch.undo()
     assert main(["serve", str(tmp_path / "missing"), "--port", "8124"]) == 2
+
+
+# --- authentication (issue 17, item 7) ------------------------------------------------------------------------------
+
+
+def test_the_api_needs_the_token_when_the_server_has_one(run, xray, caplog):
+    token = "correct horse battery staple"
+    settings = ServeSettings(token=token)
+    assert token not in repr(settings)  # never in a log line or a traceback that shows the settings
+    with caplog.at_level(logging.DEBUG), TestClient(create_app(run, settings)) as guarded:
+        missing = guarded.get("/v1/model")
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == 'Bearer realm="bonefrac"'
+        assert missing.json() == {"detail": "this server needs a token: send Authorization: Bearer <token>"}
+        for header in ("Bearer wrong", f"Basic {token}", f"Bearer {token}x", "Bearer "):
+            wrong = guarded.get("/v1/model", headers={"Authorization": header})
+            assert wrong.status_code == 401 and wrong.headers["www-authenticate"].startswith("Bearer realm=")
+        assert guarded.get("/v1/model", headers={"Authorization": "Bearer wrong"}).json() == {
+            "detail": "the token is not valid"}
+        refused = post(guarded, xray)  # refused before the body is read
+        assert refused.status_code == 401
+        assert guarded.post("/v1/predict/batch", files=[("files", ("a.png", xray))]).status_code == 401
+        bearer = {"Authorization": f"Bearer {token}"}
+        assert guarded.get("/v1/model", headers=bearer).status_code == 200
+        answer = guarded.post("/v1/predict", files={"file": ("x.png", xray)}, headers=bearer)
+        assert answer.status_code == 200 and answer.json()["status"] == "ok"
+        for open_path in ("/health", "/ready", "/", "/static/app.js", "/openapi.json"):  # no model, no patient
+            assert guarded.get(open_path).status_code == 200, open_path
+    assert token not in caplog.text
+
+
+def test_serve_refuses_a_network_address_without_a_token(run, tmp_path, monkeypatch, capsys):
+    import bonefrac.serve as serve_module
+    from bonefrac.errors import BonefracError
+    from bonefrac.serve import serve
+
+    monkeypatch.delenv("BONEFRAC_TOKEN", raising=False)
+    with pytest.raises(BonefracError, match="--host 0.0.0.0 lets other machines reach the API"):
+        serve(run, ServeSettings(), host="0.0.0.0")  # the library refuses too, before uvicorn starts
+    calls = []
+    monkeypatch.setattr(serve_module, "serve", lambda run_dir, settings, **kw: calls.append((settings, kw)))
+    assert main(["serve", str(run), "--host", "0.0.0.0"]) == 2 and not calls
+    error = capsys.readouterr().err
+    assert "error: --host 0.0.0.0 lets other machines reach the API: give a token (--token-file FILE or " \
+           "BONEFRAC_TOKEN), or --insecure to serve without one" in " ".join(error.split())
+    assert main(["serve", str(run), "--host", "0.0.0.0", "--insecure"]) == 0
+    assert calls[-1][0].token is None and calls[-1][1]["insecure"] is True
+    assert "NO authentication" in capsys.readouterr().err
+    token_file = tmp_path / "token"
+    token_file.write_text("from-the-file\n")
+    assert main(["serve", str(run), "--host", "0.0.0.0", "--token-file", str(token_file)]) == 0
+    assert calls[-1][0].token == "from-the-file"
+    assert "from-the-file" not in "".join(capsys.readouterr())
+    monkeypatch.setenv("BONEFRAC_TOKEN", "from-the-environment")
+    assert main(["serve", str(run), "--host", "192.168.1.5"]) == 0 and calls[-1][0].token == "from-the-environment"
+    assert main(["serve", str(run), "--host", "::1"]) == 0  # loopback: a token is optional
+    token_file.write_text("  \n")
+    assert main(["serve", str(run), "--token-file", str(token_file)]) == 2  # an empty file is no token
+    assert "the file is empty" in capsys.readouterr().err
 
 
 # --- operating points, the three-level answer and predictive values (issue 16, item 1) ---------------------------
@@ -539,8 +733,8 @@ def test_openapi_has_a_success_schema_for_every_endpoint_and_documents_the_refus
                                                                                           ["properties"])
     for path in ("/v1/predict", "/v1/predict/batch"):
         responses = spec["paths"][path]["post"]["responses"]
-        assert {"200", "400", "413", "415", "422", "503"} <= set(responses), path
-        for status in ("413", "415", "422", "503"):
+        assert {"200", "400", "401", "413", "415", "422", "503"} <= set(responses), path
+        for status in ("401", "413", "415", "422", "503"):
             assert schema(path, "post", status)["title"] == "ErrorDetail"
             examples = responses[status]["content"]["application/json"]["examples"]
             assert all(set(example["value"]) == {"detail"} for example in examples.values()), status

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +41,18 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(run) -> Iterator[str]:  # noqa: F811
     """`bonefrac serve RUN --port P` in a subprocess, once /ready says 200; stopped afterwards."""
+    yield from serving(run)
+
+
+def serving(run: Path, token: str | None = None) -> Iterator[str]:  # noqa: F811
+    """Start `bonefrac serve RUN` (with BONEFRAC_TOKEN when a token is given), yield its URL once ready, stop it."""
     port = free_port()
+    environment = {k: v for k, v in os.environ.items() if k != "BONEFRAC_TOKEN"} | {"PYTHONUNBUFFERED": "1"}
+    if token is not None:
+        environment["BONEFRAC_TOKEN"] = token
     process = subprocess.Popen(
         [sys.executable, "-m", "bonefrac", "serve", str(run), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_SECONDS
@@ -81,6 +90,14 @@ def phantom(tmp_path_factory) -> Path:
 @pytest.fixture
 def page(server):
     """A Chromium page on the server's /, the model card loaded; fails the test on any console error."""
+    with browser_page(server) as (page, _):
+        page.locator("#card table caption").first.wait_for(timeout=30_000)  # the model card, with its metrics
+        yield page
+
+
+@contextmanager
+def browser_page(url: str, *, allowed_errors: str = "^$") -> Iterator[tuple[object, list[str]]]:
+    """A Chromium page on url + "/"; fails on any console error but those matching `allowed_errors`."""
     from playwright.sync_api import sync_playwright
 
     problems: list[str] = []
@@ -95,11 +112,11 @@ def page(server):
             # Playwright turns on file-chooser interception without waiting for Chromium to confirm; a listener
             # added now has it on long before a file chooser opens (else, on a busy machine, it can slip past).
             page.on("filechooser", lambda chooser: None)
-            page.goto(server + "/")
-            page.locator("#card table caption").first.wait_for(timeout=30_000)  # the model card, with its metrics
-            yield page
+            page.goto(url + "/")
+            yield page, problems
         finally:
             browser.close()
+    problems = [problem for problem in problems if not re.search(allowed_errors, problem)]
     assert not problems, problems
 
 
@@ -229,3 +246,27 @@ def test_two_files_dropped_summary_operating_point_and_csv_download(page, tmp_pa
         assert rows.nth(i).locator("td").nth(3).inner_text() == f"{p:.3f}"
         assert rows.nth(i).locator("td").nth(2).inner_text() == record["prediction"]
         assert rows.nth(i).locator("td").nth(4).inner_text() == record["level"]
+
+
+def test_the_page_asks_for_the_token_once_and_keeps_it_for_the_tab(run, phantom):  # noqa: F811
+    from playwright.sync_api import expect
+
+    token = "page-token-7"
+    with contextmanager(serving)(run, token=token) as url:
+        # Chromium logs each 401 it gets as a console error; those are expected here, nothing else is.
+        with browser_page(url, allowed_errors="status of 401") as (page, _):
+            dialog = page.locator("#token-dialog")
+            expect(dialog).to_be_visible(timeout=30_000)  # the model card got a 401
+            assert "needs a token" in page.locator("#token-reason").inner_text()
+            page.locator("#token-input").fill("wrong")
+            page.locator("#token-ok").click()
+            expect(page.locator("#token-reason")).to_have_text("The server said: the token is not valid.")
+            expect(dialog).to_be_visible()
+            page.locator("#token-input").fill(token)
+            page.locator("#token-input").press("Enter")
+            page.locator("#card table caption").first.wait_for(timeout=30_000)
+            assert dialog.is_hidden()
+            page.set_input_files("#files", str(phantom))  # the next request uses the token: no dialog again
+            expect(page.locator("#status")).to_have_text(re.compile("^Done: 1 file analysed"), timeout=60_000)
+            assert dialog.is_hidden() and page.locator(".result .decision").first.inner_text().startswith("Decision:")
+            assert page.evaluate("sessionStorage.getItem('bonefrac-token')") == token

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -552,19 +553,25 @@ def cmd_pacs_run(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from bonefrac.serve import ServeSettings, serve
+    from bonefrac.serve.auth import TOKEN_ENVIRONMENT, check_exposure, is_loopback, read_token
 
+    token = read_token(args.token_file, os.environ.get(TOKEN_ENVIRONMENT))
+    check_exposure(args.host, token, args.insecure)  # before anything is loaded: a one-line refusal, exit 2
     settings = ServeSettings(
         backend=args.backend, max_upload_mb=args.max_upload_mb, max_files=args.max_files,
-        request_timeout_s=args.timeout, save_uploads=args.save_uploads, allow_truncated=args.allow_truncated,
+        max_body_mb=args.max_body_mb, max_request_mpx=args.max_request_mpx, request_timeout_s=args.timeout,
+        save_uploads=args.save_uploads, allow_truncated=args.allow_truncated,
         allowed_hosts=tuple(args.allowed_host),  # serve adds the bound host and the loopback names
+        token=token,
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        status.print(f"[yellow]listening on {args.host}: other machines can reach this server; it has no "
-                     "authentication and no TLS[/yellow]", highlight=False)
+    if not is_loopback(args.host):
+        guard = "the API needs its token" if token else "it has NO authentication (--insecure)"
+        status.print(f"[yellow]listening on {args.host}: other machines can reach this server; {guard}; there is "
+                     "no TLS (put a reverse proxy in front)[/yellow]", highlight=False)
     console.print(f"bonefrac serve: the page at http://{args.host}:{args.port}/ (API docs at /docs); Ctrl+C stops it",
                   highlight=False)
     run = Path(args.run) if args.run else _run_and_paths([])[0]
-    serve(run, settings, host=args.host, port=args.port, workers=args.workers)
+    serve(run, settings, host=args.host, port=args.port, workers=args.workers, insecure=args.insecure)
     return 0
 
 
@@ -954,12 +961,26 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--max-upload-mb", type=float, default=50.0, help="largest file accepted (default 50; 413 over)")
     serve.add_argument("--max-files", type=int, default=16, help="files per batch request (default 16)")
+    serve.add_argument("--max-body-mb", type=float, default=200.0,
+                       help="whole request body, every part and field, chunked or not (default 200; 413 over)")
+    serve.add_argument("--max-request-mpx", type=float, default=200.0,
+                       help="megapixels of the images of one request together, from their headers (default 200; "
+                            "413 over)")
     serve.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per request, in seconds (default 60)")
     serve.add_argument("--save-uploads", metavar="DIR", help="keep every upload in DIR (default: never written)")
     serve.add_argument(
         "--allowed-host", action="append", default=[], metavar="NAME",
         help="also answer requests for this Host name (repeatable; '*': any). Default: the --host address, "
              "localhost, 127.0.0.1 and ::1 (and the machine's names when --host is 0.0.0.0); others get 400",
+    )
+    serve.add_argument(
+        "--token-file", metavar="FILE",
+        help="require 'Authorization: Bearer TOKEN' on /v1/ (TOKEN: the file's first line); default: the "
+             "BONEFRAC_TOKEN environment variable, else no token (never give a token on the command line)",
+    )
+    serve.add_argument(
+        "--insecure", action="store_true",
+        help="allow a non-loopback --host without a token (anyone who reaches it may use the API)",
     )
     add_allow_truncated(serve, run=True)
     serve.set_defaults(func=cmd_serve)

@@ -186,9 +186,10 @@ def sniff_format(source: ImageSource) -> str | None:
     return _sniff(_read_head(_source(source, None)))
 
 
-def probe_image(path: PathLike) -> ImageInfo:
-    """Describe an image from its header alone, without decoding pixels; fails as `read_image` does."""
-    source = _source(path, None)
+def probe_image(path: ImageSource, name: str | None = None) -> ImageInfo:
+    """Describe an image (a path, or bytes named `name`) from its header alone, without decoding pixels; fails as
+    `read_image` does."""
+    source = _source(path, name)
     fmt = _identify(source)
     if fmt == "DICOM":
         with _dicom_errors(source):

@@ -15,10 +15,12 @@ onnxruntime already use all of them for one batch), so requests queue instead, a
 long one may wait. Loading the model on the thread that runs it matters: with the model loaded on the main thread,
 PyTorch inference on a worker thread took 1.7x as long on a 2-core machine (docs/SERVE.md).
 
-What the client gets for a bad request, always as {"detail": reason}: 413 for an upload over the size limit, 415
+What the client gets for a bad request, always as {"detail": reason}: 413 for an upload over a limit (a file, the
+whole body, the form fields, the pixels of a request: ServeSettings), 415
 for a body or a file that is not an image, 422 for an image that cannot be read (truncated, corrupt), a request
 without a file or a decision parameter it cannot use, 400 for a malformed multipart body, 503 for a request over the
-time limit. An image that does not look like a radiograph is not an error: 200 with accepted = false and the reason.
+time limit, 401 for an /v1/ request without the server's token (settings.token; serve/auth.py). An image that does
+not look like a radiograph is not an error: 200 with accepted = false and the reason.
 Uploads stay in memory unless `settings.save_uploads` names a folder, and nothing read from a file (DICOM header
 values included) is logged.
 """
@@ -31,11 +33,12 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -50,10 +53,11 @@ from PIL import Image
 
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.calibration import DOUBT, FRACTURE, NO_FRACTURE
-from bonefrac.data.io import sniff_format
+from bonefrac.data.io import probe_image, sniff_format
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.explain import Explainer, gray_uint8, heatmap_rgba, overlay_rgb, png_bytes
 from bonefrac.predict import BACKENDS, PredictionRow, Predictor, PreparedImage
+from bonefrac.serve.auth import TokenGuard, check_exposure
 from bonefrac.serve.card import model_card, threshold_meaning
 from bonefrac.serve.hosts import HostGuard, allowed_hosts
 from bonefrac.serve.schemas import ERROR_RESPONSES, NOT_READY, Batch, Health, ModelCard, Prediction, Ready
@@ -72,6 +76,11 @@ class ServeSettings:
     backend: str = "auto"  # auto: onnxruntime when RUN/model.onnx is current, else PyTorch
     max_upload_mb: float = 50.0  # per file; larger uploads get 413
     max_files: int = 16  # per /v1/predict/batch request
+    # What one request may make the server hold or decode; beyond each, 413 with the reason (docs/SERVE.md).
+    max_body_mb: float = 200.0  # the whole body, every part and field, chunked or not; counted as it streams in
+    max_fields: int = 16  # form fields (parts without a file name); the API reads 3 (operating_point, ...)
+    max_field_kb: float = 64.0  # each form field
+    max_request_mpx: float = 200.0  # the images of one request together, in megapixels, from their headers
     request_timeout_s: float = 60.0  # upload + queue + inference; past it, 503
     inference_threads: int = 1  # model calls at a time (more only helps with more cores than one call uses)
     display_side: int = 1024  # longest side of the PNGs returned for the page (image, heatmap, overlay)
@@ -83,10 +92,19 @@ class ServeSettings:
     # Host names answered (serve.hosts.allowed_hosts: `bonefrac serve` sets the bound host, localhost, 127.0.0.1, ::1
     # and --allowed-host); None: any (create_app called directly, as the tests and an embedding app do).
     allowed_hosts: tuple[str, ...] | None = None
+    # The bearer token the /v1/ endpoints require (serve.auth); None: none (then `serve` binds to loopback only,
+    # unless insecure). Kept out of repr so that it never reaches a log line or a traceback.
+    token: str | None = field(default=None, repr=False)
 
     @property
     def max_file_bytes(self) -> int:
         return int(self.max_upload_mb * 1e6)
+
+    @property
+    def form_limits(self) -> dict[str, int]:
+        """The body limits of uploads.read_form, in bytes, besides the number of files."""
+        return {"max_file_bytes": self.max_file_bytes, "max_body_bytes": int(self.max_body_mb * 1e6),
+                "max_fields": self.max_fields, "max_field_bytes": int(self.max_field_kb * 1e3)}
 
 
 # --- what one image gives --------------------------------------------------------------------------------------------
@@ -173,6 +191,22 @@ class Service:
             (folder / (hashlib.sha256(upload.data).hexdigest() + suffix)).write_bytes(upload.data)
         return image
 
+    def check_pixels(self, uploads: list[Upload]) -> None:
+        """413 when the images of one request have more pixels together than settings.max_request_mpx, read from
+        their headers before anything is decoded (a 200 kB PNG may decode to 100 Mpx); an unreadable file counts
+        nothing here and gets its own error."""
+        total = 0
+        for upload in uploads:
+            try:
+                info = probe_image(upload.data, name=upload.name)
+            except ImageReadError:
+                continue
+            total += info.width * info.height
+        limit = self.settings.max_request_mpx
+        if total > limit * 1e6:
+            raise UploadError(413, f"the images in this request have {total / 1e6:.1f} megapixels together, over "
+                                   f"the limit of {limit:g} a request; send fewer or smaller images")
+
     def decider(self, asked: Mapping[str, str | None]) -> tuple[Predictor, dict | None]:
         """The predictor at the operating point or threshold a request asks for, and PPV and NPV at its prevalence
         (None when not asked); 422 with the reason for what `bonefrac predict` would refuse too."""
@@ -228,23 +262,49 @@ class Service:
         return result
 
     def predict(self, uploads: list[Upload], *, heatmap: bool, show_image: bool, predictor: Predictor | None = None,
-                predictive_values: dict | None = None) -> list[dict]:
-        """Every upload's result (an error entry for an unreadable one); readable ones go through the model together,
-        decided by `predictor` (what `decider` gave; the run's own operating point by default)."""
+                predictive_values: dict | None = None, stopped: Callable[[], bool] = lambda: False) -> list[dict]:
+        """Every upload's result (an error entry for an unreadable one), decided by `predictor` (what `decider` gave;
+        the run's own operating point by default).
+
+        One image at a time, read, through the model and explained before the next is read: only one image's pixels
+        are held, and `stopped()` (the request timed out, or its client went away) is asked before every step, so
+        abandoned work ends after at most one step (one image's reading, its model call, or its Grad-CAM) and the
+        model thread is free for the next request. Raises WorkCancelled when stopped.
+        """
         predictor = predictor or self.predictor
-        results: list[dict | None] = [None] * len(uploads)
-        prepared: list[tuple[int, PreparedImage]] = []
-        for index, upload in enumerate(uploads):
+        self.check_pixels(uploads)
+
+        def step() -> None:
+            if stopped():
+                raise WorkCancelled
+
+        results = []
+        for upload in uploads:
+            step()
             try:
-                prepared.append((index, self.prepare(upload)))
+                image = self.prepare(upload)
             except UploadError as err:
-                results[index] = {"file": upload.name, "status": "error", "http_status": err.status,
-                                  "error": err.reason}
-        rows = predictor.predict_prepared([image for _, image in prepared])
-        for (index, image), row in zip(prepared, rows, strict=True):
-            results[index] = self.result(image, row, heatmap=heatmap, show_image=show_image, predictor=predictor,
-                                         predictive_values=predictive_values)
-        return [result for result in results if result is not None]
+                results.append({"file": upload.name, "status": "error", "http_status": err.status,
+                                "error": err.reason})
+                continue
+            step()
+            (row,) = predictor.predict_prepared([image])
+            step()  # before the image's PNG and its Grad-CAM, the slowest step
+            results.append(self.result(image, row, heatmap=heatmap, show_image=show_image, predictor=predictor,
+                                       predictive_values=predictive_values))
+        return results
+
+
+class WorkCancelled(Exception):
+    """The request a model call was for timed out or lost its client: the call stops before its next step."""
+
+
+async def _watch_disconnect(request: Request, stop: threading.Event) -> None:
+    """Set `stop` when the client disconnects. Called once the body has been read: the server's next message is then
+    http.disconnect, when the client goes away or once the answer has been sent."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    stop.set()
 
 
 def _unreadable_status(data: bytes) -> int:
@@ -284,7 +344,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
 
     async def on_model_thread(call: Callable[[], T]) -> T:
         # A request cancelled by the timeout while its call still waits in the queue takes the call out of it;
-        # a call already running finishes in the background.
+        # a call already running stops at its next step (Service.predict's `stopped`).
         return await asyncio.get_running_loop().run_in_executor(model_threads, call)
 
     @asynccontextmanager
@@ -302,6 +362,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     )
     app.state.service = service
     app.add_middleware(TimeoutMiddleware, seconds=settings.request_timeout_s)
+    app.add_middleware(TokenGuard, token=settings.token)  # before the body is read, outside the timeout
     app.add_middleware(HostGuard, allowed=settings.allowed_hosts)  # added last: outside the timeout, so its 503 too
 
     @app.exception_handler(UploadError)
@@ -318,12 +379,24 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     async def run_predictions(request: Request, max_files: int, heatmap: bool, image: bool,
                               query: dict[str, str | None]) -> list[dict]:
         started = time.perf_counter()
-        form = await read_form(request, max_file_bytes=settings.max_file_bytes, max_files=max_files)
+        form = await read_form(request, max_files=max_files, **settings.form_limits)
         # The query wins over a form field of the same name; the decision is checked before the model runs.
         asked = {name: form.fields.get(name) for name in DECISION_FIELDS} | {k: v for k, v in query.items() if v}
         predictor, values = service.decider(asked)
-        results = await on_model_thread(lambda: service.predict(form.uploads, heatmap=heatmap, show_image=image,
-                                                                predictor=predictor, predictive_values=values))
+        # The model thread asks `stop` before each step: set when the client goes away (the watcher) and when the
+        # timeout cancels this request (finally), so that abandoned work does not hold the thread the next request
+        # needs.
+        stop = threading.Event()
+        watcher = asyncio.ensure_future(_watch_disconnect(request, stop))
+        try:
+            results = await on_model_thread(lambda: service.predict(
+                form.uploads, heatmap=heatmap, show_image=image, predictor=predictor, predictive_values=values,
+                stopped=stop.is_set))
+        except WorkCancelled:
+            raise UploadError(503, "the client went away; the request was dropped") from None
+        finally:
+            stop.set()
+            watcher.cancel()
         _log_result(results, sum(len(u.data) for u in form.uploads), time.perf_counter() - started)
         return results
 
@@ -363,7 +436,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
         return {"results": results, "n_files": len(results), "n_errors": errors, "disclaimer": DISCLAIMER}
 
     @app.get("/v1/model", summary="The model card: name, labels, threshold, metrics with 95% CIs, data",
-             response_model=ModelCard)
+             response_model=ModelCard, responses={401: ERROR_RESPONSES[401]})
     async def model() -> dict:
         return service.card
 
@@ -378,6 +451,8 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
             return JSONResponse({"status": "loading", "detail": "the model is warming up"}, status_code=503)
         return {"status": "ready", "model": service.card["name"], "backend": service.predictor.backend,
                 "limits": {"max_upload_mb": settings.max_upload_mb, "max_files": settings.max_files,
+                           "max_body_mb": settings.max_body_mb, "max_fields": settings.max_fields,
+                           "max_field_kb": settings.max_field_kb, "max_request_mpx": settings.max_request_mpx,
                            "request_timeout_s": settings.request_timeout_s}}
 
     @app.get("/", include_in_schema=False)
@@ -405,9 +480,14 @@ def app_from_environment() -> FastAPI:
 
 
 def serve(run_dir: str | Path, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,
-          workers: int = 1) -> None:
-    """Run the app under uvicorn until interrupted; several workers are processes, each with its own model."""
+          workers: int = 1, insecure: bool = False) -> None:
+    """Run the app under uvicorn until interrupted; several workers are processes, each with its own model.
+
+    Refuses (BonefracError) to listen on a non-loopback address without `settings.token`, unless `insecure`.
+    """
     import uvicorn
+
+    check_exposure(host, settings.token, insecure)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     settings = replace(settings, allowed_hosts=allowed_hosts(host, settings.allowed_hosts or ()))

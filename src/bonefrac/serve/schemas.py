@@ -178,6 +178,10 @@ class Health(BaseModel):
 class Limits(BaseModel):
     max_upload_mb: float
     max_files: int
+    max_body_mb: float
+    max_fields: int
+    max_field_kb: float
+    max_request_mpx: float
     request_timeout_s: float
 
 
@@ -205,8 +209,14 @@ def _error(description: str, *examples: str) -> dict:
 
 ERROR_RESPONSES = {
     400: _error("a malformed multipart body", "malformed multipart body: it ends before its closing boundary"),
-    413: _error("a file over the upload limit, or more files than allowed",
-                "file 'big.png' is over the upload limit of 50 MB", "more than 16 files in one request"),
+    401: _error("no token or a wrong one, when the server has a token (Authorization: Bearer; WWW-Authenticate)",
+                "this server needs a token: send Authorization: Bearer <token>", "the token is not valid"),
+    413: _error("a file, the body, a form field or the images' pixels over their limit, or more files or form "
+                "fields than allowed",
+                "file 'big.png' is over the upload limit of 50 MB", "more than 16 files in one request",
+                "request body is over the limit of 200 MB (all parts together)",
+                "the images in this request have 400.0 megapixels together, over the limit of 200 a request; "
+                "send fewer or smaller images"),
     415: _error("a body that is not multipart/form-data, or a file that is no image format",
                 "send the image as multipart/form-data (a part named file), not application/json",
                 "not an image (text file)"),

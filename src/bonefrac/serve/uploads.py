@@ -6,8 +6,8 @@ multipart body is parsed here, with python-multipart's streaming parser (the one
 memory, and the size limit is enforced while the body streams in: an oversized upload is refused after at most the
 limit has been read, never buffered whole.
 
-    read_form(request, max_file_bytes=..., max_files=...)   -> Form([Upload(name, data)], {field: value}), or
-                                                             UploadError(status, reason)
+    read_form(request, max_file_bytes=..., max_files=..., max_body_bytes=..., max_fields=..., max_field_bytes=...)
+        -> Form([Upload(name, data)], {field: value}), or UploadError(status, reason)
     TimeoutMiddleware(app, seconds)                            503 with a reason when a request takes too long
 """
 
@@ -63,11 +63,16 @@ def _megabytes(n: int) -> str:
     return f"{n / 1e6:g} MB"
 
 
-async def read_form(request: Request, *, max_file_bytes: int, max_files: int) -> Form:
+async def read_form(request: Request, *, max_file_bytes: int, max_files: int, max_body_bytes: int | None = None,
+                    max_fields: int | None = None, max_field_bytes: int | None = None) -> Form:
     """The file parts of a multipart/form-data body, in order, and its named fields without a file name as text.
 
-    Raises UploadError: 415 when the body is not multipart/form-data, 413 when a file is over `max_file_bytes` or
-    there are more than `max_files` files, 400 when the multipart body is malformed, 422 when it holds no file.
+    The body is counted as it streams in, whether its length was declared or it comes chunked: at most
+    min(max_body_bytes, max_files × max_file_bytes + part headers) bytes are read, whatever the parts are.
+    Raises UploadError: 415 when the body is not multipart/form-data, 413 when the body is over that, a file is over
+    `max_file_bytes`, there are more than `max_files` files or `max_fields` fields (parts without a file name), or a
+    field is over `max_field_bytes`, 400 when the multipart body is malformed, 422 when it holds no file.
+    None: no limit of that kind beyond the others.
     """
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     if kind != b"multipart/form-data":
@@ -78,9 +83,12 @@ async def read_form(request: Request, *, max_file_bytes: int, max_files: int) ->
         raise UploadError(400, "malformed multipart body: the Content-Type has no boundary")
     declared = request.headers.get("content-length", "")
     body_limit = max_files * max_file_bytes + MULTIPART_OVERHEAD
+    limit = f"{_megabytes(body_limit)} ({max_files} × {_megabytes(max_file_bytes)} and part headers)"
+    if max_body_bytes is not None and max_body_bytes < body_limit:
+        body_limit, limit = max_body_bytes, f"{_megabytes(max_body_bytes)} (all parts together)"
     if declared.isdigit() and int(declared) > body_limit:
-        limit = f"{_megabytes(body_limit)} ({max_files} × {_megabytes(max_file_bytes)} and part headers)"
         raise UploadError(413, f"request body of {_megabytes(int(declared))} is over the limit of {limit}")
+    field_limit = max_file_bytes if max_field_bytes is None else max_field_bytes
 
     parts: list[_Part] = []
     header: list[bytes] = [b"", b""]  # the header field and value being read
@@ -105,13 +113,16 @@ async def read_form(request: Request, *, max_file_bytes: int, max_files: int) ->
             parts[-1].filename = disposition[b"filename"].decode("utf-8", errors="replace")
             if sum(part.filename is not None for part in parts) > max_files:
                 raise UploadError(413, f"more than {max_files} file{'s' * (max_files != 1)} in one request")
+        elif max_fields is not None and sum(part.filename is None for part in parts) > max_fields:
+            raise UploadError(413, f"more than {max_fields} form field{'s' * (max_fields != 1)} in one request")
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         part = parts[-1]
         part.data += data[start:end]
-        if len(part.data) > max_file_bytes:
-            what = f"file {part.filename!r}" if part.filename is not None else "a form field"
-            raise UploadError(413, f"{what} is over the upload limit of {_megabytes(max_file_bytes)}")
+        if part.filename is not None and len(part.data) > max_file_bytes:
+            raise UploadError(413, f"file {part.filename!r} is over the upload limit of {_megabytes(max_file_bytes)}")
+        if part.filename is None and len(part.data) > field_limit:
+            raise UploadError(413, f"a form field is over the limit of {field_limit:,} bytes")
 
     callbacks = {
         "on_part_begin": on_part_begin,
@@ -122,8 +133,12 @@ async def read_form(request: Request, *, max_file_bytes: int, max_files: int) ->
         "on_part_data": on_part_data,
     }
     parser = MultipartParser(boundary, callbacks)
+    received = 0
     try:
         async for chunk in request.stream():
+            received += len(chunk)
+            if received > body_limit:  # a chunked body, or one longer than it declared
+                raise UploadError(413, f"request body is over the limit of {limit}")
             parser.write(chunk)
         parser.finalize()
     except FormParserError as err:
@@ -143,8 +158,9 @@ async def read_form(request: Request, *, max_file_bytes: int, max_files: int) ->
 class TimeoutMiddleware:
     """Answer 503 with a reason when a request (upload and inference together) takes longer than `seconds`.
 
-    Covers a client that sends its body slowly as well as a queue of inferences that has grown too long. Work
-    already running in a thread finishes in the background; the client is told to retry.
+    Covers a client that sends its body slowly as well as a queue of inferences that has grown too long. The
+    cancellation reaches the request's model call, which stops before its next step (app.Service.predict); the
+    client is told to retry.
     """
 
     def __init__(self, app: ASGIApp, seconds: float):

@@ -15,6 +15,44 @@ let queue = Promise.resolve(); // one request at a time: the server runs one mod
 let pending = 0;
 let modelCard = null;
 
+// --- the token, when the server asks for one (bonefrac serve --token-file) -----------------------------------------
+// Asked once, when the API first answers 401, and kept in sessionStorage: this tab only, gone when it is closed.
+
+const TOKEN_KEY = "bonefrac-token";
+let token = sessionStorage.getItem(TOKEN_KEY);
+let asking = null; // the open token dialog, shared by every request that got a 401 meanwhile
+
+function askToken(reason) {
+  if (!asking) {
+    asking = new Promise((resolve) => {
+      const dialog = $("#token-dialog");
+      $("#token-reason").textContent = `The server said: ${reason}.`;
+      $("#token-input").value = "";
+      dialog.returnValue = "";
+      dialog.addEventListener("close", () => {
+        asking = null;
+        resolve(dialog.returnValue === "cancel" ? null : $("#token-input").value.trim() || null);
+      }, { once: true });
+      dialog.showModal();
+    });
+  }
+  return asking;
+}
+
+// fetch with the token; on a 401, ask for the token and try again (until the user cancels).
+async function api(url, options = {}) {
+  for (;;) {
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    const response = await fetch(url, { ...options, headers });
+    if (response.status !== 401) return response;
+    const detail = (await response.clone().json().catch(() => ({}))).detail || "a token is needed";
+    const given = await askToken(detail);
+    if (!given) return response;
+    token = given;
+    sessionStorage.setItem(TOKEN_KEY, token);
+  }
+}
+
 function setStatus(text) {
   $("#status").textContent = text;
 }
@@ -68,7 +106,7 @@ async function request(entry) {
   const point = $("#operating-point").value;
   if (point) body.append("operating_point", point);
   try {
-    const response = await fetch(`/v1/predict?heatmap=${entry.heatmap}&image=true`, { method: "POST", body });
+    const response = await api(`/v1/predict?heatmap=${entry.heatmap}&image=true`, { method: "POST", body });
     const answer = await response.json();
     if (response.ok) {
       entry.answer = answer;
@@ -426,8 +464,9 @@ async function showCard() {
   const box = $("#card");
   let card;
   try {
-    const response = await fetch("/v1/model");
+    const response = await api("/v1/model");
     card = await response.json();
+    if (!response.ok) throw new Error(card.detail || response.statusText);
   } catch (error) {
     box.textContent = `The model card could not be loaded (${error.message}).`;
     return;
