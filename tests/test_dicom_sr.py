@@ -159,3 +159,35 @@ def test_cli_dicom_out_says_what_is_skipped_and_shows_no_header_value(bar_run, i
     assert "1 structured reports" in text.replace("\n", " ") or "1 structured report" in text
     for secret in (*STUDY_SECRETS, uids["mono2"]):
         assert secret not in text
+
+
+def test_the_api_answers_a_study_with_its_report(bar_run, inbox, written):
+    """POST /v1/dicom/sr: the same SR `predict --dicom-out` writes for that study, as application/dicom; a PNG is
+    415, two studies in one request 422."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from bonefrac.serve import create_app
+
+    root, uids = inbox
+    _, _, dicom, _ = written
+    files = sorted((root / "mono1").glob("*.dcm"))
+    with TestClient(create_app(bar_run)) as client:
+        answer = client.post("/v1/dicom/sr", files=[("files", (f.name, f.read_bytes(), "application/dicom"))
+                                                    for f in files])
+        assert answer.status_code == 200 and answer.headers["content-type"] == "application/dicom"
+        sr = hd.sr.srread(io.BytesIO(answer.content))
+        assert sr.StudyInstanceUID == uids["mono1"]
+        from_api = read_study_report(pydicom.dcmread(io.BytesIO(answer.content)))
+        from_cli = read_study_report(pydicom.dcmread(dicom.reports[dicom_study_name(uids["mono1"])]))
+        assert from_api == from_cli  # the same findings, probabilities and rules
+
+        png = client.post("/v1/dicom/sr", files=[("files", ("photo.png", (root / "photo.png").read_bytes(),
+                                                              "image/png"))])
+        assert png.status_code == 415 and "not a DICOM file" in png.json()["detail"]
+        other = next((root / "mono2").glob("*.dcm"))
+        mixed = client.post("/v1/dicom/sr", files=[("files", (f.name, f.read_bytes(), "application/dicom"))
+                                                   for f in (files[0], other)])
+        assert mixed.status_code == 422 and "more than one DICOM study" in mixed.json()["detail"]
+        assert STUDY_SECRETS[0] not in mixed.text + png.text

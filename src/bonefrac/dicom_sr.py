@@ -36,6 +36,7 @@ probability follows bonefrac.study (`aggregate_studies`), the decision the run's
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,27 +91,33 @@ class DicomHeaders:
     skipped: dict[str, str] = field(default_factory=dict)  # file -> why it gets no DICOM output
 
 
+def dicom_header(source: str | Path | bytes) -> tuple[Dataset | None, str]:
+    """(the header, "") of a DICOM file (or upload) that names the study and instance an SR must refer to; else
+    (None, why it gets no DICOM output)."""
+    try:
+        header = read_dicom_header(source)
+    except ImageReadError as err:
+        return None, f"no DICOM header to file results under ({err.reason})"
+    if header is None:
+        return None, "not a DICOM file (results go into a DICOM study; this file has none)"
+    try:
+        missing = [key for key in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID") if not header.get(key)]
+    except Exception as err:  # pydicom converts elements lazily; its message may quote header values
+        return None, f"corrupt DICOM header ({type(err).__name__})"
+    if missing:
+        return None, f"DICOM without {', '.join(missing)}: no study to file results in"
+    return header, ""
+
+
 def dicom_headers(files: Sequence[str]) -> DicomHeaders:
     """Each file's DICOM header when it names the study and instance an SR must refer to; the reason otherwise."""
     found = DicomHeaders({})
     for file in files:
-        try:
-            header = read_dicom_header(file)
-        except ImageReadError as err:
-            found.skipped[file] = f"no DICOM header to file results under ({err.reason})"
-            continue
+        header, reason = dicom_header(file)
         if header is None:
-            found.skipped[file] = "not a DICOM file (results go into a DICOM study; this file has none)"
-            continue
-        try:
-            missing = [key for key in ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID") if not header.get(key)]
-        except Exception as err:  # pydicom converts elements lazily; its message may quote header values
-            found.skipped[file] = f"corrupt DICOM header ({type(err).__name__})"
-            continue
-        if missing:
-            found.skipped[file] = f"DICOM without {', '.join(missing)}: no study to file results in"
-            continue
-        found.headers[file] = header
+            found.skipped[file] = reason
+        else:
+            found.headers[file] = header
     return found
 
 
@@ -352,6 +359,15 @@ def write_dicom_results(
                 paths.append(_save(image, folder / f"overlay-{k}.dcm"))
             written.overlays[dicom_study_name(uid)] = paths
     return written
+
+
+def report_bytes(report: hd.sr.ComprehensiveSR) -> bytes:
+    """An SR as the bytes of a DICOM file (what the API answers with), checked by reading them back."""
+    buffer = io.BytesIO()
+    report.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    hd.sr.srread(io.BytesIO(data))
+    return data
 
 
 def _save(dataset: Dataset, path: Path) -> Path:

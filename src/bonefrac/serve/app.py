@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from PIL import Image
@@ -295,6 +295,36 @@ class Service:
         return results
 
 
+    def study_report(self, uploads: list[Upload], *, predictor: Predictor,
+                     stopped: Callable[[], bool] = lambda: False) -> bytes:
+        """The DICOM Structured Report (bonefrac.dicom_sr) of one study from its DICOM images, as a file's bytes:
+        what `bonefrac predict --dicom-out` writes for that study. 415 for a file that is not DICOM, 422 when the
+        files do not name one study; an image that cannot be decoded or is out of distribution is 'not assessed'."""
+        from bonefrac.dicom_sr import build_study_report, dicom_header, image_finding, report_bytes
+
+        self.check_pixels(uploads)
+        headers, rows = [], []
+        for upload in uploads:
+            if stopped():
+                raise WorkCancelled
+            header, reason = dicom_header(upload.data)
+            if header is None:
+                status = 415 if reason.startswith("not a DICOM") else 422
+                raise UploadError(status, f"{upload.name}: {reason}")
+            try:
+                (row,) = predictor.predict_prepared([self.prepare(upload)])
+            except UploadError as err:
+                row = PredictionRow(upload.name, "error", {}, "", predictor.threshold, predictor.operating_point,
+                                    err.reason)
+            headers.append(header)
+            rows.append(row)
+        if len({str(header.StudyInstanceUID) for header in headers}) != 1:
+            raise UploadError(422, "the files name more than one DICOM study (StudyInstanceUID): send one study's "
+                                   "images per request")
+        findings = [image_finding(row, predictor.run.positive_label) for row in rows]
+        return report_bytes(build_study_report(headers, findings, predictor.run))
+
+
 class WorkCancelled(Exception):
     """The request a model call was for timed out or lost its client: the call stops before its next step."""
 
@@ -376,6 +406,20 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
                          for e in err.errors())
         return JSONResponse({"detail": said}, status_code=422)
 
+    async def cancellable(request: Request, work: Callable[[Callable[[], bool]], T]) -> T:
+        """work(stopped) on the model thread. The work asks `stopped` before each step: true once the client goes
+        away (the watcher) or the timeout cancels this request (finally), so that abandoned work does not hold the
+        thread the next request needs."""
+        stop = threading.Event()
+        watcher = asyncio.ensure_future(_watch_disconnect(request, stop))
+        try:
+            return await on_model_thread(lambda: work(stop.is_set))
+        except WorkCancelled:
+            raise UploadError(503, "the client went away; the request was dropped") from None
+        finally:
+            stop.set()
+            watcher.cancel()
+
     async def run_predictions(request: Request, max_files: int, heatmap: bool, image: bool,
                               query: dict[str, str | None]) -> list[dict]:
         started = time.perf_counter()
@@ -383,20 +427,9 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
         # The query wins over a form field of the same name; the decision is checked before the model runs.
         asked = {name: form.fields.get(name) for name in DECISION_FIELDS} | {k: v for k, v in query.items() if v}
         predictor, values = service.decider(asked)
-        # The model thread asks `stop` before each step: set when the client goes away (the watcher) and when the
-        # timeout cancels this request (finally), so that abandoned work does not hold the thread the next request
-        # needs.
-        stop = threading.Event()
-        watcher = asyncio.ensure_future(_watch_disconnect(request, stop))
-        try:
-            results = await on_model_thread(lambda: service.predict(
-                form.uploads, heatmap=heatmap, show_image=image, predictor=predictor, predictive_values=values,
-                stopped=stop.is_set))
-        except WorkCancelled:
-            raise UploadError(503, "the client went away; the request was dropped") from None
-        finally:
-            stop.set()
-            watcher.cancel()
+        results = await cancellable(request, lambda stopped: service.predict(
+            form.uploads, heatmap=heatmap, show_image=image, predictor=predictor, predictive_values=values,
+            stopped=stopped))
         _log_result(results, sum(len(u.data) for u in form.uploads), time.perf_counter() - started)
         return results
 
@@ -434,6 +467,26 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
         results = await run_predictions(request, settings.max_files, heatmap, image, query)
         errors = sum(r["status"] == "error" for r in results)
         return {"results": results, "n_files": len(results), "n_errors": errors, "disclaimer": DISCLAIMER}
+
+    @app.post("/v1/dicom/sr", openapi_extra=BATCH_BODY, response_class=Response,
+              summary=f"A DICOM Structured Report of one study (parts `files`: its DICOM images, at most "
+                      f"{settings.max_files})",
+              responses={200: {"content": {"application/dicom": {}},
+                               "description": "the SR: filed in the images' study, with each image's finding and "
+                                              "the study's (docs/PACS.md)"},
+                         **ERROR_RESPONSES})
+    async def dicom_report(request: Request, operating_point: str | None = point_query,
+                           threshold: str | None = threshold_query) -> Response:
+        if not service.predictor.run.binary:
+            raise UploadError(422, "DICOM results need a binary run (fracture suspected or not)")
+        form = await read_form(request, max_files=settings.max_files, **settings.form_limits)
+        asked = {name: form.fields.get(name) for name in DECISION_FIELDS} | {
+            k: v for k, v in {"operating_point": operating_point, "threshold": threshold}.items() if v}
+        predictor, _ = service.decider(asked)
+        data = await cancellable(request, lambda stopped: service.study_report(form.uploads, predictor=predictor,
+                                                                               stopped=stopped))
+        return Response(data, media_type="application/dicom",
+                        headers={"Content-Disposition": 'attachment; filename="SR.dcm"'})
 
     @app.get("/v1/model", summary="The model card: name, labels, threshold, metrics with 95% CIs, data",
              response_model=ModelCard, responses={401: ERROR_RESPONSES[401]})
