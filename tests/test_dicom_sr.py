@@ -19,6 +19,7 @@ from bonefrac.dicom_sr import (
     NOT_SUSPECTED,
     SR_FILE,
     SUSPECTED,
+    gradcam_overlays,
     read_study_report,
     report_series_description,
     write_dicom_results,
@@ -112,13 +113,9 @@ def test_report_content(inbox, written):
 
 def with_overlays(run_dir: Path, folder: Path, out: Path):
     """write_dicom_results of the files in `folder`, with a Grad-CAM overlay of each assessed image."""
-    from bonefrac.explain import Explainer, overlay_rgb
-
     predictor = Predictor(run_dir, backend="torch")
-    explainer = Explainer(predictor)
     result = predictor.predict_paths([folder])
-    return write_dicom_results(result, predictor.run, out,
-                               overlay=lambda pixels: overlay_rgb(pixels, explainer.explain(pixels).heatmap))
+    return write_dicom_results(result, predictor.run, out, overlay=gradcam_overlays(predictor))
 
 
 def test_overlays_are_secondary_captures_in_the_study(bar_run, inbox, tmp_path):

@@ -89,6 +89,23 @@ def test_round_trip_files_one_sr_per_study_and_a_rerun_does_nothing(bar_run, ort
         assert len(sr_series(client, uid, description)) == 1
 
 
+def test_overlays_are_stored_with_the_report(bar_run, orthanc, client, tmp_path, capsys, monkeypatch):
+    """--dicom-overlay: each assessed image's Grad-CAM overlay goes into the study, in a series of its own, in the
+    request that stores the SR."""
+    uid = write_study(tmp_path / "study", np.random.default_rng(9), photometric="MONOCHROME2", fractured=True)
+    client.store_instances([pydicom.dcmread(path) for path in sorted((tmp_path / "study").glob("*.dcm"))])
+    code, text = pacs_run(bar_run, orthanc, capsys, monkeypatch, "--study", uid, "--dicom-overlay")
+    assert code == 0 and f"{dicom_study_name(uid)}: stored" in text, text
+    series = {s["0008103E"]["Value"][0]: s for s in client.search_for_series(study_instance_uid=uid)
+              if "0008103E" in s}
+    overlays = [s for name, s in series.items() if "Grad-CAM" in name]
+    assert len(overlays) == 1 and overlays[0]["00080060"]["Value"] == ["OT"]
+    instances = client.retrieve_series(uid, overlays[0]["0020000E"]["Value"][0])
+    assert len(instances) == 2 and {i.PhotometricInterpretation for i in instances} == {"RGB"}
+    assert {str(i.StudyInstanceUID) for i in instances} == {uid}
+    assert_nothing_secret(text, [uid])
+
+
 def test_one_study_by_uid_or_since_a_date(bar_run, orthanc, studies, capsys, monkeypatch):
     code, text = pacs_run(bar_run, orthanc, capsys, monkeypatch, "--study", studies["mono2"])
     assert code == 0 and "1 studies" in text
@@ -107,7 +124,8 @@ def test_watch_polls_until_ctrl_c(bar_run, client, studies):
 
     with pytest.raises(KeyboardInterrupt):
         watch_pacs(client, Predictor(bar_run), interval=5, say=lines.append, sleep=ctrl_c)
-    assert lines[-1].startswith(f"{len(studies)} studies, 0 answered now; next look in 5 s")
+    on_server = len(client.search_for_studies())  # every study answered by the tests before this one
+    assert lines[-1].startswith(f"{on_server} studies, 0 answered now; next look in 5 s")
 
 
 def test_refused_credentials_are_one_line_and_never_shown(bar_run, orthanc, studies, capsys, monkeypatch):

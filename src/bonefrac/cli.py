@@ -471,16 +471,9 @@ def _print_studies(result, run, args: argparse.Namespace, say: Console) -> None:
 
 def _write_dicom_results(result, predictor, args: argparse.Namespace, say: Console) -> None:
     """`bonefrac predict --dicom-out`: an SR per DICOM study (bonefrac.dicom_sr), and why other files got none."""
-    from bonefrac.dicom_sr import write_dicom_results
+    from bonefrac.dicom_sr import gradcam_overlays, write_dicom_results
 
-    overlay = None
-    if args.dicom_overlay:
-        from bonefrac.explain import Explainer, overlay_rgb
-
-        explainer = Explainer(predictor)
-
-        def overlay(pixels):
-            return overlay_rgb(pixels, explainer.explain(pixels).heatmap)
+    overlay = gradcam_overlays(predictor) if args.dicom_overlay else None
     written = write_dicom_results(result, predictor.run, args.dicom_out, rule=args.study_aggregate, overlay=overlay)
     for file, reason in written.skipped.items():
         say.print(f"no DICOM output for {file}: {reason}", highlight=False)
@@ -526,6 +519,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_pacs_run(args: argparse.Namespace) -> int:
+    from bonefrac.dicom_sr import gradcam_overlays
     from bonefrac.pacs import connect, read_credentials, run_pacs, watch_pacs
     from bonefrac.predict import Predictor
 
@@ -533,6 +527,7 @@ def cmd_pacs_run(args: argparse.Namespace) -> int:
         raise BonefracError("--watch looks at every new study; --study answers one and stops: give one of them")
     client = connect(args.url, read_credentials(args.credentials), root=args.dicomweb_root)
     predictor = Predictor(Path(args.run) if args.run else _run_and_paths([])[0], backend=args.backend)
+    overlay = gradcam_overlays(predictor) if args.dicom_overlay else None
 
     def say(line: str) -> None:
         console.print(line, highlight=False)
@@ -540,11 +535,12 @@ def cmd_pacs_run(args: argparse.Namespace) -> int:
     if args.watch:
         try:
             watch_pacs(client, predictor, interval=args.interval, since=args.since, rule=args.study_aggregate,
-                       say=say)
+                       overlay=overlay, say=say)
         except KeyboardInterrupt:
             say("stopped (Ctrl+C); a study that was being answered is answered next time")
         return 0
-    outcomes = run_pacs(client, predictor, study=args.study, since=args.since, rule=args.study_aggregate, say=say)
+    outcomes = run_pacs(client, predictor, study=args.study, since=args.since, rule=args.study_aggregate,
+                        overlay=overlay, say=say)
     counts = {status: sum(o.status == status for o in outcomes) for status in ("stored", "skipped", "failed")}
     say(f"{len(outcomes)} studies: {counts['stored']} answered, {counts['skipped']} already answered by this model "
         f"version, {counts['failed']} failed (tried again next time)")
@@ -1010,6 +1006,9 @@ def add_pacs_parser(commands: argparse._SubParsersAction) -> None:
                      help="auto: onnxruntime when RUN/model.onnx exists, else PyTorch")
     run.add_argument("--study-aggregate", choices=STUDY_AGGREGATES, default=STUDY_AGGREGATE,
                      help=f"a study's probability from its images': mean or max (default {STUDY_AGGREGATE})")
+    run.add_argument("--dicom-overlay", action="store_true",
+                     help="also store a Grad-CAM overlay of each assessed image (a Secondary Capture, new series) "
+                          "in the study, in the same request as the SR")
     run.set_defaults(func=cmd_pacs_run)
 
 

@@ -270,6 +270,15 @@ def build_study_report(
     return report
 
 
+def gradcam_overlays(predictor) -> Callable[[np.ndarray], np.ndarray]:
+    """pixels (read_image's) -> the uint8 RGB Grad-CAM overlay of the predictor's decision: what --dicom-overlay
+    files as a Secondary Capture (`bonefrac predict`, `bonefrac pacs run`)."""
+    from bonefrac.explain import Explainer, overlay_rgb
+
+    explainer = Explainer(predictor)
+    return lambda pixels: overlay_rgb(pixels, explainer.explain(pixels).heatmap)
+
+
 def overlay_image(header: Dataset, overlay: np.ndarray, *, series_instance_uid: str,
                   instance_number: int) -> hd.sc.SCImage:
     """A Grad-CAM overlay (uint8 RGB, the image's size) as a Secondary Capture in the source image's study."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import pydicom
 import requests
 from pydicom.dataset import Dataset
@@ -174,9 +175,12 @@ class StudyOutcome:
         return f"{self.study}: {self.status}{timing}" + (f" ({self.detail})" if self.detail else "")
 
 
-def answer_study(client, predictor: Predictor, uid: str, *, rule: str = STUDY_AGGREGATE) -> StudyOutcome:
+def answer_study(client, predictor: Predictor, uid: str, *, rule: str = STUDY_AGGREGATE,
+                 overlay: Callable[[np.ndarray], np.ndarray] | None = None) -> StudyOutcome:
     """One study end to end: skip it when this model has answered it, else fetch its image series, predict, and
-    store one SR in it (STOW-RS). A PacsError for this study becomes a 'failed' outcome; nothing is stored then."""
+    store one SR in it (STOW-RS), with overlay (dicom_sr.gradcam_overlays) a Grad-CAM Secondary Capture of each
+    assessed image in the same request. A PacsError for this study becomes a 'failed' outcome; nothing is stored
+    then."""
     start = time.perf_counter()
     name = dicom_study_name(uid)
     url = client.base_url
@@ -192,12 +196,14 @@ def answer_study(client, predictor: Predictor, uid: str, *, rule: str = STUDY_AG
             if not files:
                 return StudyOutcome(name, "failed", "no image instances in the study")
             result = predictor.predict_paths(files)
-            written = write_dicom_results(result, predictor.run, Path(folder) / "out", rule=rule)
+            written = write_dicom_results(result, predictor.run, Path(folder) / "out", rule=rule, overlay=overlay)
             report = written.reports.get(name)
             if report is None:
                 return StudyOutcome(name, "failed", "no image could be filed (see bonefrac predict --dicom-out)")
             sr = pydicom.dcmread(report)
-            _calling("storing the SR (STOW-RS)", url, lambda: client.store_instances([sr], study_instance_uid=uid))
+            overlays = [pydicom.dcmread(path) for path in written.overlays.get(name, [])]
+            _calling("storing the SR (STOW-RS)", url,
+                     lambda: client.store_instances([sr, *overlays], study_instance_uid=uid))
     except PacsError as err:
         return StudyOutcome(name, "failed", str(err), time.perf_counter() - start)
     except (ValueError, TypeError, AttributeError, KeyError) as err:
@@ -234,24 +240,26 @@ def _finding_words(sr: Dataset, n_images: int) -> str:
 
 
 def run_pacs(client, predictor: Predictor, *, study: str | None = None, since: str | None = None,
-             rule: str = STUDY_AGGREGATE, say: Callable[[str], None] = print) -> list[StudyOutcome]:
+             rule: str = STUDY_AGGREGATE, overlay: Callable[[np.ndarray], np.ndarray] | None = None,
+             say: Callable[[str], None] = print) -> list[StudyOutcome]:
     """Every study to look at, once (`bonefrac pacs run`): one line per study on `say`."""
     outcomes = []
     for uid in study_uids(client, study=study, since=since):
-        outcome = answer_study(client, predictor, uid, rule=rule)
+        outcome = answer_study(client, predictor, uid, rule=rule, overlay=overlay)
         say(outcome.line())
         outcomes.append(outcome)
     return outcomes
 
 
 def watch_pacs(client, predictor: Predictor, *, interval: float, since: str | None = None,
-               rule: str = STUDY_AGGREGATE, say: Callable[[str], None] = print,
+               rule: str = STUDY_AGGREGATE, overlay: Callable[[np.ndarray], np.ndarray] | None = None,
+               say: Callable[[str], None] = print,
                sleep: Callable[[float], None] = time.sleep) -> None:
     """`bonefrac pacs run --watch`: run_pacs every `interval` seconds until Ctrl+C (KeyboardInterrupt, left to the
     caller). A server that goes down between polls is said once per poll, and the next poll tries again."""
     while True:
         try:
-            outcomes = run_pacs(client, predictor, since=since, rule=rule, say=say)
+            outcomes = run_pacs(client, predictor, since=since, rule=rule, overlay=overlay, say=say)
             stored = sum(outcome.status == "stored" for outcome in outcomes)
             say(f"{len(outcomes)} studies, {stored} answered now; next look in {interval:g} s (Ctrl+C stops)")
         except PacsError as err:
