@@ -31,15 +31,28 @@ LIGHTNING_CHATTER = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch
 def progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
     """A progress bar on stderr as the `progress(done, total)` callback library functions take; None if not enabled.
 
-    The finished bar stays: on a terminal it shows what was done, in a log it is one line with the count.
+    The finished bar stays: on a terminal it shows what was done, in a log it is one line with the count. A bar
+    that is never updated (the work was found in a cache) is never shown: no "0/?" line for nothing done.
     """
     if not enabled:
         yield None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=status) as bar:
-        task = bar.add_task(description, total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    bar = Progress(*columns, console=status)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:  # the bar starts with the first piece of work
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()
 
 
 @contextmanager
