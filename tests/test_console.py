@@ -22,6 +22,9 @@ def test_progress_is_a_done_total_callback_whose_finished_bar_is_one_line(capsys
     with progress("scanning", enabled=False) as update:
         assert update is None
     assert capsys.readouterr() == ("", "")
+    with progress("decoding into the cache"):
+        pass  # everything was cached: nothing to show, not a "0/?" bar
+    assert capsys.readouterr() == ("", "")
 
 
 class Tiny(pl.LightningModule):
