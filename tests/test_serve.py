@@ -86,7 +86,8 @@ def test_health_and_ready(client):
     ready = client.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready" and ready.json()["backend"] == "torch"
     assert ready.json()["limits"] == {"max_upload_mb": 50.0, "max_files": 16, "max_body_mb": 200.0, "max_fields": 16,
-                                      "max_field_kb": 64.0, "max_request_mpx": 200.0, "request_timeout_s": 60.0}
+                                      "max_field_kb": 64.0, "max_request_mpx": 200.0, "max_requests": 8,
+                                      "request_timeout_s": 60.0}
 
 
 def test_not_ready_before_start_up(run):
@@ -452,6 +453,27 @@ def test_a_timed_out_request_stops_its_work_and_the_next_is_served_in_its_own_ti
         assert answer.status_code == 200 and answer.json()["status"] == "ok"
         assert time.monotonic() - next_started < 2.0
     assert sum(calls) <= 6 and calls[-1] == 1  # the batch stopped after at most 5 of its 10 images
+
+
+def test_requests_beyond_max_requests_get_503_with_retry_after_before_their_body_is_read(run, xray, monkeypatch):
+    """One request in the model (slowed), max_requests 1: the next is refused at once, and served once it is free."""
+    import threading
+
+    app = create_app(run, ServeSettings(max_requests=1))
+    slow_steps(monkeypatch, app.state.service.predictor, 1.0)
+    with TestClient(app) as client:
+        first: list = []
+        worker = threading.Thread(target=lambda: first.append(post(client, xray)))
+        worker.start()
+        time.sleep(0.4)  # the first request holds the one slot, its image in the model
+        started = time.monotonic()
+        busy = post(client, xray)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
+        assert "busy" in busy.json()["detail"] and time.monotonic() - started < 0.5  # no waiting, no body read
+        worker.join()
+        assert first[0].status_code == 200
+        assert post(client, xray).status_code == 200  # the slot is free again
+        assert client.get("/ready").json()["limits"]["max_requests"] == 1
 
 
 def test_work_for_a_client_that_went_away_stops(run, xray, monkeypatch):

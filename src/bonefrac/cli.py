@@ -40,6 +40,7 @@ from bonefrac.config import (
 from bonefrac.console import console, progress, status
 from bonefrac.errors import BonefracError
 from bonefrac.safe_text import terminal_safe
+from bonefrac.serve.settings import ServeSettings
 
 
 def default_out(root: str, what: str) -> Path:
@@ -548,14 +549,15 @@ def cmd_pacs_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from bonefrac.serve import ServeSettings, serve
+    from bonefrac.serve import serve
     from bonefrac.serve.auth import TOKEN_ENVIRONMENT, check_exposure, is_loopback, read_token
 
     token = read_token(args.token_file, os.environ.get(TOKEN_ENVIRONMENT))
     check_exposure(args.host, token, args.insecure)  # before anything is loaded: a one-line refusal, exit 2
     settings = ServeSettings(
         backend=args.backend, max_upload_mb=args.max_upload_mb, max_files=args.max_files,
-        max_body_mb=args.max_body_mb, max_request_mpx=args.max_request_mpx, request_timeout_s=args.timeout,
+        max_body_mb=args.max_body_mb, max_request_mpx=args.max_request_mpx, max_requests=args.max_requests,
+        request_timeout_s=args.timeout,
         save_uploads=args.save_uploads, allow_truncated=args.allow_truncated,
         allowed_hosts=tuple(args.allowed_host),  # serve adds the bound host and the loopback names
         token=token,
@@ -951,18 +953,26 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this host only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
+    given = ServeSettings()  # the defaults, from the one place the app reads them too
     serve.add_argument(
-        "--backend", choices=BACKENDS, default="auto",
+        "--backend", choices=BACKENDS, default=given.backend,
         help="auto: onnxruntime when RUN/model.onnx exists, else PyTorch",
     )
-    serve.add_argument("--max-upload-mb", type=float, default=50.0, help="largest file accepted (default 50; 413 over)")
-    serve.add_argument("--max-files", type=int, default=16, help="files per batch request (default 16)")
-    serve.add_argument("--max-body-mb", type=float, default=200.0,
-                       help="whole request body, every part and field, chunked or not (default 200; 413 over)")
-    serve.add_argument("--max-request-mpx", type=float, default=200.0,
-                       help="megapixels of the images of one request together, from their headers (default 200; "
-                            "413 over)")
-    serve.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per request, in seconds (default 60)")
+    serve.add_argument("--max-upload-mb", type=float, default=given.max_upload_mb,
+                       help=f"largest file accepted (default {given.max_upload_mb:g}; 413 over)")
+    serve.add_argument("--max-files", type=int, default=given.max_files,
+                       help=f"files per batch request (default {given.max_files})")
+    serve.add_argument("--max-body-mb", type=float, default=given.max_body_mb,
+                       help=f"whole request body, every part and field, chunked or not (default "
+                            f"{given.max_body_mb:g}; 413 over)")
+    serve.add_argument("--max-request-mpx", type=float, default=given.max_request_mpx,
+                       help=f"megapixels of the images of one request together, from their headers (default "
+                            f"{given.max_request_mpx:g}; 413 over)")
+    serve.add_argument("--max-requests", type=int, default=given.max_requests,
+                       help=f"requests held at once, uploads in memory (default {given.max_requests}); one more "
+                            "gets 503 with Retry-After before its body is read")
+    serve.add_argument("--timeout", type=float, default=given.request_timeout_s, metavar="S",
+                       help=f"per request, in seconds (default {given.request_timeout_s:g})")
     serve.add_argument("--save-uploads", metavar="DIR", help="keep every upload in DIR (default: never written)")
     serve.add_argument(
         "--allowed-host", action="append", default=[], metavar="NAME",

@@ -38,7 +38,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -61,50 +61,13 @@ from bonefrac.serve.auth import TokenGuard, check_exposure
 from bonefrac.serve.card import model_card, threshold_meaning
 from bonefrac.serve.hosts import HostGuard, allowed_hosts
 from bonefrac.serve.schemas import ERROR_RESPONSES, NOT_READY, Batch, Health, ModelCard, Prediction, Ready
-from bonefrac.serve.uploads import TimeoutMiddleware, Upload, UploadError, read_form
+from bonefrac.serve.settings import ServeSettings
+from bonefrac.serve.uploads import Admission, TimeoutMiddleware, Upload, UploadError, read_form
 
 STATIC = Path(__file__).parent / "static"
 ENVIRONMENT_KEY = "BONEFRAC_SERVE"  # how `bonefrac serve --workers N` hands the run and settings to each worker
 log = logging.getLogger("bonefrac.serve")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """What an operator may set; the defaults are safe for a workstation."""
-
-    backend: str = "auto"  # auto: onnxruntime when RUN/model.onnx is current, else PyTorch
-    max_upload_mb: float = 50.0  # per file; larger uploads get 413
-    max_files: int = 16  # per /v1/predict/batch request
-    # What one request may make the server hold or decode; beyond each, 413 with the reason (docs/SERVE.md).
-    max_body_mb: float = 200.0  # the whole body, every part and field, chunked or not; counted as it streams in
-    max_fields: int = 16  # form fields (parts without a file name); the API reads 3 (operating_point, ...)
-    max_field_kb: float = 64.0  # each form field
-    max_request_mpx: float = 200.0  # the images of one request together, in megapixels, from their headers
-    request_timeout_s: float = 60.0  # upload + queue + inference; past it, 503
-    inference_threads: int = 1  # model calls at a time (more only helps with more cores than one call uses)
-    display_side: int = 1024  # longest side of the PNGs returned for the page (image, heatmap, overlay)
-    heatmap_method: str = "gradcam"
-    save_uploads: str | None = None  # a folder to keep every upload in (by its sha256); None: never written
-    # Load truncated uploads (the decoder fills in the rest; the answer says truncated) instead of a 422 that names
-    # --allow-truncated; None: as the run was trained (Run.allow_truncated).
-    allow_truncated: bool | None = None
-    # Host names answered (serve.hosts.allowed_hosts: `bonefrac serve` sets the bound host, localhost, 127.0.0.1, ::1
-    # and --allowed-host); None: any (create_app called directly, as the tests and an embedding app do).
-    allowed_hosts: tuple[str, ...] | None = None
-    # The bearer token the /v1/ endpoints require (serve.auth); None: none (then `serve` binds to loopback only,
-    # unless insecure). Kept out of repr so that it never reaches a log line or a traceback.
-    token: str | None = field(default=None, repr=False)
-
-    @property
-    def max_file_bytes(self) -> int:
-        return int(self.max_upload_mb * 1e6)
-
-    @property
-    def form_limits(self) -> dict[str, int]:
-        """The body limits of uploads.read_form, in bytes, besides the number of files."""
-        return {"max_file_bytes": self.max_file_bytes, "max_body_bytes": int(self.max_body_mb * 1e6),
-                "max_fields": self.max_fields, "max_field_bytes": int(self.max_field_kb * 1e3)}
 
 
 # --- what one image gives --------------------------------------------------------------------------------------------
@@ -371,6 +334,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     # runs there; at most inference_threads at a time, the rest wait in the executor's queue.
     model_threads = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="bonefrac-model")
     service = model_threads.submit(Service, run_dir, settings).result()
+    admission = Admission(settings.max_requests)
 
     async def on_model_thread(call: Callable[[], T]) -> T:
         # A request cancelled by the timeout while its call still waits in the queue takes the call out of it;
@@ -397,7 +361,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, err: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": err.reason}, status_code=err.status)
+        return JSONResponse({"detail": err.reason}, status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_parameter(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -422,6 +386,11 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
 
     async def run_predictions(request: Request, max_files: int, heatmap: bool, image: bool,
                               query: dict[str, str | None]) -> list[dict]:
+        with admission.slot():
+            return await _run_predictions(request, max_files, heatmap, image, query)
+
+    async def _run_predictions(request: Request, max_files: int, heatmap: bool, image: bool,
+                               query: dict[str, str | None]) -> list[dict]:
         started = time.perf_counter()
         form = await read_form(request, max_files=max_files, **settings.form_limits)
         # The query wins over a form field of the same name; the decision is checked before the model runs.
@@ -479,12 +448,13 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
                            threshold: str | None = threshold_query) -> Response:
         if not service.predictor.run.binary:
             raise UploadError(422, "DICOM results need a binary run (fracture suspected or not)")
-        form = await read_form(request, max_files=settings.max_files, **settings.form_limits)
-        asked = {name: form.fields.get(name) for name in DECISION_FIELDS} | {
-            k: v for k, v in {"operating_point": operating_point, "threshold": threshold}.items() if v}
-        predictor, _ = service.decider(asked)
-        data = await cancellable(request, lambda stopped: service.study_report(form.uploads, predictor=predictor,
-                                                                               stopped=stopped))
+        with admission.slot():
+            form = await read_form(request, max_files=settings.max_files, **settings.form_limits)
+            asked = {name: form.fields.get(name) for name in DECISION_FIELDS} | {
+                k: v for k, v in {"operating_point": operating_point, "threshold": threshold}.items() if v}
+            predictor, _ = service.decider(asked)
+            data = await cancellable(request, lambda stopped: service.study_report(
+                form.uploads, predictor=predictor, stopped=stopped))
         return Response(data, media_type="application/dicom",
                         headers={"Content-Disposition": 'attachment; filename="SR.dcm"'})
 
@@ -506,7 +476,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
                 "limits": {"max_upload_mb": settings.max_upload_mb, "max_files": settings.max_files,
                            "max_body_mb": settings.max_body_mb, "max_fields": settings.max_fields,
                            "max_field_kb": settings.max_field_kb, "max_request_mpx": settings.max_request_mpx,
-                           "request_timeout_s": settings.request_timeout_s}}
+                           "max_requests": settings.max_requests, "request_timeout_s": settings.request_timeout_s}}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

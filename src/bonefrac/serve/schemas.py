@@ -182,6 +182,7 @@ class Limits(BaseModel):
     max_fields: int
     max_field_kb: float
     max_request_mpx: float
+    max_requests: int
     request_timeout_s: float
 
 

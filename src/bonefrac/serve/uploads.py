@@ -13,6 +13,8 @@ limit has been read, never buffered whole.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import anyio
@@ -27,12 +29,34 @@ MULTIPART_OVERHEAD = 64 * 1024  # part headers and boundaries, on top of the fil
 
 
 class UploadError(Exception):
-    """A request the API refuses: the HTTP status and the reason the client is told."""
+    """A request the API refuses: the HTTP status, the reason the client is told, and headers (Retry-After)."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None):
         self.status = status
         self.reason = reason
+        self.headers = headers or {}
         super().__init__(reason)
+
+
+class Admission:
+    """At most `limit` requests at once between reading their body and their answer: the server's memory for
+    uploads in flight is bounded by limit x the body cap, whatever arrives. One more gets 503 with Retry-After at
+    once, before its body is read. Used from the event loop only, so a plain counter is enough."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_flight = 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.in_flight >= self.limit:
+            raise UploadError(503, f"the server is busy ({self.limit} requests in progress, its limit); try again "
+                                   "in a few seconds", headers={"Retry-After": "5"})
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
 
 @dataclass
