@@ -476,6 +476,20 @@ def test_requests_beyond_max_requests_get_503_with_retry_after_before_their_body
         assert client.get("/ready").json()["limits"]["max_requests"] == 1
 
 
+def test_a_bug_is_one_sentence_with_nosniff_and_its_traceback_only_in_the_log(run, xray, monkeypatch, caplog):
+    app = create_app(run)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug with /secret/path in its message")
+
+    monkeypatch.setattr(app.state.service, "predict", broken)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = post(client, xray)
+    assert answer.status_code == 500 and answer.headers["x-content-type-options"] == "nosniff"
+    assert answer.json() == {"detail": "internal error (the server log has the details)"}
+    assert "/secret/path" in caplog.text and "Traceback" in caplog.text
+
+
 def test_work_for_a_client_that_went_away_stops(run, xray, monkeypatch):
     app = create_app(run)
     calls = slow_steps(monkeypatch, app.state.service.predictor, 0.3)

@@ -59,7 +59,7 @@ from bonefrac.explain import Explainer, gray_uint8, heatmap_rgba, overlay_rgb, p
 from bonefrac.predict import BACKENDS, PredictionRow, Predictor, PreparedImage
 from bonefrac.serve.auth import TokenGuard, check_exposure
 from bonefrac.serve.card import model_card, threshold_meaning
-from bonefrac.serve.hosts import HostGuard, allowed_hosts
+from bonefrac.serve.hosts import NOSNIFF, HostGuard, allowed_hosts
 from bonefrac.serve.schemas import ERROR_RESPONSES, NOT_READY, Batch, Health, ModelCard, Prediction, Ready
 from bonefrac.serve.settings import ServeSettings
 from bonefrac.serve.uploads import Admission, TimeoutMiddleware, Upload, UploadError, read_form
@@ -362,6 +362,14 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, err: UploadError) -> JSONResponse:
         return JSONResponse({"detail": err.reason}, status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        # A bug, not the user's input: the traceback goes to the server log, the client gets one sentence. Starlette
+        # sends this answer from outside every middleware, so it carries its own nosniff header.
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=err)
+        return JSONResponse({"detail": "internal error (the server log has the details)"}, status_code=500,
+                            headers=dict(NOSNIFF))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_parameter(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 ANY_HOST = "*"
+NOSNIFF = (("x-content-type-options", "nosniff"),)  # on every answer, errors included
 
 
 def allowed_hosts(bound: str, extra: Iterable[str] = ()) -> tuple[str, ...]:
@@ -69,7 +70,7 @@ class HostGuard:
         async def send_with_nosniff(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-content-type-options"]
-                message = {**message, "headers": [*headers, (b"x-content-type-options", b"nosniff")]}
+                message = {**message, "headers": [*headers, *((k.encode(), v.encode()) for k, v in NOSNIFF)]}
             await send(message)
 
         if self.allowed is not None:
