@@ -476,6 +476,19 @@ def test_requests_beyond_max_requests_get_503_with_retry_after_before_their_body
         assert client.get("/ready").json()["limits"]["max_requests"] == 1
 
 
+def test_a_damaged_dicom_is_422_with_or_without_its_preamble(client, tmp_path):
+    """A DICOM without preamble is known by its name alone: damaged, it is 422 like one with a preamble, and the same
+    bytes under another name are 415 (no image format)."""
+    stored = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    for preamble in (True, False):
+        path = write_dicom(tmp_path / f"{preamble}.dcm", stored, preamble=preamble)
+        cut = path.read_bytes()[: 200 if preamble else 60]
+        answer = client.post("/v1/predict", files={"file": ("view.dcm", cut, "application/dicom")})
+        assert answer.status_code == 422, (preamble, answer.json())
+    other = client.post("/v1/predict", files={"file": ("view.bin", cut, "application/octet-stream")})
+    assert other.status_code == 415
+
+
 def test_a_bug_is_one_sentence_with_nosniff_and_its_traceback_only_in_the_log(run, xray, monkeypatch, caplog):
     app = create_app(run)
 

@@ -56,7 +56,7 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm", ".dicom"}
 )
 
-_DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})  # names a DICOM without preamble is known by
 _HEAD_BYTES = 1024  # enough for every magic number (DICOM's sits at byte 128) and for the text check
 
 # Magic numbers at the start of the file; DICOM is checked separately (after its 128-byte preamble).
@@ -316,7 +316,7 @@ def _identify(source: _Source) -> str:
     if _looks_like_text(head):
         raise ImageReadError(source.name, "not an image (text file)")
     # Some DICOM writers omit the 128-byte preamble and "DICM"; only the extension hints at those files.
-    if source.suffix in _DICOM_SUFFIXES and _is_headerless_dicom(source):
+    if source.suffix in DICOM_SUFFIXES and _is_headerless_dicom(source):
         return "DICOM"
     raise ImageReadError(source.name, "not an image (unrecognised content)")
 

@@ -53,7 +53,7 @@ from PIL import Image
 
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.calibration import DOUBT, FRACTURE, NO_FRACTURE
-from bonefrac.data.io import probe_image, sniff_format
+from bonefrac.data.io import DICOM_SUFFIXES, probe_image, sniff_format
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.explain import Explainer, gray_uint8, heatmap_rgba, overlay_rgb, png_bytes
 from bonefrac.predict import BACKENDS, PredictionRow, Predictor, PreparedImage
@@ -146,7 +146,7 @@ class Service:
         try:
             image = self.predictor.prepare(upload.data, name=upload.name)
         except ImageReadError as err:
-            raise UploadError(_unreadable_status(upload.data), err.reason) from err
+            raise UploadError(_unreadable_status(upload.data, upload.name), err.reason) from err
         if self.settings.save_uploads:
             folder = Path(self.settings.save_uploads)
             folder.mkdir(parents=True, exist_ok=True)
@@ -300,9 +300,12 @@ async def _watch_disconnect(request: Request, stop: threading.Event) -> None:
     stop.set()
 
 
-def _unreadable_status(data: bytes) -> int:
-    """415 when the bytes are no image format at all, 422 when they claim one but cannot be read."""
+def _unreadable_status(data: bytes, name: str = "") -> int:
+    """415 when the bytes are no image format at all, 422 when they claim one but cannot be read: by their content,
+    or by a DICOM name (a DICOM without preamble is known by nothing else, so a damaged one is 422 like the others)."""
     try:
+        if Path(name).suffix.lower() in DICOM_SUFFIXES:
+            return 422
         return 422 if sniff_format(data) is not None else 415
     except ImageReadError:  # empty
         return 422
