@@ -357,7 +357,7 @@ def test_csv_cells_are_neutralised_and_restored(cell, written) -> None:
 
 def test_every_csv_writer_neutralises_its_cells() -> None:
     """One helper, used wherever bonefrac writes a CSV for a user; the exceptions write numbers or names it made."""
-    numbers_or_own_names = {"run.py", "tune.py", "synth.py", "split.py"}
+    numbers_or_own_names = {"run.py", "tune.py", "synth.py"}
     for path in Path(bonefrac.__file__).parent.rglob("*.py"):
         text = path.read_text()
         if ("csv.writer(" in text or "csv.DictWriter(" in text) and path.name not in numbers_or_own_names:
@@ -518,3 +518,20 @@ def test_read_image_of_a_mutated_valid_file(seed: str, data) -> None:
         elif original:
             del original[at : at + data.draw(st.integers(1, 16), label="length")]
     _read_or_refuse(bytes(original), seed)
+
+
+def test_split_csv_is_neutralised_and_read_back_as_groups(tmp_path: Path) -> None:
+    """A class folder named like a formula: its cells in split.csv are quoted, and the CSV still reads back as the
+    groups of the split folder (restore_csv in read_group_csv)."""
+    from bonefrac.data.split import read_group_csv, split_folder
+
+    root = write_bar_set(tmp_path / "data", {"": 4})
+    (root / "fractured").rename(root / "=cmd")
+    split_csv, _, written = split_folder(root, tmp_path / "split", seed=0, workers=1)
+    with open(split_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    formula = [row for row in rows if "cmd" in row["source"]]
+    assert formula and all(row["source"].startswith("'=cmd/") and row["label"] == "'=cmd" for row in formula)
+    manifest = scan_folder(tmp_path / "split")
+    by_path = {row["path"]: row["group"] for row in written}
+    assert read_group_csv(split_csv, manifest.rows) == [by_path[row.path] for row in manifest.rows]

@@ -23,6 +23,7 @@ from bonefrac import DISCLAIMER
 from bonefrac.data.audit import AuditReport, audit_manifest
 from bonefrac.data.dataset import SPLITS, Manifest, ManifestRow, scan_folder
 from bonefrac.errors import DatasetError
+from bonefrac.safe_text import neutralise_csv, restore_csv
 
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
@@ -89,7 +90,8 @@ def read_group_csv(path: str | Path, rows: Sequence[ManifestRow]) -> list[str]:
     `file` (a bare name, as in bone-xray-grouped's manifest.csv) is matched on the file name and must be unique.
     """
     with open(path, newline="") as handle:
-        records = list(csv.DictReader(handle))
+        # restore_csv: a split.csv that `bonefrac data split` wrote (its formula-like cells quoted) reads back as is
+        records = [restore_csv(record) for record in csv.DictReader(handle)]
     if not records or "group" not in records[0]:
         raise DatasetError(f"{path}: needs a 'group' column and a 'path' or 'file' column")
     by_path = {r["path"]: r["group"] for r in records if r.get("path")}
@@ -191,7 +193,7 @@ def split_folder(
     with open(split_csv, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(written[0]) if written else ["path"])
         writer.writeheader()
-        writer.writerows(written)
+        writer.writerows(neutralise_csv(row) for row in written)
     (out / "SPLIT.txt").write_text(
         f"Split by bonefrac from {manifest.root} (seed {seed}, fractions {tuple(fractions)}).\n"
         "Groups (duplicates found by the audit"
