@@ -256,6 +256,25 @@ def test_a_killed_run_resumed_ends_like_an_uninterrupted_one(learnable_set, cach
     assert "resuming" in (interrupted / "run.log").read_text()
 
 
+def test_a_run_killed_in_its_first_epoch_starts_again_on_resume(learnable_set, cache_dir, tmp_path):
+    """No checkpoint yet: --resume trains the same run from the beginning in its folder, and ends as a run that was
+    never stopped."""
+    config = tiny_config(learnable_set, cache_dir, **{"train.epochs": 2})
+    straight = fit(config, tmp_path / "straight", progress=False)
+    (tmp_path / "config.yaml").write_text(Path(straight / "config.yaml").read_text())
+    interrupted = tmp_path / "interrupted"
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tmp_path / "config.yaml"), str(interrupted), "0"],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (interrupted / "config.yaml").exists() and not (interrupted / "checkpoints" / "last.ckpt").exists()
+    fit(config, interrupted, resume=True, progress=False)
+    timing = ("epoch_seconds", "images_per_second")
+    expected, again = ([{k: v for k, v in row.items() if k not in timing} for row in read_history(run / "metrics.csv")]
+                       for run in (straight, interrupted))
+    assert again == expected
+    assert "starts again from the beginning" in (interrupted / "run.log").read_text()
+
+
 # --- bad data ------------------------------------------------------------------------------------------------
 
 

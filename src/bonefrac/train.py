@@ -101,9 +101,15 @@ def fit(
     run_dir = Path(out_dir).expanduser().resolve()
     if main:
         _check_run_dir(run_dir, config, resume=resume)
+    # Stopped before its first epoch ended (killed, power cut): no checkpoint to resume from, so the same run starts
+    # again from the beginning in its folder; nothing of it was kept but its config, which was just checked.
+    restarted = resume and not (run_dir / CHECKPOINTS / "last.ckpt").exists()
+    resume = resume and not restarted
     run_dir.mkdir(parents=True, exist_ok=True)
     with _run_log(run_dir / LOG_FILE if main else None, echo=progress and main):
-        log.info("bonefrac %s: %s in %s", __version__, "resuming the run" if resume else "new run", run_dir)
+        log.info("bonefrac %s: %s in %s", __version__, "resuming the run" if resume else
+                 "no checkpoint yet (it stopped in its first epoch): the run starts again from the beginning"
+                 if restarted else "new run", run_dir)
         manifest, audit = scan_and_audit(config, run_dir if main else None, manifest=manifest, report=audit,
                                          progress=progress and main)
         # A resumed run keeps the preprocessing it started with, whatever the registry says now (an interrupted
@@ -356,7 +362,8 @@ def _resolved(config: RunConfig) -> RunConfig:
 
 
 def _check_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
-    """A new run needs a folder without a run in it; a resume needs the run's checkpoint and the same config."""
+    """A new run needs a folder without a run in it; a resume needs a run there with the same config (without a
+    checkpoint yet it starts again from the beginning: see fit)."""
     stored = run_dir / CONFIG_FILE
     if not resume:
         if stored.exists():
@@ -364,14 +371,8 @@ def _check_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
                 f"{run_dir} already holds a run; continue it with --resume, or choose another folder with --out"
             )
         return
-    last = run_dir / CHECKPOINTS / "last.ckpt"
     if not stored.exists():
         raise BonefracError(f"{run_dir}: no run to resume there (no config.yaml)")
-    if not last.exists():
-        raise BonefracError(
-            f"{run_dir}: the run stopped before its first epoch ended (no checkpoints/last.ckpt), so there is "
-            "nothing to resume; train again with another --out, or delete this folder"
-        )
     changed = [d for d in differences(from_yaml(stored.read_text(), source=str(stored)), config)]
     refused = [(key, old, new) for key, old, new in changed if key not in RESUMABLE_CHANGES]
     if refused:
