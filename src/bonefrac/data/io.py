@@ -408,14 +408,17 @@ def _decode_pil(
             raise ImageReadError(source.name, _pil_failure(fmt, err)) from err
         orientation = _exif_orientation(img)
         gray = _to_gray(img, source)
+        img = None  # the decoded original goes as soon as its gray copy exists (a 100 Mpx 16-bit PNG: 200 MB)
     factor = _reduce_factor(*gray.size, max_side)
     if factor > 1:
-        gray = gray.reduce(factor)
+        gray = (gray.convert("I") if gray.mode.startswith("I;16") else gray).reduce(factor)  # no reduce for I;16
     if orientation in _EXIF_TRANSPOSE:
         gray = gray.transpose(_EXIF_TRANSPOSE[orientation])
     if gray.mode == "F":  # float TIFF: min-max scaling would hide an Inf (everything else becomes 0)
         _require_finite(source, np.asarray(gray))
-    return _gray_to_unit(gray), info
+    mode, values = gray.mode, np.array(gray)
+    gray = None  # Pillow's buffer goes before the float copy is made: one full-size copy less at the peak
+    return _to_unit(values, mode), info
 
 
 def _open_pil(fp: IO[bytes], source: _Source, fmt: str) -> ImageFile.ImageFile:
@@ -491,15 +494,14 @@ def _pillow_truncated_loading(enabled: bool) -> Iterator[None]:
 
 
 def _to_gray(img: Image.Image, source: _Source) -> Image.Image:
-    """One band: "L" for 8-bit and colour sources, "I" for 16/32-bit integers, "F" for float."""
+    """One band: "L" for 8-bit and colour sources, "I;16…" for 16-bit (kept: half the memory of "I"), "I" for
+    32-bit integers, "F" for float."""
     mode = img.mode
     try:
-        if mode in ("L", "I", "F"):
+        if mode in ("L", "I", "F") or mode.startswith("I;16"):
             return img
         if mode == "1":
             return img.convert("L")  # 0/255, so it reads back as 0/1
-        if mode.startswith("I;16"):
-            return img.convert("I")
         if mode in ("P", "PA", "LA", "La", "RGBA", "RGBa"):
             # Transparent pixels are composited over black: in a radiograph, nothing there means air, and
             # air is dark. Palette images go through RGBA too, because their palette may carry transparency.
@@ -512,23 +514,34 @@ def _to_gray(img: Image.Image, source: _Source) -> Image.Image:
         raise ImageReadError(source.name, f"unsupported colour mode {mode}") from err
 
 
-def _gray_to_unit(gray: Image.Image) -> np.ndarray:
-    """Scale a one-band image to float32 in [0, 1] by its bit depth (min-max only for float data)."""
-    values = np.asarray(gray)
-    if gray.mode == "L":
-        return values.astype(np.float32) / np.float32(255)
-    if gray.mode == "I":  # 16-bit sources; 32-bit integers are clipped to the same range
-        return np.clip(values, 0, 65535).astype(np.float32) / np.float32(65535)
+def _to_unit(values: np.ndarray, mode: str) -> np.ndarray:
+    """A one-band image's values (Pillow mode `mode`, an array this function may change) as float32 in [0, 1], by
+    bit depth (min-max only for float data). In place where it can be: a 100 Mpx image is 400 MB a float copy."""
+    if mode == "L":
+        pixels = values.astype(np.float32)
+        pixels /= np.float32(255)
+        return pixels
+    if mode.startswith("I;16"):  # 16-bit, as uint16 (either byte order)
+        pixels = values.astype(np.float32)
+        pixels /= np.float32(65535)
+        return pixels
+    if mode == "I":  # 32-bit integers, and 16-bit ones a reduce widened: clipped to the 16-bit range
+        np.clip(values, 0, 65535, out=values)
+        pixels = values.astype(np.float32)
+        pixels /= np.float32(65535)
+        return pixels
     return _min_max(values)
 
 
 def _min_max(values: np.ndarray) -> np.ndarray:
     """Stretch to [0, 1] as float32; a constant image becomes all zeros."""
-    values = values.astype(np.float64)
     low, high = float(np.min(values)), float(np.max(values))
     if high <= low:
         return np.zeros(values.shape, dtype=np.float32)
-    return ((values - low) / (high - low)).astype(np.float32)
+    stretched = values.astype(np.float64)
+    stretched -= low
+    stretched /= high - low
+    return stretched.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------------
