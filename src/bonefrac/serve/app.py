@@ -210,11 +210,14 @@ class Service:
             "disclaimer": DISCLAIMER,
         }
         side = self.settings.display_side
+        shown = _fit(image.pixels, side) if show_image or heatmap else None
         if show_image or heatmap:
-            result["image_png"] = _b64_png(gray_uint8(_fit(image.pixels, side)))
+            result["image_png"] = _b64_png(gray_uint8(shown))
         if heatmap:
-            explanation = self.explainer.explain(image.pixels, target=row.prediction)  # the decision asked for
-            pixels, heat = _fit(image.pixels, side), _fit(explanation.heatmap, side)
+            # Grad-CAM of the image as shown (at most display_side): the map is drawn at that size anyway, and a
+            # 100 Mpx upload would otherwise hold full-size gradients and a full-size heatmap (+1.6 GB measured).
+            explanation = self.explainer.explain(shown, target=row.prediction)  # the decision asked for
+            pixels, heat = shown, explanation.heatmap
             result["heatmap"] = {
                 "method": explanation.method,
                 "target": explanation.target,
