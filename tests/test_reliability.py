@@ -535,3 +535,45 @@ def test_split_csv_is_neutralised_and_read_back_as_groups(tmp_path: Path) -> Non
     manifest = scan_folder(tmp_path / "split")
     by_path = {row["path"]: row["group"] for row in written}
     assert read_group_csv(split_csv, manifest.rows) == [by_path[row.path] for row in manifest.rows]
+
+
+def test_a_client_that_sends_its_headers_slowly_is_cut_off(monkeypatch) -> None:
+    """uvicorn under HeaderDeadline: a request head not complete in time closes the connection; a normal request on
+    a connection is served, and the next head on that kept-alive connection gets its own deadline."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from bonefrac.serve.slow_clients import HeaderDeadline
+    from tests.helpers import free_port
+
+    async def hello(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    monkeypatch.setattr(HeaderDeadline, "header_timeout", 0.5)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(hello, host="127.0.0.1", port=port, http=HeaderDeadline,
+                                           log_level="warning", lifespan="off", timeout_keep_alive=30))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # the head, unfinished
+            time.sleep(1.0)
+            assert slow.recv(100) == b""  # closed by the server
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as kept:
+            kept.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert kept.recv(1000).startswith(b"HTTP/1.1 200")
+            kept.sendall(b"GET / HTTP/1.1\r\n")  # a second request on the same connection, its head unfinished
+            time.sleep(1.0)
+            assert kept.recv(100) == b""
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)

@@ -62,6 +62,7 @@ from bonefrac.serve.card import model_card, threshold_meaning
 from bonefrac.serve.hosts import NOSNIFF, HostGuard, allowed_hosts
 from bonefrac.serve.schemas import ERROR_RESPONSES, NOT_READY, Batch, Health, ModelCard, Prediction, Ready
 from bonefrac.serve.settings import ServeSettings
+from bonefrac.serve.slow_clients import HeaderDeadline
 from bonefrac.serve.uploads import Admission, TimeoutMiddleware, Upload, UploadError, read_form
 
 STATIC = Path(__file__).parent / "static"
@@ -529,9 +530,9 @@ def serve(run_dir: str | Path, settings: ServeSettings, *, host: str = "127.0.0.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     settings = replace(settings, allowed_hosts=allowed_hosts(host, settings.allowed_hosts or ()))
     if workers == 1:
-        uvicorn.run(create_app(run_dir, settings), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(run_dir, settings), host=host, port=port, log_level="info", http=HeaderDeadline)
         return
     Predictor(run_dir, backend=settings.backend)  # fail here, once, with a clear error, not in every worker
     os.environ[ENVIRONMENT_KEY] = json.dumps({"run_dir": str(Path(run_dir).resolve()), "settings": asdict(settings)})
     uvicorn.run("bonefrac.serve.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                log_level="info")
+                log_level="info", http=HeaderDeadline)
