@@ -577,3 +577,55 @@ def test_a_client_that_sends_its_headers_slowly_is_cut_off(monkeypatch) -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> tuple[Path, list[str]]:
+    from tests.hostile import write_hostile_corpus
+
+    folder = tmp_path_factory.mktemp("hostile") / "inbox"
+    return folder, write_hostile_corpus(folder)
+
+
+def test_predict_answers_every_hostile_file_with_a_row(bar_run, hostile) -> None:
+    folder, names = hostile
+    assert len(names) >= 40
+    result = Predictor(bar_run, backend="torch").predict_paths([folder])
+    rows = {Path(row.file).name: row for row in result.rows}
+    files = {name for name in names if (folder / name).is_file()}
+    assert set(rows) == files  # every file once, the folder named like an image walked (empty), nothing else
+    for name, row in rows.items():
+        assert row.status in ("ok", "error"), name
+        if row.status == "error":
+            assert row.error and "Traceback" not in row.error, name
+        else:
+            assert all(0 <= p <= 1 for p in row.probabilities.values()), name
+    for name in ("empty.png", "notes.png", "truncated.png", "bomb-header.png", "float-nan.tiff", "float-inf.tiff",
+                 "dicom-no-pixels.dcm", "dicom-nan-slope.dcm", "zip-named.png"):
+        assert rows[name].status == "error", name
+    for name in ("16bit.png", "dicom-mono1.dcm", "dicom-no-preamble.dcm", "=HYPERLINK(evil).png", "bmp.bmp"):
+        assert rows[name].status == "ok", (name, rows[name].error)
+    assert rows["colour-photo.jpg"].accepted is False and rows["black.png"].accepted is False
+
+
+def test_the_api_answers_every_hostile_file_without_a_server_error(bar_run, hostile) -> None:
+    folder, names = hostile
+    with TestClient(create_app(bar_run), raise_server_exceptions=False) as client:
+        for name in names:
+            if not (folder / name).is_file():
+                continue
+            answer = client.post("/v1/predict", files={"file": (name, (folder / name).read_bytes())})
+            assert answer.status_code in (200, 413, 415, 422), (name, answer.status_code, answer.text)
+            assert "Traceback" not in answer.text and "detail" in answer.json() or answer.status_code == 200, name
+
+
+def test_audit_lists_every_unreadable_hostile_file(hostile, tmp_path) -> None:
+    folder, names = hostile
+    root = write_bar_set(tmp_path / "data", {"": 3})  # good images in fractured/ and not_fractured/
+    shutil.copytree(folder, root / "fractured", dirs_exist_ok=True)  # and the corpus among the fractured
+    manifest = scan_folder(root)
+    report = audit_manifest(manifest, workers=1)
+    flagged = {Path(problem.path).name for problem in report.problems}
+    assert {"empty.png", "notes.png", "truncated.png", "float-nan.tiff", "dicom-no-pixels.dcm"} <= flagged
+    assert report.n_images + len(report.problems) == sum(1 for p in root.rglob("*") if p.is_file()) - \
+        sum(1 for p in root.rglob("manifest.csv"))
