@@ -629,3 +629,22 @@ def test_audit_lists_every_unreadable_hostile_file(hostile, tmp_path) -> None:
     assert {"empty.png", "notes.png", "truncated.png", "float-nan.tiff", "dicom-no-pixels.dcm"} <= flagged
     assert report.n_images + len(report.problems) == sum(1 for p in root.rglob("*") if p.is_file()) - \
         sum(1 for p in root.rglob("manifest.csv"))
+
+
+def test_evaluate_and_train_skip_and_name_the_hostile_files(bar_run, hostile, tmp_path) -> None:
+    from bonefrac.evaluate import evaluate_run
+    from tests.helpers import tiny_fit
+
+    folder, names = hostile
+    root = write_bar_set(tmp_path / "data", {"train": 6, "val": 4})
+    shutil.copytree(folder, root / "train" / "fractured", dirs_exist_ok=True)
+    run = tiny_fit(root, tmp_path / "cache", tmp_path / "run", **{"train.epochs": 1})
+    skipped = {Path(entry["path"]).name for entry in json.loads((run / "summary.json").read_text())["skipped_files"]}
+    assert {"empty.png", "truncated.png", "float-nan.tiff", "dicom-no-pixels.dcm"} <= skipped
+
+    labelled = write_bar_set(tmp_path / "labelled", {"": 3})
+    shutil.copytree(folder, labelled / "fractured", dirs_exist_ok=True)
+    metrics = evaluate_run(bar_run, labelled, out_dir=tmp_path / "eval", n_resamples=50).metrics
+    named = {Path(entry["path"]).name for entry in metrics["skipped_files"]}
+    assert {"empty.png", "notes.png", "truncated.png", "float-inf.tiff", "dicom-nan-slope.dcm"} <= named
+    assert metrics["n_files"] + len(metrics["skipped_files"]) == sum(1 for p in labelled.rglob("*") if p.is_file())

@@ -148,6 +148,8 @@ class Service:
             image = self.predictor.prepare(upload.data, name=upload.name)
         except ImageReadError as err:
             raise UploadError(_unreadable_status(upload.data, upload.name), err.reason) from err
+        # The network has its tensor; what is kept of the pixels is what the page shows (and Grad-CAM reads).
+        image.pixels = _fit(image.pixels, self.settings.display_side)
         if self.settings.save_uploads:
             folder = Path(self.settings.save_uploads)
             folder.mkdir(parents=True, exist_ok=True)
