@@ -48,7 +48,7 @@ from bonefrac.data.dataset import (
     manifest_groups,
     scan_folders,
 )
-from bonefrac.data.split import assign_groups, combine_groups, grouped_folds, link_or_copy
+from bonefrac.data.split import assign_groups, combine_groups, grouped_folds, link_or_copy, majority
 from bonefrac.errors import BonefracError, DatasetError
 from bonefrac.evaluate import DATASET_STRATUM, evaluate_run
 from bonefrac.metrics import METRIC_NAMES, bootstrap_ci, classification_metrics, format_interval
@@ -121,7 +121,7 @@ def plan_folds(labels: Sequence[str], groups: Sequence[str], *, folds: int = CV_
         values: dict[str, Counter] = {}
         for group, value in zip(groups, by, strict=True):
             values.setdefault(group, Counter())[value] += 1
-        of_group = {g: min(c, key=lambda v: (-c[v], v)) for g, c in values.items()}
+        of_group = {group: majority(counts) for group, counts in values.items()}
         test_of = [safe_name(of_group[g]) for g in groups]
         names = sorted(set(test_of))
         if len(names) < 2:

@@ -52,6 +52,11 @@ def grouped_folds(labels: Sequence[str], groups: Sequence[str], k: int, *, seed:
     return assign_groups(labels, groups, [1 / k] * k, seed=seed)
 
 
+def majority(counts: Counter) -> str:
+    """The most common value (ties: the one that sorts first): what a group of mixed labels or sources counts as."""
+    return min(counts, key=lambda value: (-counts[value], value))
+
+
 def assign_groups(labels: Sequence[str], groups: Sequence[str], shares: Sequence[float], *, seed: int = 0
                   ) -> list[int]:
     """Part 0..len(shares)-1 of each item, whole groups at a time, each class split in these shares.
@@ -64,8 +69,7 @@ def assign_groups(labels: Sequence[str], groups: Sequence[str], shares: Sequence
         members[group].append(index)
     by_label: dict[str, list[str]] = defaultdict(list)
     for group, idx in members.items():
-        counts = Counter(labels[i] for i in idx)
-        by_label[min(counts, key=lambda lab: (-counts[lab], lab))].append(group)
+        by_label[majority(Counter(labels[i] for i in idx))].append(group)
 
     rng = np.random.default_rng(seed)
     assignment = [-1] * len(labels)
