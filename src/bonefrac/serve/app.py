@@ -212,13 +212,12 @@ class Service:
             "backend": predictor.backend,
             "disclaimer": DISCLAIMER,
         }
-        side = self.settings.display_side
-        shown = _fit(image.pixels, side) if show_image or heatmap else None
+        shown = image.pixels  # at most display_side already (prepare)
         if show_image or heatmap:
             result["image_png"] = _b64_png(gray_uint8(shown))
         if heatmap:
-            # Grad-CAM of the image as shown (at most display_side): the map is drawn at that size anyway, and a
-            # 100 Mpx upload would otherwise hold full-size gradients and a full-size heatmap (+1.6 GB measured).
+            # Grad-CAM of the image as shown: the map is drawn at that size anyway, and a 100 Mpx upload would
+            # otherwise hold full-size gradients and a full-size heatmap (+1.6 GB measured).
             explanation = self.explainer.explain(shown, target=row.prediction)  # the decision asked for
             pixels, heat = shown, explanation.heatmap
             result["heatmap"] = {
