@@ -52,12 +52,13 @@ FINETUNE = {
 }
 
 
-def _finetune_at(size: int) -> tuple[dict, str]:
+def _finetune_at(size: int, model: str = "efficientnet_lite0") -> tuple[dict, str]:
     """The FracAtlas fine-tuning recipe at one input size: head 1 epoch, then the last 4 blocks for 6 epochs."""
+    shown = model.replace("efficientnet_lite", "EfficientNet-Lite")
     return (
-        {**FINETUNE, "data.image_size": size, "train.epochs": 7, "train.freeze_epochs": 1,
+        {**FINETUNE, "model.name": model, "data.image_size": size, "train.epochs": 7, "train.freeze_epochs": 1,
          "train.unfreeze_blocks": 4, "train.phase2_lr": 3e-4, "data.epoch_size": 768},
-        "EfficientNet-Lite0 fine-tuned in two phases (head 1 epoch, then last 4 blocks 6 epochs, 768 draws each), "
+        f"{shown} fine-tuned in two phases (head 1 epoch, then last 4 blocks 6 epochs, 768 draws each), "
         f"group- and class-balanced sampling, label smoothing 0.1 ({size} px)",
     )
 
@@ -81,6 +82,8 @@ EXPERIMENTS: dict[str, tuple[dict, str]] = {
     ),
     "lite0-finetune-384": _finetune_at(384),
     "lite0-finetune-512": _finetune_at(512),
+    "lite1-finetune-384": _finetune_at(384, "efficientnet_lite1"),
+    "lite2-finetune-384": _finetune_at(384, "efficientnet_lite2"),
     "cnn-small": (
         {
             "model.name": "cnn-small",
