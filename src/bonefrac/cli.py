@@ -310,6 +310,37 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from bonefrac.ensemble import make_ensemble
+    from bonefrac.evaluate import format_calibration
+
+    with progress("decoding val images") as update:
+        run = make_ensemble(
+            args.runs,
+            args.out,
+            data_root=args.data,
+            min_sensitivity=args.min_sensitivity,
+            operating_point=args.operating_point,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            cache_dir=args.cache_dir,
+            progress=update,
+            allow_truncated=args.allow_truncated,
+        )
+    summary = run.summary() or {}
+    for member in summary.get("members", []):
+        auroc = member["val_auroc"]
+        console.print(f"member {member['name']}: {member['model']} {member['image_size']} px, T {member['temperature']:.3f}, "
+                      f"val AUROC at its best epoch {'n/a' if auroc is None else f'{auroc:.3f}'}", highlight=False)
+    auroc = summary.get("best_val_auroc")
+    console.print(f"ensemble val AUROC {'n/a' if auroc is None else f'{auroc:.3f}'} (eval/val/metrics.json has its CI)",
+                  highlight=False)
+    console.print(format_calibration(run.calibration.record), highlight=False)
+    console.print(f"written: {run.path} (an ensemble run: evaluate, predict, explain, export and serve take it). "
+                  f"{DISCLAIMER}", highlight=False)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bonefrac.evaluate import evaluate_run
 
@@ -780,17 +811,36 @@ def add_eval_parsers(commands: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--data", **DATA_OPTION, help="root/{train,val,test}/<class>/; several: their val "
                            "splits pooled (default: the run's own data folders)")
     common(calibrate)
-    calibrate.add_argument(
-        "--min-sensitivity", type=float, default=0.95, help="target of the sensitivity threshold (default 0.95)"
-    )
-    calibrate.add_argument(
-        "--operating-point",
-        choices=OPERATING_POINTS,
-        default="sensitivity",
-        help="threshold used from now on: sensitivity: the one reaching --min-sensitivity (default); youden: "
-        "Youden's J; default: 0.5",
-    )
+
+    def calibration_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--min-sensitivity", type=float, default=0.95, help="target of the sensitivity threshold (default 0.95)"
+        )
+        parser.add_argument(
+            "--operating-point",
+            choices=OPERATING_POINTS,
+            default="sensitivity",
+            help="threshold used from now on: sensitivity: the one reaching --min-sensitivity (default); youden: "
+            "Youden's J; default: 0.5",
+        )
+
+    calibration_options(calibrate)
     calibrate.set_defaults(func=cmd_calibrate)
+
+    ensemble = commands.add_parser(
+        "ensemble",
+        help="several calibrated runs as one run: their calibrated logits averaged, calibrated on val -> OUT",
+        description="The members may differ in backbone and input size (each keeps its preprocessing); they must "
+        "share labels and data folders and be calibrated. The result is a run directory: evaluate, compare, "
+        "report, predict, explain, export and serve take it like any run.",
+    )
+    ensemble.add_argument("runs", nargs="+", metavar="RUN", help="two or more calibrated run directories")
+    ensemble.add_argument("--out", required=True, help="the new run directory (must not exist, or be empty)")
+    ensemble.add_argument("--data", **DATA_OPTION, help="whose val split calibrates it (default: the members' "
+                          "data folders)")
+    common(ensemble)
+    calibration_options(ensemble)
+    ensemble.set_defaults(func=cmd_ensemble)
 
     evaluate = commands.add_parser(
         "evaluate",

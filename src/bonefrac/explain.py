@@ -14,7 +14,8 @@ The maps come from `pytorch_grad_cam` (GradCAM, GradCAM++, EigenCAM); what is ou
 The network sees the image letterboxed into a square (`transforms.letterbox`); the map it gives is over that square,
 so the pad is cut off and the rest resized back to the original height and width: the overlay lies on the file the
 user gave, not on the resized tensor. The target layer is the last conv stage of the architecture
-(`models.feature_layer`: `bn2` for EfficientNet, `layer4` for ResNet, the last conv block for VGG and our CNNs).
+(`models.feature_layer`: `bn2` for EfficientNet, `layer4` for ResNet, the last conv block for VGG and our CNNs); an
+ensemble's map is the mean of its members' maps, each min-max scaled first (grad-cam's rule for several layers).
 
 A heatmap says which pixels moved the score, not that the model is right or that it saw a fracture; it is a research
 aid, not a diagnosis. grad-cam min-max scales each map, so a map with no signal comes back all zeros, and the peak
@@ -44,6 +45,7 @@ from bonefrac.data.io import read_image
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import bootstrap_indices
 from bonefrac.models import feature_layer
+from bonefrac.models.ensemble import EnsembleNet
 from bonefrac.predict import Predictor, expand_paths
 from bonefrac.safe_text import neutralise_csv
 
@@ -92,7 +94,9 @@ class Explainer:
         self.method = method
         self.model = copy.deepcopy(predictor.model).eval()
         self.model.requires_grad_(True)  # gradients must reach the target layer, even from a frozen backbone
-        self.layer = feature_layer(self.model, predictor.run.config.model.name)
+        # An ensemble's map is the mean of its members' maps (grad-cam scales each layer's map, then averages them)
+        self.layers = (self.model.feature_layers() if isinstance(self.model, EnsembleNet)
+                       else [feature_layer(self.model, predictor.run.config.model.name)])
         self._lock = threading.Lock()
 
     def explain(self, pixels: np.ndarray, target: str | None = None) -> Explanation:
@@ -108,7 +112,7 @@ class Explainer:
             probabilities = apply_temperature(logits, p.temperature)[0]
             prediction = p.decide(probabilities)
             chosen = target or prediction
-            with torch.enable_grad(), METHODS[self.method](model=self.model, target_layers=[self.layer]) as cam:
+            with torch.enable_grad(), METHODS[self.method](model=self.model, target_layers=self.layers) as cam:
                 square = cam(input_tensor=batch, targets=[ClassifierOutputTarget(p.labels.index(chosen))])[0]
         return Explanation(
             heatmap=unletterbox(square, pixels.shape),

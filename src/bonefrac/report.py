@@ -207,6 +207,8 @@ def _training_section(run: Run, summary: dict | None) -> str:
     probe = (summary or {}).get("probe")
     if probe:
         return "".join(parts) + _probe_section(run, summary, probe)
+    if run.members:
+        return "".join(parts) + _ensemble_section(summary or {})
     if summary:
         auroc = summary.get("best_val_auroc")
         parts.append(
@@ -247,6 +249,21 @@ def _probe_section(run: Run, summary: dict, probe: dict) -> str:
     curves = _image(run.path / CURVES_FILE, "Loss and accuracy per L-BFGS round of the chosen penalty",
                     "The chosen penalty's fit, round by round (a converged fit repeats its last values)")
     return text + table + curves
+
+
+def _ensemble_section(summary: dict) -> str:
+    """An ensemble trains nothing: its members, each at its own input size and temperature, and their val AUROC."""
+    auroc = summary.get("best_val_auroc")
+    text = (
+        f"<p>An <strong>ensemble</strong> of {len(summary.get('members', []))} runs (bonefrac ensemble): the mean "
+        "of their logits, each divided by its own temperature, then one temperature and the thresholds fitted on "
+        f"val. {summary.get('parameters', 0):,} parameters in all; val AUROC "
+        f"{'n/a' if auroc is None else f'{auroc:.3f}'}.</p>"
+    )
+    rows = [[m["name"], m["model"], m["image_size"], f"{m['temperature']:.3f}", format_number(m.get("val_auroc"), 3)]
+            for m in summary.get("members", [])]
+    return text + _table(["member run", "model", "input px", "temperature", "val AUROC (its best epoch)"], rows,
+                         "The members, as ensemble.json keeps them")
 
 
 def _metrics_table(metrics: dict) -> str:

@@ -6,6 +6,7 @@ that travel with the model.
     run.network()                      the trained network in eval mode on the CPU (model.safetensors, strictly)
     run.decide(proba)                  the class per row: the threshold on the positive class, else the argmax
     run.preprocessing(pixels)          a decoded image -> the network's input, exactly as in training
+    run.members                        an ensemble's member models (ensemble.json); () for a single model
 
 Every command that takes a run (evaluate, calibrate, predict, explain, export, compare, report, serve, tune) reads
 it through here and nowhere else; a file's name and format live in this module only. The files:
@@ -14,6 +15,8 @@ it through here and nowhere else; a file's name and format live in this module o
     labels.json          class names in target order and the positive class (null for N classes)
     preprocessing.json   the Preprocessing: what every image goes through before the network
     model.safetensors    the weights (never a pickle), with metadata: model, labels, epoch, strategy, version
+    ensemble.json        an ensemble only (bonefrac ensemble): its members, each with its model, preprocessing and
+                         temperature; their weights are model.safetensors' "members.<i>." tensors
     calibration.json     temperature and thresholds fitted on val (evaluate.calibrate_run)
     summary.json         what was trained on what, for how long, how well on val
     audit.json           the data audit at training time (data/audit.py)
@@ -62,6 +65,8 @@ from bonefrac.metrics import predicted_labels
 
 CONFIG_FILE = "config.yaml"
 LABELS_FILE = "labels.json"
+ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_MODEL = "ensemble"  # config.yaml's model.name of an ensemble (not a registry model: built from its members)
 PREPROCESSING_FILE = "preprocessing.json"
 WEIGHTS_FILE = "model.safetensors"
 CALIBRATION_FILE = "calibration.json"
@@ -272,6 +277,33 @@ class Calibration:
                 "sensitivity": point["sensitivity"], "specificity": point["specificity"], "ppv": ppv, "npv": npv}
 
 
+# --- an ensemble's members ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of an ensemble, as ensemble.json keeps it: enough to rebuild its network and feed it."""
+
+    name: str  # the run folder it came from (its name)
+    source: str  # that folder's path when the ensemble was made (a record; the ensemble does not read it)
+    model: str  # registry name
+    drop_rate: float | None
+    preprocessing: Preprocessing
+    temperature: float  # from its calibration.json: the ensemble averages logits / temperature
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "source": self.source, "model": self.model, "drop_rate": self.drop_rate,
+                "preprocessing": self.preprocessing.to_dict(), "temperature": self.temperature}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Member:
+        try:
+            return cls(str(record["name"]), str(record["source"]), str(record["model"]), record.get("drop_rate"),
+                       Preprocessing.from_dict(record["preprocessing"]), float(record["temperature"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise BonefracError(f"{ENSEMBLE_FILE}: not a member record ({err!r})") from None
+
+
 # --- the run ----------------------------------------------------------------------------------------------------
 
 
@@ -285,19 +317,22 @@ class Run:
     positive: int  # index of the positive class (binary); 1 by convention for N classes, where no class is
     preprocessing: Preprocessing
     calibration: Calibration
+    members: tuple[Member, ...] = ()  # an ensemble's (ensemble.json); () for a single model
 
     # --- making and opening ---
 
     @classmethod
     def create(cls, path: str | Path, config: RunConfig, labels: Sequence[str], positive: int,
-               preprocessing: Preprocessing | None = None, *, write: bool = True) -> Run:
-        """A new run: config.yaml, labels.json and preprocessing.json (resolved from the config unless given).
+               preprocessing: Preprocessing | None = None, *, write: bool = True,
+               members: Sequence[Member] = ()) -> Run:
+        """A new run: config.yaml, labels.json and preprocessing.json (resolved from the config unless given), and
+        for an ensemble (members given) ensemble.json.
 
         write=False: the same object without writing (a torchrun process other than the first).
         """
         path = Path(path)
         run = cls(path, config, list(labels), positive, preprocessing or Preprocessing.resolve(config),
-                  Calibration.uncalibrated(len(labels)))
+                  Calibration.uncalibrated(len(labels)), tuple(members))
         if not write:
             return run
         path.mkdir(parents=True, exist_ok=True)
@@ -305,6 +340,15 @@ class Run:
         run.write_json(LABELS_FILE, {"labels": run.labels, "positive_label": run.positive_label,
                                      "num_classes": len(run.labels)})
         run.write_json(PREPROCESSING_FILE, run.preprocessing.to_dict())
+        if members:
+            run.write_json(ENSEMBLE_FILE, {
+                "combine": "the mean of the members' logits, each divided by its own temperature; the ensemble's "
+                           "calibration.json then fits one temperature and the thresholds on val",
+                "input": "the ensemble's preprocessing.json (pixel / 255 of the letterbox at the largest member "
+                         "size); each member gets it resized to its own size (Pillow's bicubic, as a matrix) and "
+                         "normalised with its own mean and std",
+                "members": [member.to_dict() for member in members],
+            })
         return run
 
     @classmethod
@@ -320,11 +364,15 @@ class Run:
             raise damaged_file(path / LABELS_FILE, "no list of class names")
         labels = [str(label) for label in meta["labels"]]
         positive = labels.index(meta["positive_label"]) if meta.get("positive_label") in labels else 1
+        ensemble = _read_json(path / ENSEMBLE_FILE)
+        if ensemble is None and config.model.name == ENSEMBLE_MODEL:
+            raise BonefracError(f"{path}: an ensemble without its {ENSEMBLE_FILE}; make it again with bonefrac ensemble")
+        members = tuple(Member.from_dict(m) for m in ensemble.get("members", [])) if ensemble else ()
         preprocessing = Preprocessing.stored(path) or Preprocessing.resolve(config)
         calibration = _read_json(path / CALIBRATION_FILE)
         return cls(path, config, labels, positive, preprocessing,
                    Calibration.from_record(calibration, len(labels)) if calibration else
-                   Calibration.uncalibrated(len(labels)))
+                   Calibration.uncalibrated(len(labels)), members)
 
     @classmethod
     def of(cls, run: Run | str | Path) -> Run:
@@ -358,13 +406,26 @@ class Run:
 
     def network(self) -> nn.Module:
         """The network rebuilt from config.yaml (random weights, no download), then model.safetensors loaded
-        strictly: a missing or unexpected tensor means the file is not this run's, and is an error."""
+        strictly: a missing or unexpected tensor means the file is not this run's, and is an error. An ensemble's
+        is a models.ensemble.EnsembleNet of its members (one module: evaluate, explain and export take it as is)."""
         import safetensors.torch
 
         from bonefrac.models import create_model
 
-        model = create_model(self.config.model.name, num_classes=self.num_classes, pretrained=False,
-                             in_chans=self.preprocessing.channels, drop_rate=self.config.model.drop_rate)
+        if self.members:
+            from bonefrac.models.ensemble import EnsembleNet
+
+            model = EnsembleNet(
+                [create_model(m.model, num_classes=self.num_classes, pretrained=False,
+                              in_chans=m.preprocessing.channels, drop_rate=m.drop_rate) for m in self.members],
+                names=[m.model for m in self.members],
+                inputs=[m.preprocessing for m in self.members],
+                temperatures=[m.temperature for m in self.members],
+                image_size=self.preprocessing.image_size,
+            )
+        else:
+            model = create_model(self.config.model.name, num_classes=self.num_classes, pretrained=False,
+                                 in_chans=self.preprocessing.channels, drop_rate=self.config.model.drop_rate)
         try:
             state = safetensors.torch.load_file(str(self.path / WEIGHTS_FILE), device="cpu")
         except (safetensors.SafetensorError, OSError, ValueError) as err:  # cut short, or not safetensors at all

@@ -56,7 +56,17 @@ from bonefrac.errors import BonefracError, DatasetError
 from bonefrac.metrics import format_number
 from bonefrac.models import create_model, model_spec, num_parameters
 from bonefrac.plots import plot_learning_curves
-from bonefrac.run import CHECKPOINTS, CONFIG_FILE, CURVES_FILE, LOG_FILE, SUMMARY_FILE, WEIGHTS_FILE, Preprocessing, Run
+from bonefrac.run import (
+    CHECKPOINTS,
+    CONFIG_FILE,
+    CURVES_FILE,
+    ENSEMBLE_FILE,
+    LOG_FILE,
+    SUMMARY_FILE,
+    WEIGHTS_FILE,
+    Preprocessing,
+    Run,
+)
 
 log = logging.getLogger("bonefrac.train")
 
@@ -373,6 +383,9 @@ def _check_run_dir(run_dir: Path, config: RunConfig, *, resume: bool) -> None:
         return
     if not stored.exists():
         raise BonefracError(f"{run_dir}: no run to resume there (no config.yaml)")
+    if (run_dir / ENSEMBLE_FILE).exists():
+        raise BonefracError(f"{run_dir} is an ensemble (bonefrac ensemble): it is made from trained runs, not "
+                            "trained; resume or retrain its members and make it again")
     changed = [d for d in differences(from_yaml(stored.read_text(), source=str(stored)), config)]
     refused = [(key, old, new) for key, old, new in changed if key not in RESUMABLE_CHANGES]
     if refused:

@@ -53,6 +53,14 @@ def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def resize_matrix(source: int, size: int) -> np.ndarray:
+    """float32 (size, source): `letterbox`'s resampling (Pillow bicubic in float, antialiased when shrinking) along
+    one axis as a matrix, so that a (source, source) image X resized to (size, size) is M @ X @ M.T. A network can
+    apply it as two matrix products, which every ONNX runtime has (antialiased Resize is not in the exporter)."""
+    identity = Image.fromarray(np.eye(source, dtype=np.float32), mode="F")
+    return np.ascontiguousarray(np.asarray(identity.resize((size, source), Image.Resampling.BICUBIC)).T)
+
+
 class RandomCLAHE:
     """Local contrast (contrast-limited adaptive histogram equalisation) with probability `p`, on a float image.
 

@@ -68,6 +68,8 @@ def model_card(predictor: Predictor) -> dict:
     return {
         "name": Path(run.path).resolve().name,
         "model": run.config.model.name,
+        "members": [{"name": m.name, "model": m.model, "image_size": m.preprocessing.image_size,
+                     "temperature": m.temperature} for m in run.members],
         "image_size": predictor.image_size,
         "labels": predictor.labels,
         "positive_label": run.positive_label,

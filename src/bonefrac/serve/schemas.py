@@ -142,11 +142,21 @@ class DataSummary(BaseModel):
     leaky: bool
 
 
+class Member(BaseModel):
+    """One model of an ensemble (run.py's ensemble.json)."""
+
+    name: str
+    model: str
+    image_size: int
+    temperature: float
+
+
 class ModelCard(BaseModel):
     """GET /v1/model: what the run is, how well it did, on what data, what its thresholds mean."""
 
     name: str
-    model: str
+    model: str = Field(description='the registry model, or "ensemble" (then `members` lists its models)')
+    members: list[Member] = Field(description="an ensemble's models, each fed its own input size; [] otherwise")
     image_size: int
     labels: list[str]
     positive_label: str | None
