@@ -330,8 +330,9 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     summary = run.summary() or {}
     for member in summary.get("members", []):
         auroc = member["val_auroc"]
-        console.print(f"member {member['name']}: {member['model']} {member['image_size']} px, T {member['temperature']:.3f}, "
-                      f"val AUROC at its best epoch {'n/a' if auroc is None else f'{auroc:.3f}'}", highlight=False)
+        console.print(f"member {member['name']}: {member['model']} {member['image_size']} px, "
+                      f"T {member['temperature']:.3f}, val AUROC at its best epoch "
+                      f"{'n/a' if auroc is None else f'{auroc:.3f}'}", highlight=False)
     auroc = summary.get("best_val_auroc")
     console.print(f"ensemble val AUROC {'n/a' if auroc is None else f'{auroc:.3f}'} (eval/val/metrics.json has its CI)",
                   highlight=False)

@@ -366,7 +366,8 @@ class Run:
         positive = labels.index(meta["positive_label"]) if meta.get("positive_label") in labels else 1
         ensemble = _read_json(path / ENSEMBLE_FILE)
         if ensemble is None and config.model.name == ENSEMBLE_MODEL:
-            raise BonefracError(f"{path}: an ensemble without its {ENSEMBLE_FILE}; make it again with bonefrac ensemble")
+            raise BonefracError(f"{path}: an ensemble without its {ENSEMBLE_FILE}; make it again with bonefrac "
+                                "ensemble")
         members = tuple(Member.from_dict(m) for m in ensemble.get("members", [])) if ensemble else ()
         preprocessing = Preprocessing.stored(path) or Preprocessing.resolve(config)
         calibration = _read_json(path / CALIBRATION_FILE)

@@ -42,7 +42,8 @@ class EnsembleNet(nn.Module):
         self.channels = [p.channels for p in inputs]
         for i, (preprocessing, temperature) in enumerate(zip(inputs, temperatures, strict=True)):
             if preprocessing.image_size > image_size:
-                raise ValueError(f"member {i} takes {preprocessing.image_size} px, more than the ensemble's {image_size}")
+                raise ValueError(f"member {i} takes {preprocessing.image_size} px, more than the ensemble's "
+                                 f"{image_size}")
             # Preprocessing keeps mean and std per input channel, as applied
             self.register_buffer(f"mean{i}", torch.tensor(preprocessing.mean).view(1, -1, 1, 1), persistent=False)
             self.register_buffer(f"std{i}", torch.tensor(preprocessing.std).view(1, -1, 1, 1), persistent=False)
