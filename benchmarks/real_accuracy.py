@@ -9,7 +9,9 @@ Each experiment is one `bonefrac train` run directory under OUT/runs/<data>/<nam
 val at the end: temperature, and thresholds at val sensitivity >= 0.90 and >= 0.95 and Youden), then `evaluate` on
 test with and without mirror TTA, per stratum (the data folder's manifest.csv `source` and `region` columns, where
 it has them). `--cross OTHER`: each run is also evaluated on OTHER's test split, a data folder it never saw
-(another source). Results accumulate in OUT/results.json under "<data>/<experiment>", so experiments can run one
+(another source). An ensemble (ENSEMBLES: `--only lite0-lite1-384`, after its members) is `bonefrac ensemble` of
+the members' runs, calibrated on val with the sensitivity-0.90 point in use, then evaluated like the others.
+Results accumulate in OUT/results.json under "<data>/<experiment>", so experiments can run one
 at a time.
 
 A data folder whose audit finds val or test files that duplicate train files (bone-xray-grouped: one val file, a
@@ -35,6 +37,7 @@ from bonefrac import DISCLAIMER
 from bonefrac.config import build_config
 from bonefrac.data.audit import audit_manifest
 from bonefrac.data.dataset import scan_folder
+from bonefrac.ensemble import make_ensemble
 from bonefrac.evaluate import evaluate_run
 from bonefrac.train import fit
 
@@ -99,6 +102,10 @@ EXPERIMENTS: dict[str, tuple[dict, str]] = {
         },
         "the seed projects' small CNN (16/32/64 conv + dense 512) from scratch, group- and class-balanced (128 px)",
     ),
+}
+# name -> its members (experiments above, trained first): `bonefrac ensemble` of their runs, calibrated on val.
+ENSEMBLES: dict[str, tuple[str, ...]] = {
+    "lite0-lite1-384": ("lite0-finetune-384", "lite1-finetune-384"),
 }
 STRATA = ("source", "region")  # the manifest.csv columns reported per value, where a data folder has them
 OPERATING_POINT = "sensitivity>=0.9"  # the threshold the table reports sensitivity and specificity at
@@ -169,15 +176,26 @@ def summarise(metrics: dict) -> dict:
 
 def run_experiment(name: str, data: Path, out: Path, cache_dir: str | None, *, cross: list[Path],
                    reuse: bool = False) -> dict:
-    overrides, description = EXPERIMENTS[name]
-    values = {**COMMON, "data.root": str(data), **overrides}
-    if cache_dir:
-        values["data.cache_dir"] = cache_dir
     run_dir = out / "runs" / data.name / name
-    if not (reuse and (run_dir / "summary.json").is_file()):
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        fit(build_config(overrides=values), run_dir, progress=True)
+    fresh = not (reuse and (run_dir / "summary.json").is_file())
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if name in ENSEMBLES:
+        members = [out / "runs" / data.name / member for member in ENSEMBLES[name]]
+        missing = [str(m) for m in members if not (m / "summary.json").is_file()]
+        if missing:
+            raise SystemExit(f"ensemble {name}: train its members first (--only {' '.join(ENSEMBLES[name])}); "
+                             f"missing {', '.join(missing)}")
+        overrides, description = {}, "ensemble (bonefrac ensemble) of " + " and ".join(ENSEMBLES[name])
+        if fresh:
+            make_ensemble(members, run_dir, cache_dir=cache_dir, workers=2, min_sensitivity=0.9)
+    else:
+        overrides, description = EXPERIMENTS[name]
+        values = {**COMMON, "data.root": str(data), **overrides}
+        if cache_dir:
+            values["data.cache_dir"] = cache_dir
+        if fresh:
+            fit(build_config(overrides=values), run_dir, progress=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     result = {
         "name": name,
@@ -250,7 +268,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("../shared/data/fracatlas-grouped"))
     parser.add_argument("--out", type=Path, default=Path("/tmp/real_acc"))
-    parser.add_argument("--only", nargs="+", choices=tuple(EXPERIMENTS), default=list(EXPERIMENTS))
+    parser.add_argument("--only", nargs="+", choices=(*EXPERIMENTS, *ENSEMBLES), default=list(EXPERIMENTS))
     parser.add_argument("--cross", type=Path, nargs="*", default=[], help="also evaluate on these folders' test")
     parser.add_argument("--cache-dir", help="decoded images and backbone features (reused across runs)")
     parser.add_argument("--table", action="store_true", help="print the table of OUT/results.json and stop")
