@@ -290,21 +290,17 @@ def cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_options(args: argparse.Namespace) -> dict:
+    """What `bonefrac calibrate` and `bonefrac ensemble` pass on to calibrate_run: targets and how to read val."""
+    names = ("min_sensitivity", "operating_point", "batch_size", "workers", "cache_dir", "allow_truncated")
+    return {name: getattr(args, name) for name in names}
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bonefrac.evaluate import calibrate_run, format_calibration
 
     with progress("decoding val images") as update:
-        result = calibrate_run(
-            args.run,
-            args.data,
-            min_sensitivity=args.min_sensitivity,
-            operating_point=args.operating_point,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            cache_dir=args.cache_dir,
-            progress=update,
-            allow_truncated=args.allow_truncated,
-        )
+        result = calibrate_run(args.run, args.data, progress=update, **_calibration_options(args))
     console.print(format_calibration(result), highlight=False)
     console.print(f"written: {Path(args.run) / 'calibration.json'}")
     return 0
@@ -315,18 +311,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from bonefrac.evaluate import format_calibration
 
     with progress("decoding val images") as update:
-        run = make_ensemble(
-            args.runs,
-            args.out,
-            data_root=args.data,
-            min_sensitivity=args.min_sensitivity,
-            operating_point=args.operating_point,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            cache_dir=args.cache_dir,
-            progress=update,
-            allow_truncated=args.allow_truncated,
-        )
+        run = make_ensemble(args.runs, args.out, data_root=args.data, progress=update, **_calibration_options(args))
     summary = run.summary() or {}
     for member in summary.get("members", []):
         auroc = member["val_auroc"]
