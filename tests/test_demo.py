@@ -14,7 +14,7 @@ from bonefrac.demo import run_demo
 from bonefrac.errors import BonefracError, DataLeakageError, DatasetError
 from tests.conftest import write_set
 
-TINY = {"n_phantoms": 40, "phantom_size": 64, "image_size": 32, "cnn_epochs": 1}
+TINY = {"n_phantoms": 40, "phantom_size": 64, "image_size": 32, "finetune_epochs": 2}
 
 
 def quiet() -> Console:
@@ -27,7 +27,7 @@ def test_demo_writes_every_output_and_a_summary_with_cis(tmp_path: Path) -> None
 
     assert result.synthetic and (result.data_root / "SYNTHETIC_DATA.txt").is_file()
     assert (result.audit / "audit.html").is_file() and (result.audit / "audit.json").is_file()
-    assert [run.name for run in result.runs] == ["efficientnet_lite0", "cnn-bn"]
+    assert [run.name for run in result.runs] == ["efficientnet_lite0", "lite0-finetuned"]
     for run in result.runs:
         for name in ("model.safetensors", "calibration.json", "eval/val/metrics.json", "eval/test/metrics.json"):
             assert (run.run_dir / name).is_file(), name
@@ -38,7 +38,7 @@ def test_demo_writes_every_output_and_a_summary_with_cis(tmp_path: Path) -> None
             assert entry["low"] is not None and entry["low"] <= entry["point"] <= entry["high"]
     assert {"compare.json", "compare.md", "auc.png"} <= {p.name for p in result.compare.iterdir()}
     assert len(result.pairs) == 1 and "DeLong" in result.pairs[0]
-    assert set(result.seconds) >= {"phantoms", "audit", "train cnn-bn", "evaluate cnn-bn", "compare",
+    assert set(result.seconds) >= {"phantoms", "audit", "train lite0-finetuned", "evaluate lite0-finetuned", "compare",
                                    "shipped model on real radiographs", "total"}
     samples = tmp_path / "demo" / "samples"  # the shipped model on the 24 packaged FracAtlas radiographs
     assert len((samples / "predictions.csv").read_text().splitlines()) == 1 + 24
@@ -47,6 +47,7 @@ def test_demo_writes_every_output_and_a_summary_with_cis(tmp_path: Path) -> None
     printed = console.file.getvalue()
     assert "SYNTHETIC DATA" in printed and "research tool" in printed
     assert "of 12 called fractured" in printed and "p(fractured)" in printed
+    assert "specificity at youden" in printed  # a balanced operating point beside the screening one
     for run in result.runs:
         assert str(run.report) in printed
         low, high = run.metrics["roc_auc"]["low"], run.metrics["roc_auc"]["high"]

@@ -15,6 +15,8 @@ TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 # --- temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks") -----------------------------
 
+YOUDEN = "youden"  # the name of the Youden's-J operating point in calibration.json
+
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Probabilities softmax(logits / T) of (n, C) logits; T > 1 softens over-confident outputs. Argmax unchanged."""
@@ -146,7 +148,7 @@ def choose_thresholds(
     points = {
         "default": {"threshold": 0.5, "sensitivity": float(flagged[positive].mean()),
                     "specificity": float((~flagged[~positive]).mean())},
-        "youden": operating_point(best_j),
+        YOUDEN: operating_point(best_j),
     }
     for target in sorted({*SENSITIVITY_TARGETS, min_sensitivity}):
         reaching = int(np.flatnonzero(sensitivity >= target)[0])  # sensitivity rises as the threshold falls

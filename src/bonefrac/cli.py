@@ -1063,9 +1063,9 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
         "demo",
         help="the whole pipeline in one command: data, audit, two models, calibration, evaluation, reports, comparison",
         description=(
-            "Audit the data, train EfficientNet-Lite0 (offline ImageNet weights, linear probe) and our CNN, calibrate "
-            "on val, evaluate on test with 95 % CIs, write report.html per run and a comparison. Without --data, on "
-            "SYNTHETIC phantoms generated into OUT/phantoms."
+            "Audit the data, train EfficientNet-Lite0 (offline ImageNet weights) as a linear probe and fine-tuned, "
+            "calibrate on val, evaluate on test with 95 % CIs, write report.html per run and a comparison. Without "
+            "--data, on SYNTHETIC phantoms generated into OUT/phantoms."
         ),
     )
     demo.add_argument("--data", help="your root/{train,val,test}/<class>/ (default: generate SYNTHETIC phantoms)")
