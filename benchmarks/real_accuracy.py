@@ -55,14 +55,14 @@ FINETUNE = {
 }
 
 
-def _finetune_at(size: int, model: str = "efficientnet_lite0") -> tuple[dict, str]:
-    """The FracAtlas fine-tuning recipe at one input size: head 1 epoch, then the last 4 blocks for 6 epochs."""
+def _finetune_at(size: int, model: str = "efficientnet_lite0", *, epochs: int = 7, seed: int = 0) -> tuple[dict, str]:
+    """The FracAtlas fine-tuning recipe at one input size: head 1 epoch, then the last 4 blocks (6 epochs)."""
     shown = model.replace("efficientnet_lite", "EfficientNet-Lite")
     return (
-        {**FINETUNE, "model.name": model, "data.image_size": size, "train.epochs": 7, "train.freeze_epochs": 1,
-         "train.unfreeze_blocks": 4, "train.phase2_lr": 3e-4, "data.epoch_size": 768},
-        f"{shown} fine-tuned in two phases (head 1 epoch, then last 4 blocks 6 epochs, 768 draws each), "
-        f"group- and class-balanced sampling, label smoothing 0.1 ({size} px)",
+        {**FINETUNE, "model.name": model, "data.image_size": size, "train.epochs": epochs, "train.freeze_epochs": 1,
+         "train.unfreeze_blocks": 4, "train.phase2_lr": 3e-4, "data.epoch_size": 768, "train.seed": seed},
+        f"{shown} fine-tuned in two phases (head 1 epoch, then last 4 blocks {epochs - 1} epochs, 768 draws each), "
+        f"group- and class-balanced sampling, label smoothing 0.1 ({size} px" + (f", seed {seed})" if seed else ")"),
     )
 
 
@@ -85,6 +85,7 @@ EXPERIMENTS: dict[str, tuple[dict, str]] = {
     ),
     "lite0-finetune-384": _finetune_at(384),
     "lite0-finetune-512": _finetune_at(512),
+    "lite0-finetune-384-e10": _finetune_at(384, epochs=10, seed=1),
     "lite1-finetune-384": _finetune_at(384, "efficientnet_lite1"),
     "lite2-finetune-384": _finetune_at(384, "efficientnet_lite2"),
     "cnn-small": (
@@ -106,6 +107,7 @@ EXPERIMENTS: dict[str, tuple[dict, str]] = {
 # name -> its members (experiments above, trained first): `bonefrac ensemble` of their runs, calibrated on val.
 ENSEMBLES: dict[str, tuple[str, ...]] = {
     "lite0-lite1-384": ("lite0-finetune-384", "lite1-finetune-384"),
+    "lite0x2-lite1-384": ("lite0-finetune-384", "lite0-finetune-384-e10", "lite1-finetune-384"),
 }
 STRATA = ("source", "region")  # the manifest.csv columns reported per value, where a data folder has them
 OPERATING_POINT = "sensitivity>=0.9"  # the threshold the table reports sensitivity and specificity at
