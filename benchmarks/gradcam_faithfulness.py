@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from bonefrac import DISCLAIMER
+from bonefrac.boxes import read_boxes
 from bonefrac.data.io import read_image
 from bonefrac.explain import (
     METHODS,
@@ -46,7 +47,6 @@ from bonefrac.explain import (
     Explanation,
     overlay_rgb,
     pointing_game_for_points,
-    read_boxes,
 )
 from bonefrac.predict import Predictor
 from bonefrac.shipped import shipped_run

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bonefrac.boxes import read_boxes
 from bonefrac.data.io import read_image
 from bonefrac.data.transforms import letterbox
-from bonefrac.explain import Explanation, pointing_game, read_boxes, unletterbox
+from bonefrac.explain import Explanation, pointing_game, unletterbox
 
 pytestmark = pytest.mark.real_data
 

@@ -7,7 +7,7 @@
     png_bytes(array)                         PNG of a uint8 gray / RGB / RGBA array
     pointing_game(explanations, boxes)       faithfulness: how often the peak falls inside a known lesion box, with
                                              a (study-)bootstrap CI; pointing_game_for_points for baselines
-    read_boxes(boxes_csv, split)             a data folder's radiologists' boxes, per file, in its pixels
+                                             (the boxes: bonefrac.boxes.read_boxes)
     explain_paths(explainer, paths, out)     `bonefrac explain`: an overlay PNG per file and explain.csv
 
 The maps come from `pytorch_grad_cam` (GradCAM, GradCAM++, EigenCAM); what is ours is the geometry around them.
@@ -39,9 +39,11 @@ from PIL import Image
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from bonefrac.boxes import Box
 from bonefrac.calibration import apply_temperature
 from bonefrac.choices import CAM_METHODS
 from bonefrac.data.io import read_image
+from bonefrac.data.transforms import Placement
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import bootstrap_indices
 from bonefrac.models import feature_layer
@@ -126,15 +128,12 @@ class Explainer:
 def unletterbox(square: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """A map over the letterboxed (S, S) input -> the original (H, W): cut the pad `letterbox` added, resize back.
 
-    Mirrors `letterbox`'s geometry exactly (same rounding of the scaled size and of the centring offsets).
+    Mirrors `letterbox`'s geometry exactly: both read it from `transforms.Placement`.
     """
-    size = square.shape[0]
-    height, width = shape
-    scale = size / max(height, width)
-    new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
-    top, left = (size - new_height) // 2, (size - new_width) // 2
-    content = np.ascontiguousarray(square[top : top + new_height, left : left + new_width], dtype=np.float32)
-    resized = np.asarray(Image.fromarray(content, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+    place = Placement.of(*shape, square.shape[0])
+    content = np.ascontiguousarray(square[place.rows, place.columns], dtype=np.float32)
+    resized = np.asarray(Image.fromarray(content, mode="F").resize((place.width, place.height),
+                                                                   Image.Resampling.BILINEAR))
     return np.clip(resized, 0.0, 1.0).astype(np.float32)
 
 
@@ -189,7 +188,6 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 # --- faithfulness --------------------------------------------------------------------------------------------------
 
-Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in the image's pixels, x1 and y1 exclusive (a PIL crop box)
 Point = tuple[int, int]  # (x, y) of a pixel
 
 
@@ -226,20 +224,6 @@ def box_mask(boxes: Sequence[Box], shape: tuple[int, int]) -> np.ndarray:
         left, top, right, bottom = (max(0, math.ceil(v - 0.5)) for v in (x0, y0, x1, y1))
         mask[top:bottom, left:right] = True
     return mask
-
-
-def read_boxes(path: str | Path, split: str | None = None) -> dict[str, list[Box]]:
-    """A data folder's lesion boxes (its boxes.csv: split, label, file, x0, y0, x1, y1; one row per box, so an
-    image may have several) as {"split/label/file": [Box, ...]}, in the pixels of the file the key names."""
-    import csv
-
-    boxes: dict[str, list[Box]] = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if split is None or row["split"] == split:
-                key = f"{row['split']}/{row['label']}/{row['file']}"
-                boxes.setdefault(key, []).append(tuple(float(row[k]) for k in ("x0", "y0", "x1", "y1")))
-    return boxes
 
 
 def _as_boxes(entry: Box | Sequence[Box]) -> Sequence[Box]:

@@ -148,6 +148,7 @@ class ImageInfo:
     frames: int = 1
     warnings: tuple[str, ...] = ()
     truncated: bool = False  # the file ended early and was loaded anyway (allow_truncated): the decoder filled the rest
+    orientation: int = 1  # the EXIF orientation read_image applied (1: none); boxes.upright_box maps a stored box
 
 
 @dataclass(frozen=True)
@@ -454,6 +455,7 @@ def _pil_info(img: ImageFile.ImageFile, source: _Source, fmt: str, max_pixels: i
     except _PIL_DATA_ERRORS as err:
         raise ImageReadError(source.name, _pil_failure(fmt, err)) from err
     notes = (f"{fmt} has {frames} frames; read the first only",) if frames > 1 else ()
+    orientation = _exif_orientation(img)
     return ImageInfo(
         format=fmt,
         mode=img.mode,
@@ -462,6 +464,7 @@ def _pil_info(img: ImageFile.ImageFile, source: _Source, fmt: str, max_pixels: i
         height=height,
         frames=frames,
         warnings=notes,
+        orientation=orientation if orientation in _EXIF_TRANSPOSE else 1,
     )
 
 

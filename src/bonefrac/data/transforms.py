@@ -17,6 +17,7 @@ Every random draw comes from torch's global RNG (torchvision's v2 transforms and
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -41,16 +42,53 @@ def letterbox(pixels: np.ndarray, size: int) -> np.ndarray:
     """
     if pixels.ndim != 2:
         raise ValueError(f"letterbox expects a 2-D grayscale array, got shape {pixels.shape}")
-    height, width = pixels.shape
-    scale = size / max(height, width)
-    new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
+    place = Placement.of(*pixels.shape, size)
     # Resampling in float ("F" mode) rounds to uint8 once, at the end; Pillow's resize antialiases when shrinking.
     image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
-    resized = np.asarray(image.resize((new_width, new_height), Image.Resampling.BICUBIC))
+    resized = np.asarray(image.resize((place.new_width, place.new_height), Image.Resampling.BICUBIC))
     out = np.zeros((size, size), dtype=np.uint8)
-    top, left = (size - new_height) // 2, (size - new_width) // 2
-    out[top : top + new_height, left : left + new_width] = np.rint(np.clip(resized, 0.0, 1.0) * 255)
+    out[place.rows, place.columns] = np.rint(np.clip(resized, 0.0, 1.0) * 255)
     return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where `letterbox` puts an image of (height, width) in its (size, size) square: the one statement of that
+    geometry, so that maps (explain.unletterbox) and boxes (bonefrac.boxes) go back exactly the way pixels came.
+
+    The longer side is scaled to `size`; each side's scaled length is rounded (at least 1 px), and the image is
+    centred with the odd pixel of pad after it. x in the image -> x * x_scale + left in the square.
+    """
+
+    height: int
+    width: int
+    size: int
+    new_height: int
+    new_width: int
+    top: int
+    left: int
+
+    @classmethod
+    def of(cls, height: int, width: int, size: int) -> Placement:
+        scale = size / max(height, width)
+        new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
+        return cls(height, width, size, new_height, new_width, (size - new_height) // 2, (size - new_width) // 2)
+
+    @property
+    def x_scale(self) -> float:  # the content's actual scale per axis (rounding makes the two differ slightly)
+        return self.new_width / self.width
+
+    @property
+    def y_scale(self) -> float:
+        return self.new_height / self.height
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.top, self.top + self.new_height)
+
+    @property
+    def columns(self) -> slice:
+        return slice(self.left, self.left + self.new_width)
 
 
 def resize_matrix(source: int, size: int) -> np.ndarray:
