@@ -55,6 +55,7 @@ from bonefrac.data.transforms import batch_mixer
 from bonefrac.errors import BonefracError, DatasetError
 from bonefrac.metrics import format_number
 from bonefrac.models import create_model, model_spec, num_parameters
+from bonefrac.models.localiser import LocaliserNet
 from bonefrac.plots import plot_learning_curves
 from bonefrac.run import (
     CHECKPOINTS,
@@ -158,6 +159,12 @@ def _train_network(
     model = create_model(config.model.name, num_classes=len(data.labels), pretrained=config.model.pretrained,
                          in_chans=run.preprocessing.channels, weights=config.model.weights,
                          drop_rate=config.model.drop_rate)
+    module_class = FractureClassifier
+    if isinstance(model, LocaliserNet):  # trained on boxes as well as labels (localise.py)
+        from bonefrac.localise import FractureLocaliser, with_boxes
+
+        model.positive.fill_(data.positive)
+        data, module_class = with_boxes(data, run.preprocessing.image_size), FractureLocaliser
     if not torch.cuda.is_available():
         # On the CPU, oneDNN's convolutions run faster on channels-last (NHWC) weights and activations, and a
         # convolution with channels-last weights gives channels-last outputs, so converting the weights is
@@ -165,14 +172,14 @@ def _train_network(
         # computes the same function; only the order of floating-point sums, and which elements a dropout on
         # 4-D activations draws, differ. model.safetensors is written contiguous (Run.save_weights).
         model = model.to(memory_format=torch.channels_last)
-    module = FractureClassifier(
+    module = module_class(
         model,
         train=config.train,
         num_classes=len(data.labels),
         positive=data.positive,
         head=model_spec(config.model.name).classifier,
         class_weights=data.class_weights if config.data.class_balance == "weights" else None,
-        mixer=batch_mixer(config.data.augment, len(data.labels)),
+        mixer=None if module_class is not FractureClassifier else batch_mixer(config.data.augment, len(data.labels)),
     )
     train_loader, val_loader = _loaders(data, config)
     last = run.path / CHECKPOINTS / "last.ckpt"

@@ -335,11 +335,14 @@ class CachedImageDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int):
+        return self.transform(self.pixels(index)), self.targets[index]
+
+    def pixels(self, index: int) -> np.ndarray:
+        """Image `index` as cached, uint8 (S, S), before any transform."""
         if self._images is None:
             self._images = self.cache.array()
         # A writable copy of one row: the map is read-only, and torch tensors expect memory they may write.
-        image = np.array(self._images[self.rows[index]])
-        return self.transform(image), self.targets[index]
+        return np.array(self._images[self.rows[index]])
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -47,6 +47,7 @@ SPLIT_NAMES = {
 SPLITS = ("train", "val", "test")
 DATA_MANIFEST = "manifest.csv"  # a data folder's own list of its files (split, label, file, group, ...), optional
 SYNTHETIC_NOTICE = "SYNTHETIC_DATA.txt"  # written by data/synth.py into every phantom folder
+BOXES_FILE = "boxes.csv"  # a data folder's lesion boxes: split, label, file, x0, y0, x1, y1 (bonefrac.boxes)
 
 
 def canonical_label(folder_name: str) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from bonefrac import __version__
-from bonefrac.data.dataset import SYNTHETIC_NOTICE
+from bonefrac.data.dataset import BOXES_FILE, SYNTHETIC_NOTICE
 from bonefrac.errors import DatasetError
 
 FRACTURE_TYPES = ("transverse", "oblique", "spiral", "comminuted", "hairline")
@@ -743,6 +743,11 @@ def generate_dataset(
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+    with open(out / BOXES_FILE, "w", newline="") as f:  # the fracture regions as any data folder's boxes
+        writer = csv.DictWriter(f, fieldnames=("split", "label", "file", "x0", "y0", "x1", "y1"), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({"split": row["split"], "label": row["label"], "file": Path(row["file"]).name,
+                          **{k: row[k] for k in ("x0", "y0", "x1", "y1")}} for row in rows if row["x0"] != "")
     (out / SYNTHETIC_NOTICE).write_text(_notice(n, size, labels, seed, split))
     return out
 

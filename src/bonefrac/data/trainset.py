@@ -57,6 +57,7 @@ class TrainingData:
     truncated: list[str]  # train and val files that are truncated and were loaded anyway (data.allow_truncated)
     synthetic: bool  # a phantom set from `bonefrac data synth`
     manifest: Manifest  # the scan of the data folders, passed on to calibration
+    rows: dict[str, list[ManifestRow]]  # "train" and "val": the manifest row of each dataset item, in order
 
 
 def scan_and_audit(
@@ -192,6 +193,7 @@ def load_training_data(
         truncated=truncated,
         synthetic=manifest.synthetic,
         manifest=manifest,
+        rows=kept,
     )
 
 

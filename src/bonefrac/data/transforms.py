@@ -111,7 +111,10 @@ class RandomCLAHE:
         self.clip_limit = clip_limit
         self.tiles = tiles
 
-    def __call__(self, image: Tensor) -> Tensor:
+    def __call__(self, image: Tensor, *rest):
+        """The image, or with boxes after it (v2.Compose passes every input), the image and the boxes untouched."""
+        if rest:
+            return (self(image), *rest)
         if torch.rand(()) >= self.p:
             return image
         # A new CLAHE object per call: OpenCV's objects cannot be pickled into DataLoader workers, and it is cheap.
@@ -151,6 +154,14 @@ def _compose(augmentations: Sequence[Callable], *, mean: Sequence[float], std: S
     )
 
 
+def _apply(transforms: v2.Compose, image: np.ndarray, boxes: tv_tensors.BoundingBoxes | None):
+    """Both presets' call: the image's tensor, or (tensor, boxes) when boxes come with it."""
+    if boxes is None:
+        return transforms(image).as_subclass(Tensor)
+    tensor, moved = transforms(image, boxes)
+    return tensor.as_subclass(Tensor), moved
+
+
 def _check_augment(augment: str) -> None:
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}")
@@ -186,8 +197,8 @@ class EvalPreset:
     def __init__(self, *, mean: Sequence[float], std: Sequence[float], channels: int = 3):
         self.transforms = _compose([], mean=mean, std=std, channels=channels)
 
-    def __call__(self, image: np.ndarray) -> Tensor:
-        return self.transforms(image).as_subclass(Tensor)
+    def __call__(self, image: np.ndarray, boxes: tv_tensors.BoundingBoxes | None = None):
+        return _apply(self.transforms, image, boxes)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transforms})"
@@ -212,8 +223,9 @@ class TrainPreset:
         self.augment = augment
         self.transforms = _compose(_augmentations(augment, image_size), mean=mean, std=std, channels=channels)
 
-    def __call__(self, image: np.ndarray) -> Tensor:
-        return self.transforms(image).as_subclass(Tensor)
+    def __call__(self, image: np.ndarray, boxes: tv_tensors.BoundingBoxes | None = None):
+        """The image's tensor; with boxes, (tensor, the boxes moved as the pixels were: flips, warps, crops)."""
+        return _apply(self.transforms, image, boxes)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transforms})"

@@ -44,6 +44,9 @@ class ModelSpec:
     classifier: str  # the head module: its tensors are left out of a checkpoint made for other classes
     feature_layer: str | None  # last conv stage, the Grad-CAM target; None = timm's last feature_info module
     description: str
+    # A model built around another registry model (the localiser): its pretrained weights are that model's,
+    # loaded into `model.backbone`; the model's own layers keep their initialisation.
+    backbone: str | None = None
 
 
 _REGISTRY: dict[str, tuple[ModelSpec, Factory]] = {}
@@ -95,6 +98,9 @@ def create_model(
     spec = model_spec(name)
     factory = _REGISTRY[name][1] if name in _REGISTRY else _timm_factory(name)
     model = factory(num_classes, in_chans, drop_rate)
+    if spec.backbone and weights is None:
+        load_pretrained(model.backbone, model_spec(spec.backbone), pretrained=pretrained)
+        return model
     report = load_pretrained(model, spec, pretrained=pretrained, weights=weights)
     if report is not None and report.left_out:
         reset_head(model, report.left_out)
@@ -339,3 +345,28 @@ def _unknown_model_message(name: str) -> str:
         f"unknown model {name!r}.{hint} bonefrac's models: {', '.join(_REGISTRY)}; "
         "any timm model name works too (see timm.list_models())."
     )
+
+
+# --- localisers (localiser.py): a fracture heatmap with boxes, whose top cell is also the image's score ----------
+
+
+@register_model(
+    ModelSpec(
+        name="localiser-lite0",
+        timm_name=None,
+        input_size=(3, 384, 384),
+        mean=HALF,
+        std=HALF,
+        weights=(),
+        classifier="head",
+        feature_layer="head.fuse",
+        description="EfficientNet-Lite0 with a fracture heatmap and box head at stride 8 (CenterNet-style); trains "
+        "on a data folder's boxes.csv; offline ImageNet weights for the backbone",
+        backbone="efficientnet_lite0",
+    )
+)
+def localiser_lite0(num_classes: int, in_chans: int, drop_rate: float | None) -> nn.Module:
+    from bonefrac.models.localiser import LocaliserNet
+
+    backbone = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0, in_chans=in_chans)
+    return LocaliserNet(backbone, num_classes=num_classes)

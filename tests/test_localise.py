@@ -1,0 +1,142 @@
+"""The localiser (issue 19): map targets and their decoding, boxes augmented with their pixels, and a small
+localiser that learns where the gap in a bar is."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision import tv_tensors
+
+from bonefrac.boxes import centre_in, from_square
+from bonefrac.config import build_config
+from bonefrac.data.io import read_image
+from bonefrac.data.transforms import Placement, TrainPreset
+from bonefrac.export import export_onnx
+from bonefrac.localise import decode, encode, heat_loss
+from bonefrac.models import create_model
+from bonefrac.models.localiser import STRIDE, Maps
+from bonefrac.predict import Predictor
+from bonefrac.run import Run
+from bonefrac.train import fit
+from tests.helpers import bar_with_gap
+
+
+def _maps_from_targets(heat: torch.Tensor, box: torch.Tensor) -> Maps:
+    """The maps a perfect localiser would give for these targets (heat as logits, peaks only at the centres)."""
+    logits = torch.where(heat == 1, torch.tensor(6.0), torch.tensor(-6.0))
+    return Maps(logits[None], box[None, :2], box[None, 2:])
+
+
+def test_encode_then_decode_gives_the_boxes_back():
+    boxes = [(10.0, 20.0, 42.5, 31.0), (70.2, 64.0, 90.0, 120.0)]
+    heat, box, mask, weight = encode(boxes, grid=16)
+    assert heat.shape == (1, 16, 16) and heat.max() == 1 and int(mask.sum()) == 2 and weight == 1
+    assert heat[0, int(25.5 / STRIDE), int(26.25 / STRIDE)] == 1  # the first box's centre cell
+    found = decode(_maps_from_targets(heat, box))[0]
+    assert len(found) == 2
+    for expected in boxes:
+        assert any(np.allclose(got, expected, atol=1e-4) for got, _ in found)
+
+
+def test_targets_of_images_without_boxes():
+    heat, box, mask, weight = encode([], grid=8)  # not fractured: every cell a negative
+    assert heat.sum() == 0 and mask.sum() == 0 and weight == 1
+    assert encode(None, grid=8)[3] == 0  # fractured but no box given: the map gets no target
+
+
+def test_heat_loss_prefers_the_right_map():
+    heat, _, _, weight = encode([(8.0, 8.0, 24.0, 24.0)], grid=8)
+    right = torch.where(heat == 1, torch.tensor(4.0), torch.tensor(-4.0))[None]
+    wrong = torch.where(heat == 1, torch.tensor(-4.0), torch.tensor(4.0))[None]
+    target, w = heat[None], weight[None]
+    assert heat_loss(right, target, w) < 0.1 < heat_loss(wrong, target, w)
+    # an image whose map does not count adds nothing
+    assert heat_loss(wrong, target, torch.zeros(1)) == 0
+
+
+def test_boxes_move_with_the_pixels_through_augmentation():
+    """The seed augmentation (flip, affine, perspective) moves a box as it moves the bright patch inside it."""
+    torch.manual_seed(0)
+    pixels = np.zeros((64, 64), np.uint8)
+    pixels[8:20, 40:56] = 255
+    preset = TrainPreset(augment="seed", mean=(0.5,), std=(0.5,), channels=1, image_size=64)
+    for _ in range(10):
+        given = tv_tensors.BoundingBoxes([(40, 8, 56, 20)], format="XYXY", canvas_size=(64, 64))
+        image, moved = preset(pixels, given)
+        ys, xs = np.nonzero(image[0].numpy() > 0.5)
+        centre = (xs.mean() + 0.5, ys.mean() + 0.5)
+        x0, y0, x1, y1 = moved[0].tolist()
+        assert abs((x0 + x1) / 2 - centre[0]) < 3 and abs((y0 + y1) / 2 - centre[1]) < 3
+
+
+def test_the_localiser_is_a_classifier_with_a_saved_positive_class():
+    model = create_model("localiser-lite0", 2, pretrained=False, in_chans=1)
+    x = torch.rand(2, 1, 64, 64)
+    logits = model(x)
+    assert logits.shape == (2, 2) and torch.all(logits[:, 1] == 0)  # positive 0 by default: "fractured" first
+    model.positive.fill_(1)
+    assert torch.all(model(x)[:, 0] == 0)
+    assert "positive" in model.state_dict()
+    assert math.isclose(torch.sigmoid(model.maps(x).heat).mean().item(), 0.01, rel_tol=0.5)  # the prior
+
+
+@pytest.fixture(scope="module")
+def bars(tmp_path_factory) -> tuple[Path, dict[str, tuple]]:
+    """64 px bars: fractured ones with a dark gap, its box in boxes.csv (train 24, val 8, test 10 per class)."""
+    root = tmp_path_factory.mktemp("bars") / "set"
+    rng = np.random.default_rng(0)
+    rows, truth = [], {}
+    for split, n in (("train", 24), ("val", 8), ("test", 10)):
+        for label in ("fractured", "not_fractured"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(n):
+                image, box = bar_with_gap(rng, label == "fractured", size=64, gap=(4, 7))
+                image.save(root / split / label / f"{i}.png")
+                if box:
+                    rows.append({"split": split, "label": label, "file": f"{i}.png", "x0": box[0], "y0": box[1],
+                                 "x1": box[2], "y1": box[3]})
+                    truth[f"{split}/{label}/{i}.png"] = box
+    with open(root / "boxes.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root, truth
+
+
+def test_a_small_localiser_finds_the_gaps(bars, tmp_path):
+    root, truth = bars
+    config = build_config(overrides={
+        "data.root": str(root), "data.image_size": 64, "data.workers": 0, "data.cache_dir": str(tmp_path / "cache"),
+        "data.augment": "none", "data.batch_size": 8, "model.name": "localiser-lite0", "train.epochs": 4,
+        "train.lr": 1e-3,
+    })
+    run = Run.load(fit(config, tmp_path / "run", progress=False))
+    network = run.network()  # rebuilt from config.yaml and model.safetensors, the positive class included
+    hits, scores = 0, {"fractured": [], "not_fractured": []}
+    for path in sorted((root / "test").glob("*/*.png")):
+        pixels, _ = read_image(path)
+        with torch.no_grad():
+            box, score = decode(network.maps(run.preprocessing(pixels)[None]), min_score=0.0)[0][0]
+        label = path.parent.name
+        scores[label].append(score)
+        if label == "fractured":
+            hits += centre_in(from_square(box, Placement.of(*pixels.shape, 64)), [truth[f"test/{label}/{path.name}"]])
+    # chance: a gap box covers about 1.5 % of the image, so a random centre hits about 0.15 of 10
+    assert hits >= 4, f"{hits} of 10 top boxes in the gap"
+    assert min(scores["fractured"]) > max(scores["not_fractured"])  # the top cell is also the classifier
+    blank = np.full((64, 64), 0.15, np.float32)  # background, no bar at all: no box above the run's threshold
+    with torch.no_grad():
+        top = decode(network.maps(run.preprocessing(blank)[None]), min_score=0.0)[0][0][1]
+    assert top < run.calibration.threshold
+    # every classifier command takes it: predict with both backends, the ONNX graph exported with parity
+    export_onnx(run)
+    rows = Predictor(run).predict_paths([root / "test"]).rows
+    assert Predictor(run).backend == "onnx" and len(rows) == 20
+    torch_rows = Predictor(run, backend="torch").predict_paths([root / "test"]).rows
+    for a, b in zip(rows, torch_rows, strict=True):
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-4)
