@@ -26,7 +26,8 @@ Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in the image's pixel
 
 def read_boxes(path: str | Path, split: str | None = None) -> dict[str, list[Box]]:
     """A data folder's lesion boxes (its boxes.csv, dataset.BOXES_FILE: split, label, file, x0, y0, x1, y1; one row
-    per box, so an image may have several) as {"split/label/file": [Box, ...]}, in the pixels of the file the key names."""
+    per box, so an image may have several) as {"split/label/file": [Box, ...]}, in the pixels of the file the key
+    names."""
     boxes: dict[str, list[Box]] = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
