@@ -87,6 +87,8 @@ EXPERIMENTS: dict[str, tuple[dict, str]] = {
     "lite0-finetune-512": _finetune_at(512),
     "lite0-finetune-384-e10": _finetune_at(384, epochs=10, seed=1),
     "lite1-finetune-384": _finetune_at(384, "efficientnet_lite1"),
+    # issue 19: the same recipe for the localiser (heatmap and boxes on Lite0), trained on boxes.csv as well
+    "localiser-384": _finetune_at(384, "localiser-lite0"),
     "lite2-finetune-384": _finetune_at(384, "efficientnet_lite2"),
     "cnn-small": (
         {

@@ -66,6 +66,13 @@ class LocaliserNet(nn.Module):
         nn.init.normal_(self.head["box"].weight, std=0.01)
         nn.init.zeros_(self.head["box"].bias)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (an EfficientNet's: stem, then each stage), under `backbone.`, and the head last:
+        two-phase fine-tuning unfreezes the backbone's last stages as it does for the classifier."""
+        return {"stem": r"^backbone\.(?:conv_stem|bn1)",
+                "blocks": [(r"^backbone\.blocks\.(\d+)" if coarse else r"^backbone\.blocks\.(\d+)\.(\d+)", None),
+                           (r"^head", (99999,))]}
+
     def maps(self, x: Tensor) -> Maps:
         features = self.backbone.forward_intermediates(x, indices=self.stages, intermediates_only=True)
         lateral = self.head["lateral"]
