@@ -140,3 +140,22 @@ def test_a_small_localiser_finds_the_gaps(bars, tmp_path):
     torch_rows = Predictor(run, backend="torch").predict_paths([root / "test"]).rows
     for a, b in zip(rows, torch_rows, strict=True):
         assert a.probabilities == pytest.approx(b.probabilities, abs=1e-4)
+
+
+def test_detection_metrics_on_known_cases():
+    from bonefrac.localise import average_precision, detection_metrics, froc_curve, sensitivity_at
+
+    truth = [[(10, 10, 30, 30)], []]  # one fractured image with one box, one normal image
+    miss_first = [[((60, 60, 80, 80), 0.9), ((12, 12, 30, 30), 0.8)], []]
+    assert average_precision(miss_first, truth, 0.5) == pytest.approx(0.5)  # the hit comes second: precision 1/2
+    thresholds, sensitivity, fp_rate = froc_curve(miss_first, truth)
+    assert list(thresholds) == [0.9, 0.8] and list(sensitivity) == [0.0, 1.0] and list(fp_rate) == [0.5, 0.5]
+    assert sensitivity_at(fp_rate, sensitivity, 0.5) == 1.0 and sensitivity_at(fp_rate, sensitivity, 0.4) == 0.0
+    # a false positive on the normal image ranks above the hit: it costs precision, and FP per image
+    hit_first = [[((12, 12, 30, 30), 0.8)], [((0, 0, 5, 5), 0.95)]]
+    assert average_precision(hit_first, truth, 0.5) == pytest.approx(0.5)
+    assert average_precision(hit_first, truth, 0.95) == 0.0  # IoU 0.81 is not enough there
+    perfect = [[((10, 10, 30, 30), 0.9)], []]
+    metrics = detection_metrics(perfect * 5, truth * 5, [str(i) for i in range(10)], n_resamples=50)
+    assert metrics["ap@0.5"]["point"] == 1.0 and metrics["sensitivity@0.5fp"]["point"] == 1.0
+    assert metrics["n_images"] == 10 and metrics["n_boxes"] == 5 and metrics["n_groups"] == 10

@@ -7,6 +7,9 @@
     FractureLocaliser                        the LightningModule: the classifier's loss on the image-level logits
                                              (its top cell) plus the two map losses
     decode(maps, ...)                        peaks of the heat map -> boxes with scores, in the square
+    image_boxes(maps, places)                the same boxes in each image's own pixels
+    detection_metrics(predicted, truth, groups)  FROC sensitivity at 0.5, 1, 2 false positives per image and AP
+                                             at IoU 0.3 and 0.5, with study-bootstrap CIs
 
 A data folder says where its fractures are in `boxes.csv` (split, label, file, x0, y0, x1, y1; several rows for
 several boxes; bonefrac.boxes.read_boxes), in the pixels of each file as read_image returns it. A fractured training
@@ -26,12 +29,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 from torchvision import tv_tensors
 
-from bonefrac.boxes import Box, read_boxes, to_square
+from bonefrac.boxes import Box, centre_in, from_square, iou, read_boxes, to_square
 from bonefrac.classifier import FractureClassifier
 from bonefrac.data.cache import CachedImageDataset
 from bonefrac.data.dataset import BOXES_FILE, Manifest, ManifestRow
@@ -203,3 +207,91 @@ def decode(maps: Maps, *, top_k: int = TOP_K, min_score: float = MIN_SCORE) -> l
             found.append(((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), score))
         out.append(found)
     return out
+
+
+def image_boxes(maps: Maps, places: Sequence[Placement], *, top_k: int = TOP_K, min_score: float = MIN_SCORE
+                ) -> list[list[tuple[Box, float]]]:
+    """`decode`, each image's boxes taken back from the square to its own pixels (letterbox undone)."""
+    return [[(from_square(box, place), score) for box, score in found]
+            for found, place in zip(decode(maps, top_k=top_k, min_score=min_score), places, strict=True)]
+
+
+# --- measuring a localiser ---------------------------------------------------------------------------------------
+# Per image: predicted (box, score) pairs and the true boxes ([] for a not-fractured image). A true box is found when
+# a predicted box's centre lies in it (the hit of the issue and of CAD studies); a predicted box that finds no true
+# box is a false positive. FROC: the fraction of true boxes found against false positives per image, as the score
+# threshold falls. AP: precision over recall for a match at IoU >= a threshold, each true box matched once.
+
+FROC_POINTS = (0.5, 1.0, 2.0)  # false positives per image at which sensitivity is reported
+AP_IOUS = (0.3, 0.5)
+
+
+def froc_curve(predicted: Sequence[Sequence[tuple[Box, float]]], truth: Sequence[Sequence[Box]]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, sensitivity, false positives per image), one point per distinct score, highest first."""
+    scores = sorted({score for found in predicted for _, score in found}, reverse=True)
+    n_true = sum(len(t) for t in truth)
+    sensitivity, fp_rate = [], []
+    for threshold in scores:
+        found_true, false = 0, 0
+        for boxes, true in zip(predicted, truth, strict=True):
+            kept = [box for box, score in boxes if score >= threshold]
+            found_true += sum(any(centre_in(box, [t]) for box in kept) for t in true)
+            false += sum(not centre_in(box, true) for box in kept)
+        sensitivity.append(found_true / n_true if n_true else float("nan"))
+        fp_rate.append(false / len(truth))
+    return np.array(scores), np.array(sensitivity), np.array(fp_rate)
+
+
+def sensitivity_at(fp_rate: np.ndarray, sensitivity: np.ndarray, fp_per_image: float) -> float:
+    """The highest sensitivity on the FROC curve with at most `fp_per_image` false positives per image (0 if none)."""
+    allowed = sensitivity[fp_rate <= fp_per_image]
+    return float(allowed.max()) if allowed.size else 0.0
+
+
+def average_precision(predicted: Sequence[Sequence[tuple[Box, float]]], truth: Sequence[Sequence[Box]],
+                      iou_threshold: float) -> float:
+    """Area under the all-point-interpolated precision-recall curve (PASCAL VOC 2010+): predictions over all images
+    best first, each a true positive when it overlaps a not yet matched true box of its image by >= the IoU."""
+    n_true = sum(len(t) for t in truth)
+    if n_true == 0:
+        return float("nan")
+    ranked = sorted(((score, i, box) for i, found in enumerate(predicted) for box, score in found), reverse=True)
+    matched = [set() for _ in truth]
+    hits = []
+    for _, i, box in ranked:
+        overlaps = [(iou(box, t), k) for k, t in enumerate(truth[i]) if k not in matched[i]]
+        best = max(overlaps, default=(0.0, -1))
+        hit = best[0] >= iou_threshold
+        if hit:
+            matched[i].add(best[1])
+        hits.append(hit)
+    tp = np.cumsum(hits)
+    recall = np.concatenate(([0.0], tp / n_true))
+    precision = np.concatenate(([1.0], tp / np.arange(1, len(hits) + 1)))
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # the envelope: precision never rises with recall
+    return float(np.sum(np.diff(recall) * precision[1:]))
+
+
+def detection_metrics(predicted: Sequence[Sequence[tuple[Box, float]]], truth: Sequence[Sequence[Box]],
+                      groups: Sequence[str], *, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """FROC sensitivities at FROC_POINTS and AP at AP_IOUS, each {"point", "low", "high"} with a 95 % bootstrap
+    interval over `groups` (studies: an image's views come together), and n images, true boxes and groups."""
+    from bonefrac.metrics import bootstrap_indices
+
+    def measure(index: Sequence[int]) -> dict[str, float]:
+        p, t = [predicted[i] for i in index], [truth[i] for i in index]
+        _, sensitivity, fp_rate = froc_curve(p, t)
+        out = {f"sensitivity@{x:g}fp": sensitivity_at(fp_rate, sensitivity, x) for x in FROC_POINTS}
+        return out | {f"ap@{v:g}": average_precision(p, t, v) for v in AP_IOUS}
+
+    point = measure(range(len(truth)))
+    draws = [measure(index) for index in bootstrap_indices(len(truth), groups=np.asarray(groups),
+                                                           n_resamples=n_resamples, seed=seed)]
+    result = {}
+    for key, value in point.items():
+        values = np.array([d[key] for d in draws], dtype=float)
+        values = values[np.isfinite(values)]
+        low, high = (np.percentile(values, [2.5, 97.5]) if values.size else (np.nan, np.nan))
+        result[key] = {"point": value, "low": float(low), "high": float(high)}
+    return result | {"n_images": len(truth), "n_boxes": sum(len(t) for t in truth), "n_groups": len(set(groups))}
