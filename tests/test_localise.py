@@ -4,6 +4,7 @@ localiser that learns where the gap in a bar is."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from bonefrac.export import export_onnx
 from bonefrac.localise import decode, encode, heat_loss
 from bonefrac.models import create_model
 from bonefrac.models.localiser import STRIDE, Maps
-from bonefrac.predict import Predictor
+from bonefrac.predict import Predictor, write_predictions
 from bonefrac.run import Run
 from bonefrac.train import fit
 from tests.helpers import bar_with_gap
@@ -133,13 +134,25 @@ def test_a_small_localiser_finds_the_gaps(bars, tmp_path):
     with torch.no_grad():
         top = decode(network.maps(run.preprocessing(blank)[None]), min_score=0.0)[0][0][1]
     assert top < run.calibration.threshold
-    # every classifier command takes it: predict with both backends, the ONNX graph exported with parity
+    # predict gives every row its boxes in the file's pixels, the same from the ONNX graph (logits and maps) as
+    # from PyTorch; the CSV has them in a "boxes" column
+    torch_result = Predictor(run, backend="torch").predict_paths([root / "test"])
     export_onnx(run)
-    rows = Predictor(run).predict_paths([root / "test"]).rows
-    assert Predictor(run).backend == "onnx" and len(rows) == 20
-    torch_rows = Predictor(run, backend="torch").predict_paths([root / "test"]).rows
-    for a, b in zip(rows, torch_rows, strict=True):
+    onnx = Predictor(run)
+    assert onnx.backend == "onnx" and onnx.localises
+    result = onnx.predict_paths([root / "test"])
+    assert len(result.rows) == 20 and result.boxes
+    for a, b in zip(result.rows, torch_result.rows, strict=True):
         assert a.probabilities == pytest.approx(b.probabilities, abs=1e-4)
+        assert len(a.boxes) == len(b.boxes)
+        assert len(a.boxes) >= 1 or Path(a.file).parent.name == "not_fractured"  # a bar without a gap may have none
+        assert [box["x0"] for box in a.boxes] == pytest.approx([box["x0"] for box in b.boxes], abs=0.2)
+    first = next(row for row in torch_result.rows if Path(row.file).parent.name == "fractured")
+    assert all(0 <= box["x0"] < box["x1"] <= 64 and 0 <= box["y0"] < box["y1"] <= 64 for box in first.boxes)
+    write_predictions(result, tmp_path / "p.csv")
+    header, line = (tmp_path / "p.csv").read_text().splitlines()[:2]
+    assert header.endswith(",boxes") and json.loads(next(csv.reader([line]))[-1])[0][4] == result.rows[0].boxes[0][
+        "score"]
 
 
 def test_detection_metrics_on_known_cases():

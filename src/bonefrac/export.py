@@ -33,6 +33,7 @@ from bonefrac.atomic import write_atomic
 from bonefrac.calibration import apply_temperature
 from bonefrac.data.io import IMAGE_SUFFIXES, read_image
 from bonefrac.errors import BonefracError, ImageReadError
+from bonefrac.models.localiser import STRIDE, LocaliserNet
 from bonefrac.run import ONNX_FILE, ONNX_META_FILE, Run
 
 OPSET = 17
@@ -42,6 +43,21 @@ N_PARITY_INPUTS = 32
 
 class ExportError(BonefracError):
     """The exported model does not reproduce the PyTorch model's probabilities."""
+
+
+MAP_OUTPUTS = ("heat", "size", "offset")  # a localiser's graph outputs after "logits" (models.localiser.Maps)
+
+
+class _LogitsAndMaps(torch.nn.Module):
+    """A LocaliserNet as its ONNX graph computes it: the logits, then the maps, from one pass."""
+
+    def __init__(self, model: LocaliserNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps = self.model.maps(x)
+        return self.model.logits(maps.heat), maps.heat, maps.size, maps.offset
 
 
 def _parity_inputs(run: Run, *, seed: int = 0) -> tuple[torch.Tensor, int]:
@@ -78,19 +94,22 @@ def export_onnx(run: Run | str | Path, *, opset: int = OPSET, tolerance: float =
         raise BonefracError(f"opset {opset}: use 17 or newer")
     model = run.network()
     size, channels = run.preprocessing.image_size, run.preprocessing.channels
+    # A localiser's graph gives its maps after the logits, so that the ONNX backend predicts boxes too
+    graph_model, outputs = (_LogitsAndMaps(model), ["logits", *MAP_OUTPUTS]) if isinstance(model, LocaliserNet) \
+        else (model, ["logits"])
     onnx_path, graph = run.path / ONNX_FILE, io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated in favour of torch.export's, which needs onnxscript; for a
         # plain feed-forward CNN both give the same graph, and this one needs no extra package.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
+            graph_model,
             (torch.zeros(1, channels, size, size),),
             graph,
             opset_version=opset,
             input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             dynamo=False,
         )
 
@@ -121,6 +140,11 @@ def export_onnx(run: Run | str | Path, *, opset: int = OPSET, tolerance: float =
         "input": {"name": "image", "shape": ["N", channels, size, size], "dtype": "float32"},
         "output": {"name": "logits", "shape": ["N", run.num_classes],
                    "note": "raw logits: softmax(logits / temperature)"},
+        **({"maps": {"names": list(MAP_OUTPUTS), "stride": STRIDE,
+                     "note": "heat: logits of a fracture centred in each cell (N, 1, h, w); size: log(width, height "
+                             "/ stride) (N, 2, h, w); offset: the centre within its cell, x and y in [0, 1) "
+                             "(N, 2, h, w); box centre = (cell + offset) x stride in the letterboxed input"}}
+           if outputs != ["logits"] else {}),
         "preprocessing": run.preprocessing.to_dict(),
         "labels": run.labels,
         "positive_label": run.positive_label,

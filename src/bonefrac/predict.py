@@ -52,8 +52,10 @@ from bonefrac.calibration import apply_temperature, levels_text
 from bonefrac.choices import BACKENDS, PREDICTION_FORMATS, STUDY_AGGREGATE
 from bonefrac.data.dataset import FileProblem, walk_files
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format, truncated_loaded
+from bonefrac.data.transforms import Placement
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import format_interval
+from bonefrac.models.localiser import LocaliserNet, Maps
 from bonefrac.ood import OODVerdict, check_radiograph
 from bonefrac.run import ONNX_FILE, Run
 from bonefrac.safe_text import neutralise_csv, terminal_safe
@@ -143,6 +145,9 @@ class PredictionRow:
     ood_reason: str = ""  # why it was rejected; its probabilities are still given, but mean little
     level: str | None = None  # fracture, doubt or no fracture (Calibration.level); None without the rule
     truncated: bool | None = None  # a truncated file loaded anyway (allow_truncated); None when unreadable
+    # A localiser's boxes (best first) in the file's pixels, as read_image turns it upright: {"x0", "y0", "x1", "y1",
+    # "score"}, the score the heat probability of the box's centre cell; None for a run that does not localise
+    boxes: list[dict] | None = None
 
     @property
     def assessed(self) -> bool:
@@ -165,7 +170,7 @@ class PredictionRow:
             "ood_score": self.ood_score,
             "ood_reason": self.ood_reason,
             "error": self.error,
-        }
+        } | ({} if self.boxes is None else {"boxes": self.boxes})
 
 
 @dataclass
@@ -188,6 +193,7 @@ class PredictionResult:
     skipped_non_images: int
     backend: str
     predictive_values: dict | None = None  # Calibration.predictive_values at the prevalence asked for
+    boxes: bool = False  # the run localises: every readable row has its boxes (a "boxes" column)
 
     @property
     def n_errors(self) -> int:
@@ -257,6 +263,7 @@ class Predictor:
         # A copy: a Run passed in (the server's, a caller's) keeps its own decision rule.
         self.run = replace(run, calibration=run.calibration.at(operating_point=operating_point, threshold=threshold))
         self.model = self.run.network()
+        self.localises = isinstance(self.model, LocaliserNet)  # boxes come with every prediction
         self.batch_size = max(1, batch_size)
         self.tta = tta
         self.allow_truncated = self.run.allow_truncated(allow_truncated)
@@ -350,7 +357,9 @@ class Predictor:
         """One batch through the network: calibrated probabilities, the decision and the OOD verdict per image."""
         if not images:
             return []
-        proba = apply_temperature(self.logits(torch.stack([image.tensor for image in images])), self.temperature)
+        batch = torch.stack([image.tensor for image in images])
+        boxes = self._boxes(batch, images) if self.localises else [None] * len(images)
+        proba = apply_temperature(self.logits(batch), self.temperature)
         return [
             PredictionRow(
                 file=image.file,
@@ -364,9 +373,24 @@ class Predictor:
                 ood_reason=image.verdict.reason,
                 level=self.run.calibration.level(float(p[self.positive])),
                 truncated=image.info.truncated,
+                boxes=found,
             )
-            for image, p in zip(images, proba, strict=True)
+            for image, p, found in zip(images, proba, boxes, strict=True)
         ]
+
+    def _boxes(self, batch: torch.Tensor, images: Sequence[PreparedImage]) -> list[list[dict]]:
+        """A localiser's boxes per image, in each file's pixels (localise.image_boxes), from the chosen backend."""
+        from bonefrac.localise import image_boxes
+
+        if self._session is not None:  # an exported localiser's graph gives its maps after the logits
+            heat, size, offset = self._session.run(None, {self._input_name: batch.numpy().astype(np.float32)})[1:4]
+            maps = Maps(*(torch.from_numpy(m) for m in (heat, size, offset)))
+        else:
+            with torch.inference_mode():
+                maps = self.model.maps(batch)
+        places = [Placement.of(image.info.height, image.info.width, self.image_size) for image in images]
+        return [[{"x0": round(box[0], 1), "y0": round(box[1], 1), "x1": round(box[2], 1), "y1": round(box[3], 1),
+                  "score": round(score, 4)} for box, score in found] for found in image_boxes(maps, places)]
 
     def predict_paths(
         self, paths: Iterable[str | os.PathLike[str]], *, progress: Callable[[int, int], None] | None = None,
@@ -402,7 +426,8 @@ class Predictor:
         flush()
         rows += [PredictionRow(problem.path, "error", {}, "", self.threshold, self.operating_point, problem.reason)
                  for problem in unreadable]
-        return PredictionResult(self.labels, [row for row in rows if row is not None], skipped, self.backend, values)
+        return PredictionResult(self.labels, [row for row in rows if row is not None], skipped, self.backend, values,
+                                self.localises)
 
 
 # --- output ----------------------------------------------------------------------------------------------------------
@@ -429,9 +454,10 @@ CSV_FIELDS = ("file", "status", "prediction", "level", "threshold", "operating_p
               "ood_score", "ood_reason", "error")  # with p_<label> per class after "status"
 
 
-def csv_columns(labels: Sequence[str]) -> list[str]:
-    """The header of a predictions CSV: CSV_FIELDS with p_<class> after "status" (also the page's CSV download)."""
-    return [*CSV_FIELDS[:2], *(f"p_{label}" for label in labels), *CSV_FIELDS[2:]]
+def csv_columns(labels: Sequence[str], boxes: bool = False) -> list[str]:
+    """The header of a predictions CSV: CSV_FIELDS with p_<class> after "status" (also the page's CSV download),
+    and for a localiser "boxes" last (a JSON list of [x0, y0, x1, y1, score] in the file's pixels)."""
+    return [*CSV_FIELDS[:2], *(f"p_{label}" for label in labels), *CSV_FIELDS[2:], *(["boxes"] if boxes else [])]
 
 
 def write_predictions(result: PredictionResult, out: str | Path | TextIO, fmt: str | None = None) -> str | Path:
@@ -462,9 +488,12 @@ def _write_rows(result: PredictionResult, handle: TextIO, fmt: str) -> None:
         for record in records:
             handle.write(json.dumps(record) + "\n")
     else:
-        writer = csv.DictWriter(handle, fieldnames=csv_columns(result.labels), lineterminator="\n")
+        writer = csv.DictWriter(handle, fieldnames=csv_columns(result.labels, result.boxes), lineterminator="\n")
         writer.writeheader()
         for record in records:
+            if "boxes" in record:  # one cell: [[x0, y0, x1, y1, score], ...]
+                record["boxes"] = json.dumps([[b[k] for k in ("x0", "y0", "x1", "y1", "score")]
+                                              for b in record["boxes"]])
             writer.writerow(neutralise_csv({key: "" if value is None else value for key, value in record.items()}))
 
 

@@ -89,7 +89,7 @@ def model_card(predictor: Predictor) -> dict:
             "synthetic": synthetic,
             "leaky": bool(summary.get("leaky")),
         },
-        "csv_columns": csv_columns(predictor.labels),
+        "csv_columns": csv_columns(predictor.labels, predictor.localises),
         "intended_use": INTENDED_USE,
         "bonefrac_version": summary.get("bonefrac_version", __version__),
         "disclaimer": DISCLAIMER,
