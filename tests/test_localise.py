@@ -17,6 +17,7 @@ from bonefrac.boxes import centre_in, from_square
 from bonefrac.config import build_config
 from bonefrac.data.io import read_image
 from bonefrac.data.transforms import Placement, TrainPreset
+from bonefrac.explain import Explainer, explain_paths
 from bonefrac.export import export_onnx
 from bonefrac.localise import decode, encode, heat_loss
 from bonefrac.models import create_model
@@ -149,6 +150,13 @@ def test_a_small_localiser_finds_the_gaps(bars, tmp_path):
         assert [box["x0"] for box in a.boxes] == pytest.approx([box["x0"] for box in b.boxes], abs=0.2)
     first = next(row for row in torch_result.rows if Path(row.file).parent.name == "fractured")
     assert all(0 <= box["x0"] < box["x1"] <= 64 and 0 <= box["y0"] < box["y1"] <= 64 for box in first.boxes)
+    # explain: the class activation map, and the localiser's boxes drawn on the overlay
+    explainer = Explainer(Predictor(run, backend="torch"))
+    gapped = sorted((root / "test" / "fractured").glob("*.png"))[0]
+    explanation = explainer.explain(read_image(gapped)[0])
+    assert explanation.boxes and explanation.boxes[0][1] >= explanation.boxes[-1][1]
+    written = explain_paths(explainer, [gapped], tmp_path / "explain")
+    assert written[0].status == "ok" and Path(written[0].overlay).is_file()
     write_predictions(result, tmp_path / "p.csv")
     header, line = (tmp_path / "p.csv").read_text().splitlines()[:2]
     assert header.endswith(",boxes") and json.loads(next(csv.reader([line]))[-1])[0][4] == result.rows[0].boxes[0][

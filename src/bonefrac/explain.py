@@ -66,6 +66,7 @@ class Explanation:
     probabilities: dict[str, float]  # calibrated, as `bonefrac predict` gives them
     prediction: str  # the decision at the run's threshold
     method: str
+    boxes: list[tuple[Box, float]] | None = None  # a localiser's boxes in the image's pixels, best first; else None
 
     @property
     def flat(self) -> bool:
@@ -116,12 +117,20 @@ class Explainer:
             chosen = target or prediction
             with torch.enable_grad(), METHODS[self.method](model=self.model, target_layers=self.layers) as cam:
                 square = cam(input_tensor=batch, targets=[ClassifierOutputTarget(p.labels.index(chosen))])[0]
+        boxes = None
+        if p.localises:  # the localiser's own answer to "where", beside the map
+            from bonefrac.localise import image_boxes
+
+            with torch.no_grad():
+                maps = self.model.maps(batch)
+            boxes = image_boxes(maps, [Placement.of(*pixels.shape, batch.shape[-1])])[0]
         return Explanation(
             heatmap=unletterbox(square, pixels.shape),
             target=chosen,
             probabilities={label: float(v) for label, v in zip(p.labels, probabilities, strict=True)},
             prediction=prediction,
             method=self.method,
+            boxes=boxes,
         )
 
 
@@ -160,6 +169,22 @@ def overlay_rgb(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> 
 
 
 HEATMAP_FLOOR = 0.3  # below this share of the peak, the layer is fully transparent
+BOXES_DRAWN = 3  # a localiser's best boxes drawn on an overlay
+
+
+def draw_boxes(rgb: np.ndarray, boxes: Sequence[tuple[Box, float]]) -> np.ndarray:
+    """A localiser's boxes drawn on an RGB picture, each with its score above it (white outline on black, so that
+    it reads on bone and on air)."""
+    from PIL import ImageDraw
+
+    image = Image.fromarray(rgb)
+    pen = ImageDraw.Draw(image)
+    width = max(1, min(image.size) // 200)
+    for (x0, y0, x1, y1), score in boxes:
+        pen.rectangle((x0, y0, x1, y1), outline=(0, 0, 0), width=width + 2)
+        pen.rectangle((x0, y0, x1, y1), outline=(255, 255, 255), width=width)
+        pen.text((x0, max(0, y0 - 12)), f"{score:.2f}", fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
+    return np.asarray(image)
 
 
 def heatmap_rgba(heatmap: np.ndarray, floor: float = HEATMAP_FLOOR) -> np.ndarray:
@@ -344,7 +369,10 @@ def explain_paths(
         else:
             stem = Path(os.path.relpath(os.path.abspath(path), base)).with_suffix("").as_posix().replace("/", "__")
             overlay = out_dir / f"{stem}.{explanation.method}.png"
-            overlay.write_bytes(png_bytes(overlay_rgb(pixels, explanation.heatmap, alpha)))
+            picture = overlay_rgb(pixels, explanation.heatmap, alpha)
+            if explanation.boxes:
+                picture = draw_boxes(picture, explanation.boxes[:BOXES_DRAWN])
+            overlay.write_bytes(png_bytes(picture))
             x, y = explanation.peak
             rows.append(ExplainRow(
                 str(path), "ok", str(overlay), explanation.target, explanation.prediction,
