@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from torchvision import tv_tensors
 
 from bonefrac.boxes import centre_in, from_square
@@ -24,6 +25,7 @@ from bonefrac.models import create_model
 from bonefrac.models.localiser import STRIDE, Maps
 from bonefrac.predict import Predictor, write_predictions
 from bonefrac.run import Run
+from bonefrac.serve import create_app
 from bonefrac.train import fit
 from tests.helpers import bar_with_gap
 
@@ -157,6 +159,9 @@ def test_a_small_localiser_finds_the_gaps(bars, tmp_path):
     assert explanation.boxes and explanation.boxes[0][1] >= explanation.boxes[-1][1]
     written = explain_paths(explainer, [gapped], tmp_path / "explain")
     assert written[0].status == "ok" and Path(written[0].overlay).is_file()
+    with TestClient(create_app(run.path)) as client:  # the API answers with the boxes too
+        answer = client.post("/v1/predict", files={"file": ("g.png", gapped.read_bytes(), "image/png")}).json()
+    assert answer["boxes"] and answer["boxes"][0]["score"] == pytest.approx(explanation.boxes[0][1], abs=1e-3)
     write_predictions(result, tmp_path / "p.csv")
     header, line = (tmp_path / "p.csv").read_text().splitlines()[:2]
     assert header.endswith(",boxes") and json.loads(next(csv.reader([line]))[-1])[0][4] == result.rows[0].boxes[0][

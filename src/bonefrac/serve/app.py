@@ -211,7 +211,7 @@ class Service:
                       "truncated": image.info.truncated},
             "backend": predictor.backend,
             "disclaimer": DISCLAIMER,
-        }
+        } | ({} if row.boxes is None else {"boxes": row.boxes})
         shown = image.pixels  # at most display_side already (prepare)
         if show_image or heatmap:
             result["image_png"] = _b64_png(gray_uint8(shown))

@@ -48,6 +48,16 @@ class PredictiveValues(BaseModel):
     npv: float | None = Field(description="the chance that an image called not fractured is not, at this prevalence")
 
 
+class Box(BaseModel):
+    """A localiser's box in the uploaded image's pixels (image.width x image.height), with its score."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float = Field(description="heat probability of the box's centre cell")
+
+
 class Prediction(BaseModel):
     """One image's answer (POST /v1/predict, and each readable file of POST /v1/predict/batch)."""
 
@@ -74,6 +84,7 @@ class Prediction(BaseModel):
     image_png: str | None = Field(None, description="base64 8-bit gray PNG of the image (image=true or "
                                                     "heatmap=true); absent otherwise")
     heatmap: HeatmapLayers | None = Field(None, description="the Grad-CAM layers (heatmap=true); absent otherwise")
+    boxes: list[Box] | None = Field(None, description="a localiser's boxes, best first; absent for a classifier")
 
 
 class FileError(BaseModel):
