@@ -19,7 +19,7 @@ from bonefrac.models import create_model, feature_layer, list_models, load_pretr
 from bonefrac.models.weights import PACKAGE_WEIGHTS, rename_by_position
 
 NAMED = ("cnn-small", "cnn-bn", "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-         "resnet50", "vgg16")  # fmt: skip
+         "resnet50", "vgg16", "localiser-lite0")  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -37,12 +37,20 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("in_chans", "num_classes"), [(1, 2), (3, 5)])
 @pytest.mark.parametrize("name", NAMED)
 def test_forward_backward_and_feature_layer(name: str, in_chans: int, num_classes: int) -> None:
+    localiser = model_spec(name).backbone is not None
+    num_classes = 2 if localiser else num_classes  # fractured or not; its box head learns from the maps
     model = create_model(name, num_classes, pretrained=False, in_chans=in_chans)
     seen: list[torch.Tensor] = []
     feature_layer(model, name).register_forward_hook(lambda _m, _i, out: seen.append(out))
 
-    logits = model(torch.randn(2, in_chans, 64, 64))
-    logits.sum().backward()
+    x = torch.randn(2, in_chans, 64, 64)
+    if localiser:
+        maps = model.maps(x)
+        logits = model.logits(maps.heat)
+        (logits.sum() + maps.size.sum() + maps.offset.sum()).backward()
+    else:
+        logits = model(x)
+        logits.sum().backward()
 
     assert logits.shape == (2, num_classes)
     assert len(seen) == 1 and seen[0].ndim == 4 and seen[0].shape[0] == 2
@@ -53,6 +61,10 @@ def test_list_models_has_the_named_ones_with_their_heads() -> None:
     specs = {spec.name: spec for spec in list_models()}
     assert tuple(specs) == NAMED
     for name, spec in specs.items():
+        if spec.backbone:  # a localiser: fractured or not, its head a heatmap (tests/test_localise.py)
+            with pytest.raises(BonefracError, match="two classes"):
+                create_model(name, 3, pretrained=False)
+            continue
         model = create_model(name, 3, pretrained=False)
         assert num_parameters(model) > 0
         assert model.get_submodule(spec.classifier).out_features == 3  # the head the loader leaves out

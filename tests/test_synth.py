@@ -50,7 +50,7 @@ def test_same_seed_is_byte_identical_whatever_the_worker_count(tmp_path):
     one = generate_dataset(tmp_path / "one", n=24, size=48, seed=11, workers=1)
     two = generate_dataset(tmp_path / "two", n=24, size=48, seed=11, workers=2)
     assert file_digests(one) == file_digests(two)
-    assert len(file_digests(one)) == 24 + 2
+    assert len(file_digests(one)) == 24 + 3  # the images, phantoms.csv, boxes.csv and the notice
 
 
 def test_different_seed_gives_different_images(tmp_path):

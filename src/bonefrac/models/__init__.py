@@ -3,7 +3,7 @@
 >>> model = create_model("efficientnet_lite0", num_classes=2, in_chans=1)  # offline ImageNet weights
 >>> [spec.name for spec in list_models()]  # doctest: +NORMALIZE_WHITESPACE
 ['cnn-small', 'cnn-bn', 'efficientnet_b0', 'efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2', 'resnet50',
- 'vgg16']
+ 'vgg16', 'localiser-lite0']
 """
 
 from bonefrac.models.registry import (

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from bonefrac.errors import BonefracError
+
 STRIDE = 8  # input pixels per map cell
 STAGES = 3  # the backbone's last three feature stages: strides 8, 16 and 32 for EfficientNet
 PRIOR = 0.01  # the heat head starts at this probability everywhere (focal-loss practice: few cells hold a fracture)
@@ -43,7 +45,7 @@ class LocaliserNet(nn.Module):
     def __init__(self, backbone: nn.Module, *, num_classes: int = 2, positive: int = 0, width: int = 96):
         super().__init__()
         if num_classes != 2:
-            raise ValueError(f"a localiser has two classes (fracture or not), not {num_classes}")
+            raise BonefracError(f"a localiser tells fractured from not fractured: two classes, not {num_classes}")
         self.backbone = backbone
         # Which of the two logits is "fractured": saved with the weights, so a rebuilt network (Run.network, which
         # knows no labels when it builds) decides as the trained one did once model.safetensors is loaded.
