@@ -226,21 +226,29 @@ FROC_POINTS = (0.5, 1.0, 2.0)  # false positives per image at which sensitivity 
 AP_IOUS = (0.3, 0.5)
 
 
+def _froc_parts(found: Sequence[tuple[Box, float]], truth: Sequence[Box]) -> tuple[list[float], list[float]]:
+    """One image: each true box's detection score (the best score of a predicted box centred in it; -inf when none
+    is) and the scores of its false positives."""
+    lesions = [max((score for box, score in found if centre_in(box, [t])), default=-math.inf) for t in truth]
+    false = [score for box, score in found if not centre_in(box, truth)]
+    return lesions, false
+
+
+def _froc(lesions: np.ndarray, false: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    thresholds = np.unique(np.concatenate([lesions[np.isfinite(lesions)], false]))[::-1]
+    sensitivity = (np.searchsorted(np.sort(-lesions), -thresholds, side="right") / lesions.size if lesions.size
+                   else np.full(thresholds.shape, np.nan))
+    fp_rate = np.searchsorted(np.sort(-false), -thresholds, side="right") / n_images
+    return thresholds, sensitivity, fp_rate
+
+
 def froc_curve(predicted: Sequence[Sequence[tuple[Box, float]]], truth: Sequence[Sequence[Box]]
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(thresholds, sensitivity, false positives per image), one point per distinct score, highest first."""
-    scores = sorted({score for found in predicted for _, score in found}, reverse=True)
-    n_true = sum(len(t) for t in truth)
-    sensitivity, fp_rate = [], []
-    for threshold in scores:
-        found_true, false = 0, 0
-        for boxes, true in zip(predicted, truth, strict=True):
-            kept = [box for box, score in boxes if score >= threshold]
-            found_true += sum(any(centre_in(box, [t]) for box in kept) for t in true)
-            false += sum(not centre_in(box, true) for box in kept)
-        sensitivity.append(found_true / n_true if n_true else float("nan"))
-        fp_rate.append(false / len(truth))
-    return np.array(scores), np.array(sensitivity), np.array(fp_rate)
+    parts = [_froc_parts(p, t) for p, t in zip(predicted, truth, strict=True)]
+    lesions = np.array([s for lesion, _ in parts for s in lesion], dtype=float)
+    false = np.array([s for _, fp in parts for s in fp], dtype=float)
+    return _froc(lesions, false, len(truth))
 
 
 def sensitivity_at(fp_rate: np.ndarray, sensitivity: np.ndarray, fp_per_image: float) -> float:
@@ -249,41 +257,62 @@ def sensitivity_at(fp_rate: np.ndarray, sensitivity: np.ndarray, fp_per_image: f
     return float(allowed.max()) if allowed.size else 0.0
 
 
+def _matches(found: Sequence[tuple[Box, float]], truth: Sequence[Box], iou_threshold: float
+             ) -> list[tuple[float, bool]]:
+    """One image's predictions, best first, each (score, true positive): a match at IoU >= the threshold with a true
+    box no better-scored prediction took (the same greedy matching as over all images, which never crosses images)."""
+    taken: set[int] = set()
+    out = []
+    for box, score in sorted(found, key=lambda pair: -pair[1]):
+        best = max(((iou(box, t), k) for k, t in enumerate(truth) if k not in taken), default=(0.0, -1))
+        hit = best[0] >= iou_threshold
+        if hit:
+            taken.add(best[1])
+        out.append((score, hit))
+    return out
+
+
+def _ap(scores: np.ndarray, hits: np.ndarray, n_true: int) -> float:
+    if n_true == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    tp = np.cumsum(hits[order])
+    recall = np.concatenate(([0.0], tp / n_true))
+    precision = np.concatenate(([1.0], tp / np.arange(1, len(order) + 1)))
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # the envelope: precision never rises with recall
+    return float(np.sum(np.diff(recall) * precision[1:]))
+
+
 def average_precision(predicted: Sequence[Sequence[tuple[Box, float]]], truth: Sequence[Sequence[Box]],
                       iou_threshold: float) -> float:
     """Area under the all-point-interpolated precision-recall curve (PASCAL VOC 2010+): predictions over all images
     best first, each a true positive when it overlaps a not yet matched true box of its image by >= the IoU."""
-    n_true = sum(len(t) for t in truth)
-    if n_true == 0:
-        return float("nan")
-    ranked = sorted(((score, i, box) for i, found in enumerate(predicted) for box, score in found), reverse=True)
-    matched = [set() for _ in truth]
-    hits = []
-    for _, i, box in ranked:
-        overlaps = [(iou(box, t), k) for k, t in enumerate(truth[i]) if k not in matched[i]]
-        best = max(overlaps, default=(0.0, -1))
-        hit = best[0] >= iou_threshold
-        if hit:
-            matched[i].add(best[1])
-        hits.append(hit)
-    tp = np.cumsum(hits)
-    recall = np.concatenate(([0.0], tp / n_true))
-    precision = np.concatenate(([1.0], tp / np.arange(1, len(hits) + 1)))
-    precision = np.maximum.accumulate(precision[::-1])[::-1]  # the envelope: precision never rises with recall
-    return float(np.sum(np.diff(recall) * precision[1:]))
+    pairs = [m for p, t in zip(predicted, truth, strict=True) for m in _matches(p, t, iou_threshold)]
+    return _ap(np.array([s for s, _ in pairs], dtype=float), np.array([h for _, h in pairs], dtype=bool),
+               sum(len(t) for t in truth))
 
 
 def detection_metrics(predicted: Sequence[Sequence[tuple[Box, float]]], truth: Sequence[Sequence[Box]],
                       groups: Sequence[str], *, n_resamples: int = 1000, seed: int = 0) -> dict:
     """FROC sensitivities at FROC_POINTS and AP at AP_IOUS, each {"point", "low", "high"} with a 95 % bootstrap
-    interval over `groups` (studies: an image's views come together), and n images, true boxes and groups."""
+    interval over `groups` (studies: an image's views come together), and n images, true boxes and groups. What
+    each image contributes is worked out once; a resample only gathers it."""
     from bonefrac.metrics import bootstrap_indices
 
+    froc = [_froc_parts(p, t) for p, t in zip(predicted, truth, strict=True)]
+    matches = {v: [_matches(p, t, v) for p, t in zip(predicted, truth, strict=True)] for v in AP_IOUS}
+
     def measure(index: Sequence[int]) -> dict[str, float]:
-        p, t = [predicted[i] for i in index], [truth[i] for i in index]
-        _, sensitivity, fp_rate = froc_curve(p, t)
+        lesions = np.array([s for i in index for s in froc[i][0]], dtype=float)
+        false = np.array([s for i in index for s in froc[i][1]], dtype=float)
+        _, sensitivity, fp_rate = _froc(lesions, false, len(index))
         out = {f"sensitivity@{x:g}fp": sensitivity_at(fp_rate, sensitivity, x) for x in FROC_POINTS}
-        return out | {f"ap@{v:g}": average_precision(p, t, v) for v in AP_IOUS}
+        n_true = sum(len(truth[i]) for i in index)
+        for v, per_image in matches.items():
+            pairs = [m for i in index for m in per_image[i]]
+            out[f"ap@{v:g}"] = _ap(np.array([s for s, _ in pairs], dtype=float),
+                                   np.array([h for _, h in pairs], dtype=bool), n_true)
+        return out
 
     point = measure(range(len(truth)))
     draws = [measure(index) for index in bootstrap_indices(len(truth), groups=np.asarray(groups),
