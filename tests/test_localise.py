@@ -20,7 +20,7 @@ from bonefrac.data.io import read_image
 from bonefrac.data.transforms import Placement, TrainPreset
 from bonefrac.explain import Explainer, explain_paths
 from bonefrac.export import export_onnx
-from bonefrac.localise import decode, encode, heat_loss
+from bonefrac.localise import BoxDataset, decode, encode, heat_loss
 from bonefrac.models import create_model
 from bonefrac.models.localiser import STRIDE, Maps
 from bonefrac.predict import Predictor, write_predictions
@@ -76,6 +76,26 @@ def test_boxes_move_with_the_pixels_through_augmentation():
         centre = (xs.mean() + 0.5, ys.mean() + 0.5)
         x0, y0, x1, y1 = moved[0].tolist()
         assert abs((x0 + x1) / 2 - centre[0]) < 3 and abs((y0 + y1) / 2 - centre[1]) < 3
+
+
+def test_a_fractured_image_whose_boxes_are_warped_out_teaches_no_map():
+    class Images:  # what BoxDataset reads of a CachedImageDataset
+        targets = [0]
+
+        def __len__(self):
+            return 1
+
+        def pixels(self, index):
+            return np.zeros((64, 64), np.uint8)
+
+    def shifted_out(pixels, boxes=None):  # an augmentation that moves every box off the picture
+        image = torch.zeros(1, 64, 64)
+        if boxes is None:
+            return image
+        return image, tv_tensors.BoundingBoxes(boxes + 100, format="XYXY", canvas_size=(64, 64))
+
+    _, label, heat, _, mask, weight = BoxDataset(Images(), [[(8.0, 8.0, 24.0, 24.0)]], shifted_out, 64)[0]
+    assert label == 0 and weight == 0 and heat.sum() == 0 and mask.sum() == 0
 
 
 def test_the_localiser_is_a_classifier_with_a_saved_positive_class():

@@ -141,7 +141,9 @@ class BoxDataset(torch.utils.data.Dataset):
         if boxes:
             given = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(self.size, self.size))
             image, moved = self.preset(pixels, given)
-            boxes = [tuple(b) for b in moved.clamp(0, self.size).tolist()]
+            # A box warped out of the picture is gone; when all are, the fracture is still somewhere (it may be cut
+            # off by the warp), so the map gets no target rather than one of negatives.
+            boxes = [tuple(b) for b in moved.clamp(0, self.size).tolist() if b[2] > b[0] and b[3] > b[1]] or None
         else:
             image = self.preset(pixels)
         return (image, label, *encode(boxes, self.grid))
