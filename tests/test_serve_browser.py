@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from bonefrac.data.synth import render, sample_phantom
+from tests.test_localise import bars  # noqa: F401 -- 64 px bars with their gap boxes
 from tests.test_serve import run  # noqa: F401 -- the module's tiny calibrated and evaluated run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -173,6 +174,7 @@ def test_one_phantom_decision_heatmap_on_request_zoom_and_window_level(page, pha
     assert heat.get_attribute("src").startswith("data:image/png;base64,")
     assert heat.evaluate("img => [img.naturalWidth, img.naturalHeight, img.complete]") == [128, 128, True]
     assert result.locator(".heat-caption").inner_text().startswith("Grad-CAM")  # for the class, or flat (tiny model)
+    assert result.locator("svg.boxes").count() == 0 and result.locator(".show-boxes").count() == 0  # no localiser
     slider = result.locator("input.opacity")
     assert page.locator(f"label[for='{slider.get_attribute('id')}']").inner_text() == "heatmap opacity"
     slider.fill("20")
@@ -270,3 +272,50 @@ def test_the_page_asks_for_the_token_once_and_keeps_it_for_the_tab(run, phantom)
             expect(page.locator("#status")).to_have_text(re.compile("^Done: 1 file analysed"), timeout=60_000)
             assert dialog.is_hidden() and page.locator(".result .decision").first.inner_text().startswith("Decision:")
             assert page.evaluate("sessionStorage.getItem('bonefrac-token')") == token
+
+
+@pytest.fixture(scope="module")
+def localiser_run(bars, tmp_path_factory) -> Path:  # noqa: F811
+    """A tiny localiser trained on 64 px bar images with their gap boxes (tests/test_localise.py's data)."""
+    from bonefrac.config import build_config
+    from bonefrac.train import fit
+
+    root, _ = bars
+    out = tmp_path_factory.mktemp("localiser")
+    return fit(build_config(overrides={
+        "data.root": str(root), "data.image_size": 64, "data.workers": 0, "data.cache_dir": str(out / "cache"),
+        "data.augment": "none", "data.batch_size": 8, "model.name": "localiser-lite0", "train.epochs": 2,
+        "train.lr": 1e-3,
+    }), out / "run", progress=False)
+
+
+def test_a_localisers_boxes_are_drawn_over_the_xray_and_can_be_hidden(localiser_run, bars):  # noqa: F811
+    """The API's boxes (file pixels) become SVG rectangles in a layer whose viewBox is the file's size, with the
+    score beside each; the checkbox hides and shows them; a classifier's page has no box controls (above)."""
+    from playwright.sync_api import expect
+
+    root, _ = bars
+    gapped = sorted((root / "test" / "fractured").glob("*.png"))[0]
+    url = next(serving_iter := serving(localiser_run))
+    try:
+        with browser_page(url) as (page, _):
+            page.locator("#card table caption").first.wait_for(timeout=30_000)
+            drop_files(page, [gapped])
+            expect(page.locator("#status")).to_have_text(re.compile("^Done: 1 file analysed"), timeout=60_000)
+            result = page.locator(".result").first
+            layer = result.locator("svg.boxes")
+            assert layer.get_attribute("viewBox") == "0 0 64 64"
+            boxes = layer.locator("rect.box")
+            assert 1 <= boxes.count() <= 3
+            scores = [float(t) for t in layer.locator("text").all_text_contents()]  # SVG text has no innerText
+            assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+            x, width = boxes.first.evaluate("r => [r.x.baseVal.value, r.width.baseVal.value]")
+            assert 0 <= x < 64 and width > 0
+            assert result.locator(".boxes-caption").inner_text().startswith("Boxes: the localiser's")
+            toggle = result.locator(".show-boxes")
+            toggle.uncheck()
+            assert layer.is_hidden()
+            toggle.check()
+            assert layer.is_visible()
+    finally:
+        serving_iter.close()

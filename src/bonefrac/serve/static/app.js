@@ -166,6 +166,7 @@ function showResult(entry) {
 
   showImage(entry, node, id);
   showHeatmap(entry, node, id);
+  showBoxes(entry, node);
 
   if (!answer.accepted) {
     const ood = $(".ood", node);
@@ -361,6 +362,58 @@ function showHeatmap(entry, node, id) {
     ? "Grad-CAM: the map is flat, it points nowhere in particular."
     : `Grad-CAM for “${answer.heatmap.target}”: coloured where the image moved that score most (red most), ` +
       "clear where it did not. Where the model looked, not proof of a fracture.";
+}
+
+// A localiser's best boxes (the API gives them in the file's pixels, best first), drawn over the X-ray; the same
+// number `bonefrac explain` draws. A classifier's answer has no boxes, and the controls go.
+const BOXES_DRAWN = 3;
+const SVG = "http://www.w3.org/2000/svg";
+
+function showBoxes(entry, node) {
+  const answer = entry.answer;
+  const layer = $("svg.boxes", node);
+  const control = $(".boxes-control", node);
+  const caption = $(".boxes-caption", node);
+  if (!answer.boxes) {
+    layer.remove();
+    control.remove();
+    caption.remove();
+    return;
+  }
+  layer.setAttribute("viewBox", `0 0 ${answer.image.width} ${answer.image.height}`);
+  const drawn = answer.boxes.slice(0, BOXES_DRAWN);
+  const fontSize = Math.max(12, answer.image.height / 40);
+  for (const box of drawn) {
+    for (const kind of ["halo", "box"]) {
+      const rect = document.createElementNS(SVG, "rect");
+      rect.setAttribute("class", kind);
+      rect.setAttribute("x", box.x0);
+      rect.setAttribute("y", box.y0);
+      rect.setAttribute("width", box.x1 - box.x0);
+      rect.setAttribute("height", box.y1 - box.y0);
+      layer.append(rect);
+    }
+    const label = document.createElementNS(SVG, "text");
+    label.setAttribute("x", box.x0);
+    label.setAttribute("y", Math.max(fontSize, box.y0 - 4));
+    label.setAttribute("font-size", fontSize);
+    label.textContent = box.score.toFixed(2);
+    layer.append(label);
+  }
+  layer.setAttribute("role", "img");
+  layer.setAttribute("aria-label", drawn.length
+    ? `${drawn.length} boxes from the localiser, scores ${drawn.map((b) => b.score.toFixed(2)).join(", ")}`
+    : "the localiser found no box");
+  const toggle = $(".show-boxes", node);
+  const apply = () => { layer.style.display = toggle.checked ? "" : "none"; }; // an SVG element has no .hidden
+  toggle.addEventListener("change", apply);
+  control.hidden = false;
+  apply();
+  caption.hidden = false;
+  caption.textContent = drawn.length
+    ? `Boxes: the localiser's ${drawn.length} best, each with its score (the heat probability at its centre). ` +
+      "Where its evidence is, not a finding."
+    : "Boxes: the localiser found none.";
 }
 
 // --- the summary table and its CSV ---------------------------------------------------------------------------------
