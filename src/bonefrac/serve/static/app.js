@@ -367,7 +367,6 @@ function showHeatmap(entry, node, id) {
 // A localiser's best boxes (the API gives them in the file's pixels, best first), drawn over the X-ray; the same
 // number `bonefrac explain` draws. A classifier's answer has no boxes, and the controls go.
 const BOXES_DRAWN = 3;
-const SVG = "http://www.w3.org/2000/svg";
 
 function showBoxes(entry, node) {
   const answer = entry.answer;
@@ -380,6 +379,7 @@ function showBoxes(entry, node) {
     caption.remove();
     return;
   }
+  const SVG = layer.namespaceURI; // new rectangles and labels in the layer's own (SVG) namespace
   layer.setAttribute("viewBox", `0 0 ${answer.image.width} ${answer.image.height}`);
   const drawn = answer.boxes.slice(0, BOXES_DRAWN);
   const fontSize = Math.max(12, answer.image.height / 40);
