@@ -73,14 +73,12 @@ def threshold_at(items: list[dict], fp_per_image: float) -> float:
 
 
 def at_threshold(items: list[dict], threshold: float) -> dict:
-    """Sensitivity (true boxes found) and false positives per image with the boxes at or above threshold."""
-    found = n_true = false = 0
-    for item in items:
-        kept = [box for box, score in item["predicted"] if score >= threshold]
-        found += sum(any(centre_in(box, [t]) for box in kept) for t in item["truth"])
-        n_true += len(item["truth"])
-        false += sum(not centre_in(box, item["truth"]) for box in kept)
-    return {"threshold": threshold, "sensitivity": found / n_true, "fp_per_image": false / len(items)}
+    """Sensitivity (true boxes found) and false positives per image with the boxes at or above threshold: the FROC
+    curve's point at the lowest of its thresholds that is still >= threshold (no score lies in between)."""
+    thresholds, sensitivity, fp_rate = froc_curve([i["predicted"] for i in items], [i["truth"] for i in items])
+    at = np.flatnonzero(thresholds >= threshold)
+    point = (float(sensitivity[at[-1]]), float(fp_rate[at[-1]])) if at.size else (0.0, 0.0)
+    return {"threshold": threshold, "sensitivity": point[0], "fp_per_image": point[1]}
 
 
 def top_box_hit_rate(items: list[dict], seed: int = 0) -> dict:

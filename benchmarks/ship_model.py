@@ -105,7 +105,7 @@ def model_card(name: str, run: Run, summary: dict, evals: dict[str, dict], bench
         f"> {DISCLAIMER} Do not use its output to diagnose, treat or triage anyone.",
         "",
         "## What it is",
-        *(_ensemble_lines(run, summary, results) if run.members else [
+        *(_ensemble_lines(run, summary, results or {}) if run.members else [
             f"- Network: {summary['model']} ({summary['parameters']:,} parameters), input the grayscale image "
             f"letterboxed to {run.preprocessing.image_size} px (aspect kept, black pad); it started from the ImageNet "
             f"weights of the `{_weights_package(summary['model'])}` package.",

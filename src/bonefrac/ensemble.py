@@ -123,7 +123,7 @@ def make_ensemble(
                                                               for m in records),
         "members": [{"name": m.name, "source": m.source, "model": m.model,
                      "image_size": m.preprocessing.image_size, "temperature": m.temperature,
-                     "val_auroc": (Run.of(r).summary() or {}).get("best_val_auroc")}
+                     "val_auroc": (r.summary() or {}).get("best_val_auroc")}
                     for m, r in zip(records, members, strict=True)],
         "best_val_auroc": val_auc,
         "parameters": num_parameters(network),

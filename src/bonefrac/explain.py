@@ -109,20 +109,23 @@ class Explainer:
         if target is not None and target not in p.labels:
             raise BonefracError(f"explain target {target!r} is not one of the run's labels: {', '.join(p.labels)}")
         batch = p.run.preprocessing(pixels).unsqueeze(0)
+        maps = None
         with self._lock:
             with torch.no_grad():
-                logits = self.model(batch).float().numpy()
+                if p.localises:  # one pass: the logits come from the maps the boxes are read from
+                    maps = self.model.maps(batch)
+                    logits = self.model.logits(maps.heat).float().numpy()
+                else:
+                    logits = self.model(batch).float().numpy()
             probabilities = apply_temperature(logits, p.temperature)[0]
             prediction = p.decide(probabilities)
             chosen = target or prediction
             with torch.enable_grad(), METHODS[self.method](model=self.model, target_layers=self.layers) as cam:
                 square = cam(input_tensor=batch, targets=[ClassifierOutputTarget(p.labels.index(chosen))])[0]
         boxes = None
-        if p.localises:  # the localiser's own answer to "where", beside the map
+        if maps is not None:  # the localiser's own answer to "where", beside the map
             from bonefrac.localise import image_boxes
 
-            with torch.no_grad():
-                maps = self.model.maps(batch)
             boxes = image_boxes(maps, [Placement.of(*pixels.shape, batch.shape[-1])])[0]
         return Explanation(
             heatmap=unletterbox(square, pixels.shape),

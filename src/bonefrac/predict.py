@@ -358,8 +358,12 @@ class Predictor:
         if not images:
             return []
         batch = torch.stack([image.tensor for image in images])
-        boxes = self._boxes(batch, images) if self.localises else [None] * len(images)
-        proba = apply_temperature(self.logits(batch), self.temperature)
+        if self.localises:  # one pass gives the logits and the maps (TTA adds its own passes for the logits)
+            logits, boxes = self._localise(batch, images)
+            logits = self.logits(batch) if self.tta else logits
+        else:
+            logits, boxes = self.logits(batch), [None] * len(images)
+        proba = apply_temperature(logits, self.temperature)
         return [
             PredictionRow(
                 file=image.file,
@@ -378,19 +382,22 @@ class Predictor:
             for image, p, found in zip(images, proba, boxes, strict=True)
         ]
 
-    def _boxes(self, batch: torch.Tensor, images: Sequence[PreparedImage]) -> list[list[dict]]:
-        """A localiser's boxes per image, in each file's pixels (localise.image_boxes), from the chosen backend."""
+    def _localise(self, batch: torch.Tensor, images: Sequence[PreparedImage]) -> tuple[np.ndarray, list[list[dict]]]:
+        """A localiser's logits, and its boxes per image in each file's pixels (localise.image_boxes), from one pass
+        of the chosen backend (an exported localiser's graph gives its maps after the logits)."""
         from bonefrac.localise import image_boxes
 
-        if self._session is not None:  # an exported localiser's graph gives its maps after the logits
-            heat, size, offset = self._session.run(None, {self._input_name: batch.numpy().astype(np.float32)})[1:4]
-            maps = Maps(*(torch.from_numpy(m) for m in (heat, size, offset)))
+        if self._session is not None:
+            outputs = self._session.run(None, {self._input_name: batch.numpy().astype(np.float32)})
+            logits, maps = outputs[0], Maps(*(torch.from_numpy(m) for m in outputs[1:4]))
         else:
             with torch.inference_mode():
                 maps = self.model.maps(batch)
+                logits = self.model.logits(maps.heat).float().numpy()
         places = [Placement.of(image.info.height, image.info.width, self.image_size) for image in images]
-        return [[{"x0": round(box[0], 1), "y0": round(box[1], 1), "x1": round(box[2], 1), "y1": round(box[3], 1),
-                  "score": round(score, 4)} for box, score in found] for found in image_boxes(maps, places)]
+        boxes = [[{"x0": round(box[0], 1), "y0": round(box[1], 1), "x1": round(box[2], 1), "y1": round(box[3], 1),
+                   "score": round(score, 4)} for box, score in found] for found in image_boxes(maps, places)]
+        return logits, boxes
 
     def predict_paths(
         self, paths: Iterable[str | os.PathLike[str]], *, progress: Callable[[int, int], None] | None = None,

@@ -38,7 +38,6 @@ class EnsembleNet(nn.Module):
         self.members = nn.ModuleList(members)
         self.names = list(names)
         self.image_size = image_size
-        self.sizes = [p.image_size for p in inputs]
         self.channels = [p.channels for p in inputs]
         for i, (preprocessing, temperature) in enumerate(zip(inputs, temperatures, strict=True)):
             if preprocessing.image_size > image_size:
