@@ -3,15 +3,16 @@
     python benchmarks/localisation.py RUN --data ../shared/data/fracatlas-grouped [--out /tmp/loc.json]
                                           [--figure docs/images/localisation_test.png]
 
-RUN is a `localiser-lite0` run (benchmarks/real_accuracy.py --only localiser-384). Every readable image of val and
+RUN localises: a `localiser-lite0` run (benchmarks/real_accuracy.py --only localiser-384) or an ensemble with one
+(--only lite0-localiser-384, the shipped model). Every readable image of val and
 test goes through the network once (letterboxed as in training); its boxes (heat-map peaks, up to 10, in the file's
 pixels) are compared with boxes.csv (none for a not-fractured image). A true box is found when a predicted box's
 centre lies inside it; every predicted box that finds none is a false positive. Reported per split: sensitivity
 (the share of true boxes found) at 0.5, 1 and 2 false positives per image (FROC), AP at IoU 0.3 and 0.5, and the
 hit rate of each fractured image's top box; 95 % intervals resample whole studies (manifest.csv `group`). The
-score thresholds that give 0.5 and 1 false positive per image on **val** are recorded ("fracture" and "doubt"
-boxes) and applied to test as they are. --figure draws true (green) and predicted boxes (red: at or above the
-"fracture" threshold, orange: "doubt") on the first fractured test image of six studies.
+"fracture" and "doubt" box thresholds are the run's (calibration.json: chosen on **val** by `bonefrac calibrate`,
+detection.BOX_LEVELS) and applied to test as they are. --figure draws true (green) and predicted boxes (red:
+"fracture", orange: "doubt") on the first fractured test image of six studies.
 
 Research tool, not a diagnosis: boxes show where the model's evidence is, not a finding.
 """
@@ -32,14 +33,14 @@ from PIL import Image, ImageDraw
 
 from bonefrac import DISCLAIMER
 from bonefrac.boxes import centre_in, read_boxes
+from bonefrac.calibration import FRACTURE
 from bonefrac.data.io import read_image
 from bonefrac.data.transforms import Placement
+from bonefrac.detection import BELOW, box_level, choose_box_levels, detection_metrics, froc_point, image_boxes
 from bonefrac.errors import ImageReadError
-from bonefrac.localise import detection_metrics, froc_curve, image_boxes
 from bonefrac.metrics import bootstrap_indices
+from bonefrac.models.localiser import localises
 from bonefrac.run import Run
-
-POINTS = {"fracture": 0.5, "doubt": 1.0}  # false positives per image on val that fix each box threshold
 
 
 def predict_split(run: Run, network: torch.nn.Module, root: Path, split: str) -> list[dict]:
@@ -56,29 +57,13 @@ def predict_split(run: Run, network: torch.nn.Module, root: Path, split: str) ->
             print(f"skipped {key}: {err}")
             continue
         with torch.no_grad():
-            maps = network.maps(run.preprocessing(pixels)[None])
+            _, maps = network.localise(run.preprocessing(pixels)[None])
         found = image_boxes(maps, [Placement.of(*pixels.shape, run.preprocessing.image_size)], min_score=0.01)[0]
         out.append({"key": key, "label": row["label"], "group": row["group"], "region": row["region"],
                     "truth": truth.get(key, []), "predicted": found})
         if (i + 1) % 100 == 0:
             print(f"{split}: {i + 1}/{len(rows)} images")
     return out
-
-
-def threshold_at(items: list[dict], fp_per_image: float) -> float:
-    """The lowest score threshold whose false positives per image stay within fp_per_image (on these images)."""
-    thresholds, _, fp_rate = froc_curve([i["predicted"] for i in items], [i["truth"] for i in items])
-    allowed = thresholds[fp_rate <= fp_per_image]
-    return float(allowed.min()) if allowed.size else float("inf")
-
-
-def at_threshold(items: list[dict], threshold: float) -> dict:
-    """Sensitivity (true boxes found) and false positives per image with the boxes at or above threshold: the FROC
-    curve's point at the lowest of its thresholds that is still >= threshold (no score lies in between)."""
-    thresholds, sensitivity, fp_rate = froc_curve([i["predicted"] for i in items], [i["truth"] for i in items])
-    at = np.flatnonzero(thresholds >= threshold)
-    point = (float(sensitivity[at[-1]]), float(fp_rate[at[-1]])) if at.size else (0.0, 0.0)
-    return {"threshold": threshold, "sensitivity": point[0], "fp_per_image": point[1]}
 
 
 def top_box_hit_rate(items: list[dict], seed: int = 0) -> dict:
@@ -91,7 +76,7 @@ def top_box_hit_rate(items: list[dict], seed: int = 0) -> dict:
     return {"point": float(hits.mean()), "low": float(low), "high": float(high), "n": len(hits)}
 
 
-def draw(items: list[dict], thresholds: dict[str, float], path: Path, root: Path) -> None:
+def draw(items: list[dict], levels: dict[str, dict], path: Path, root: Path) -> None:
     """True and predicted boxes on the first fractured image of six studies, side by side (256 px high each)."""
     chosen, seen = [], set()
     for item in items:
@@ -109,8 +94,9 @@ def draw(items: list[dict], thresholds: dict[str, float], path: Path, root: Path
         for box in item["truth"]:
             pen.rectangle(box, outline=(0, 220, 0), width=width)
         for box, score in item["predicted"]:
-            if score >= thresholds["doubt"]:
-                colour = (255, 40, 40) if score >= thresholds["fracture"] else (255, 160, 0)
+            level = box_level(score, levels)
+            if level != BELOW:
+                colour = (255, 40, 40) if level == FRACTURE else (255, 160, 0)
                 pen.rectangle(box, outline=colour, width=width)
                 pen.text((box[0], max(0, box[1] - 12)), f"{score:.2f}", fill=colour)
         scale = 256 / image.height
@@ -134,24 +120,29 @@ def main() -> None:
     started = time.perf_counter()
     run = Run.load(args.run)
     network = run.network()
-    if not hasattr(network, "maps"):
-        raise SystemExit(f"{args.run} is not a localiser run (model {run.config.model.name})")
+    if not localises(network):
+        raise SystemExit(f"{args.run} does not localise (model {run.config.model.name})")
     items = {split: predict_split(run, network, args.data, split) for split in ("val", "test")}
-    thresholds = {name: threshold_at(items["val"], fp) for name, fp in POINTS.items()}
-    result = {"run": str(args.run), "data": str(args.data), "thresholds_on_val": thresholds, "splits": {}}
+    # The levels the run's calibration chose on val (what predict and the page use); chosen here the same way when
+    # the run has none
+    on_val = choose_box_levels([i["predicted"] for i in items["val"]], [i["truth"] for i in items["val"]])
+    levels = run.calibration.box_levels or on_val
+    result = {"run": str(args.run), "data": str(args.data), "box_levels": levels,
+              "box_levels_from": "calibration.json" if run.calibration.box_levels else "val, here", "splits": {}}
     for split, its in items.items():
         groups = [i["group"] for i in its]
         result["splits"][split] = {
             **detection_metrics([i["predicted"] for i in its], [i["truth"] for i in its], groups),
             "top_box_hit_rate": top_box_hit_rate(its),
-            "at_val_thresholds": {name: at_threshold(its, t) for name, t in thresholds.items()},
+            "at_box_levels": {name: froc_point([i["predicted"] for i in its], [i["truth"] for i in its],
+                                               level["threshold"]) for name, level in levels.items()},
         }
     result |= {"seconds": round(time.perf_counter() - started), "measured": datetime.now(UTC).strftime(
         "%Y-%m-%d %H:%M UTC"), "machine": f"{platform.machine()}, CPU", "disclaimer": DISCLAIMER}
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result["splits"], indent=1))
     if args.figure:
-        draw(items["test"], thresholds, args.figure, args.data)
+        draw(items["test"], levels, args.figure, args.data)
     print(DISCLAIMER)
 
 

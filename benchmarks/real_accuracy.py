@@ -110,6 +110,7 @@ EXPERIMENTS: dict[str, tuple[dict, str]] = {
 ENSEMBLES: dict[str, tuple[str, ...]] = {
     "lite0-lite1-384": ("lite0-finetune-384", "lite1-finetune-384"),
     "lite0x2-lite1-384": ("lite0-finetune-384", "lite0-finetune-384-e10", "lite1-finetune-384"),
+    "lite0-localiser-384": ("lite0-finetune-384", "localiser-384"),  # the shipped model (the localiser's boxes)
 }
 STRATA = ("source", "region")  # the manifest.csv columns reported per value, where a data folder has them
 OPERATING_POINT = "sensitivity>=0.9"  # the threshold the table reports sensitivity and specificity at

@@ -91,6 +91,22 @@ def _ensemble_lines(run: Run, summary: dict, results: dict) -> list[str]:
     return lines
 
 
+def _box_lines(run: Run, test: dict) -> list[str]:
+    """A localising model's boxes: the levels chosen on val, and test measured against the radiologists' boxes."""
+    from bonefrac.detection import box_levels_text, box_text
+
+    if "boxes" not in run.calibration.record:
+        return []
+    lines = ["", "## Where: boxes around suspected fractures", "",
+             "Each prediction carries boxes (in the file's pixels) from the localiser's heat map, each with a score "
+             "and a level: " + box_levels_text(run.calibration.record["boxes"]) + ". A box shows where the model's "
+             "evidence is, not a finding; `bonefrac explain`, the page and `bonefrac predict` show them "
+             "(docs/LOCALISATION.md)."]
+    if test.get("boxes"):
+        lines += ["", "On test, against the radiologists' boxes:", "", "```", *box_text(test["boxes"]), "```"]
+    return lines
+
+
 def model_card(name: str, run: Run, summary: dict, evals: dict[str, dict], benchmark: dict | None,
                results: dict | None = None) -> str:
     test, val = evals["test"], evals["val"]
@@ -164,6 +180,7 @@ def model_card(name: str, run: Run, summary: dict, evals: dict[str, dict], bench
         for column, table in cross.get("strata", {}).items():
             lines += [f"- {column} = {value}: {s['n_files']} files, {s['positives']} {positive}, ROC AUC "
                       f"{format_interval(s['roc_auc'])}" for value, s in table.items()]
+    lines += _box_lines(run, test)
     lines += [
         "",
         "## Limits",
@@ -178,7 +195,9 @@ def model_card(name: str, run: Run, summary: dict, evals: dict[str, dict], bench
         "Prevalence differs between sites: the same threshold gives another positive predictive value elsewhere.",
         "- Out-of-distribution inputs (photos, documents, blank images) are flagged by a rule-based guard "
         "(docs/OOD.md), not refused; other body parts or modalities may pass it.",
-        "- Grad-CAM maps show what moved the score, not where a fracture is (docs/EXPLAIN.md).",
+        "- Grad-CAM maps show what moved the score, not where a fracture is (docs/EXPLAIN.md)."
+        + (" The boxes are trained on the radiologists' boxes and point at fractures more often, but they miss "
+           "many (the sensitivities above): no box is not no fracture." if run.calibration.box_levels else ""),
         "",
         f"Source run: `{benchmark['name'] if benchmark else run.path.name}`; bonefrac {summary['bonefrac_version']}.",
     ]

@@ -93,3 +93,8 @@ def test_read_boxes_groups_rows_by_file(tmp_path: Path):
                                         "val,fractured,b.jpg,0,0,1,1\n")
     assert read_boxes(tmp_path / "boxes.csv", "test") == {"test/fractured/a.jpg": [(1, 2, 3, 4), (5, 6, 7.5, 8)]}
     assert set(read_boxes(tmp_path / "boxes.csv")) == {"test/fractured/a.jpg", "val/fractured/b.jpg"}
+    # a folder without split folders (label/file): no split column, or an empty one
+    (tmp_path / "flat.csv").write_text("label,file,x0,y0,x1,y1\nfractured,a.jpg,1,2,3,4\n")
+    assert read_boxes(tmp_path / "flat.csv") == {"fractured/a.jpg": [(1, 2, 3, 4)]}
+    (tmp_path / "empty.csv").write_text("split,label,file,x0,y0,x1,y1\n,fractured,a.jpg,1,2,3,4\n")
+    assert read_boxes(tmp_path / "empty.csv", "") == {"fractured/a.jpg": [(1, 2, 3, 4)]}

@@ -18,16 +18,21 @@ from bonefrac.boxes import centre_in, from_square
 from bonefrac.config import build_config
 from bonefrac.data.io import read_image
 from bonefrac.data.transforms import Placement, TrainPreset
+from bonefrac.detection import BELOW, BOX_FIELDS, MIN_SCORE, box_level, decode, read_box_cell
+from bonefrac.ensemble import make_ensemble
+from bonefrac.errors import BonefracError
+from bonefrac.evaluate import evaluate_run
 from bonefrac.explain import Explainer, explain_paths
 from bonefrac.export import export_onnx
-from bonefrac.localise import BoxDataset, decode, encode, heat_loss
+from bonefrac.localise import BoxDataset, encode, heat_loss
 from bonefrac.models import create_model
 from bonefrac.models.localiser import STRIDE, Maps
 from bonefrac.predict import Predictor, write_predictions
+from bonefrac.report import write_report
 from bonefrac.run import Run
 from bonefrac.serve import create_app
 from bonefrac.train import fit
-from tests.helpers import bar_with_gap
+from tests.helpers import bar_with_gap, tiny_fit
 
 
 def _maps_from_targets(heat: torch.Tensor, box: torch.Tensor) -> Maps:
@@ -132,20 +137,29 @@ def bars(tmp_path_factory) -> tuple[Path, dict[str, tuple]]:
     return root, truth
 
 
-def test_a_small_localiser_finds_the_gaps(bars, tmp_path):
-    root, truth = bars
+@pytest.fixture(scope="module")
+def localiser(bars, tmp_path_factory) -> Run:
+    """A small localiser trained on the bars at 64 px (fit calibrates it on val: temperature, thresholds and box
+    levels)."""
+    root, _ = bars
+    base = tmp_path_factory.mktemp("localiser")
     config = build_config(overrides={
-        "data.root": str(root), "data.image_size": 64, "data.workers": 0, "data.cache_dir": str(tmp_path / "cache"),
+        "data.root": str(root), "data.image_size": 64, "data.workers": 0, "data.cache_dir": str(base / "cache"),
         "data.augment": "none", "data.batch_size": 8, "model.name": "localiser-lite0", "train.epochs": 4,
         "train.lr": 1e-3,
     })
-    run = Run.load(fit(config, tmp_path / "run", progress=False))
+    return Run.load(fit(config, base / "run", progress=False))
+
+
+def test_a_small_localiser_finds_the_gaps(bars, localiser, tmp_path):
+    root, truth = bars
+    run = localiser
     network = run.network()  # rebuilt from config.yaml and model.safetensors, the positive class included
     hits, scores = 0, {"fractured": [], "not_fractured": []}
     for path in sorted((root / "test").glob("*/*.png")):
         pixels, _ = read_image(path)
         with torch.no_grad():
-            box, score = decode(network.maps(run.preprocessing(pixels)[None]), min_score=0.0)[0][0]
+            box, score = decode(network.localise(run.preprocessing(pixels)[None])[1], min_score=0.0)[0][0]
         label = path.parent.name
         scores[label].append(score)
         if label == "fractured":
@@ -155,8 +169,29 @@ def test_a_small_localiser_finds_the_gaps(bars, tmp_path):
     assert min(scores["fractured"]) > max(scores["not_fractured"])  # the top cell is also the classifier
     blank = np.full((64, 64), 0.15, np.float32)  # background, no bar at all: no box above the run's threshold
     with torch.no_grad():
-        top = decode(network.maps(run.preprocessing(blank)[None]), min_score=0.0)[0][0][1]
+        top = decode(network.localise(run.preprocessing(blank)[None])[1], min_score=0.0)[0][0][1]
     assert top < run.calibration.threshold
+    # calibrate chose the box levels on val (8 fractured bars with one box each, 8 without), within their budgets
+    record, levels = run.calibration.record["boxes"], run.calibration.box_levels
+    assert (record["n_images"], record["n_boxes"], record["left_out"]) == (16, 8, 0)
+    assert levels["fracture"]["threshold"] >= levels["doubt"]["threshold"] >= MIN_SCORE
+    assert levels["fracture"]["fp_per_image"] <= 0.5 and levels["doubt"]["fp_per_image"] <= 1.0
+    assert top < levels["doubt"]["threshold"]  # the blank image: no box a picture draws
+    # evaluate measures the boxes against the test split's boxes.csv, and writes them to predictions.csv
+    evaluation = evaluate_run(run, root, "test", n_resamples=50)
+    boxes = evaluation.metrics["boxes"]
+    assert (boxes["n_images"], boxes["n_boxes"], boxes["top_box_hit_rate"]["n"]) == (20, 10, 10)
+    assert boxes["top_box_hit_rate"]["point"] <= hits / 10  # boxes under MIN_SCORE are not reported: never more
+    assert set(boxes["at_levels"]) == {"fracture", "doubt"} and "boxes: 10 true boxes" in evaluation.report
+    with open(evaluation.out_dir / "predictions.csv", newline="") as handle:
+        written = {row["file"]: read_box_cell(row["boxes"]) for row in csv.DictReader(handle)}
+    # the report shows the box metrics, the box levels, and cases with the true and drawn boxes
+    page = write_report(run).read_text()
+    section = page[page.index("<h2 id='boxes'>"):page.index("<h2 id='model-card'>")]
+    assert "boxes: 10 true boxes" in section and "Box levels: fracture at heat probability" in page
+    found = [f for f in written if f.startswith("test/fractured/") and any(
+        b["level"] != BELOW and centre_in((b["x0"], b["y0"], b["x1"], b["y1"]), [truth[f]]) for b in written[f])]
+    assert section.count("alt='boxes, found:") == min(3, len(found)) and len(found) >= 1
     # predict gives every row its boxes in the file's pixels, the same from the ONNX graph (logits and maps) as
     # from PyTorch; the CSV has them in a "boxes" column
     torch_result = Predictor(run, backend="torch").predict_paths([root / "test"])
@@ -170,26 +205,57 @@ def test_a_small_localiser_finds_the_gaps(bars, tmp_path):
         assert len(a.boxes) == len(b.boxes)
         assert len(a.boxes) >= 1 or Path(a.file).parent.name == "not_fractured"  # a bar without a gap may have none
         assert [box["x0"] for box in a.boxes] == pytest.approx([box["x0"] for box in b.boxes], abs=0.2)
+        assert all(box["level"] == box_level(box["score"], levels) for box in b.boxes)
+        in_csv = written[Path(b.file).relative_to(root).as_posix()]  # the same boxes from evaluate's cached pixels
+        assert [box["level"] for box in in_csv] == [box["level"] for box in b.boxes]
+        assert [box["score"] for box in in_csv] == pytest.approx([box["score"] for box in b.boxes], abs=1e-3)
     first = next(row for row in torch_result.rows if Path(row.file).parent.name == "fractured")
     assert all(0 <= box["x0"] < box["x1"] <= 64 and 0 <= box["y0"] < box["y1"] <= 64 for box in first.boxes)
     # explain: the class activation map, and the localiser's boxes drawn on the overlay
     explainer = Explainer(Predictor(run, backend="torch"))
     gapped = sorted((root / "test" / "fractured").glob("*.png"))[0]
     explanation = explainer.explain(read_image(gapped)[0])
-    assert explanation.boxes and explanation.boxes[0][1] >= explanation.boxes[-1][1]
+    gapped_row = next(row for row in torch_result.rows if row.file == str(gapped))
+    drawn = [(b["score"], b["level"]) for b in gapped_row.boxes if b["level"] != BELOW]
+    assert [(pytest.approx(score, abs=1e-4), level) for _, score, level in explanation.boxes] == drawn
     written = explain_paths(explainer, [gapped], tmp_path / "explain")
     assert written[0].status == "ok" and Path(written[0].overlay).is_file()
     with TestClient(create_app(run.path)) as client:  # the API answers with the boxes too
         answer = client.post("/v1/predict", files={"file": ("g.png", gapped.read_bytes(), "image/png")}).json()
-    assert answer["boxes"] and answer["boxes"][0]["score"] == pytest.approx(explanation.boxes[0][1], abs=1e-3)
+    assert [(b["score"], b["level"]) for b in answer["boxes"]] == [(b["score"], b["level"]) for b in gapped_row.boxes]
     write_predictions(result, tmp_path / "p.csv")
     header, line = (tmp_path / "p.csv").read_text().splitlines()[:2]
-    assert header.endswith(",boxes") and json.loads(next(csv.reader([line]))[-1])[0][4] == result.rows[0].boxes[0][
-        "score"]
+    assert header.endswith(",boxes") and json.loads(next(csv.reader([line]))[-1]) == [
+        [box[k] for k in BOX_FIELDS] for box in result.rows[0].boxes]
+
+
+def test_an_ensemble_with_a_localiser_gives_the_localisers_boxes(bars, localiser, tmp_path):
+    """An ensemble of the localiser and a classifier: its score is the mean of both, its boxes (and box levels,
+    chosen on val by make_ensemble's calibration) the localiser's own; the same from its one ONNX graph."""
+    root, _ = bars
+    classifier = tiny_fit(root, tmp_path / "cache", tmp_path / "cnn", **{"data.image_size": 64})
+    ensemble = make_ensemble([localiser.path, classifier], tmp_path / "ens")
+    assert ensemble.calibration.box_levels == localiser.calibration.box_levels
+    alone = Predictor(localiser, backend="torch").predict_paths([root / "test"])
+    together = Predictor(ensemble, backend="torch").predict_paths([root / "test"])
+    assert together.boxes
+    for a, b in zip(alone.rows, together.rows, strict=True):
+        assert a.boxes == b.boxes
+    assert any(a.probabilities != b.probabilities for a, b in zip(alone.rows, together.rows, strict=True))
+    export_onnx(ensemble)
+    onnx = Predictor(ensemble).predict_paths([root / "test"])
+    assert onnx.backend == "onnx"
+    for a, b in zip(onnx.rows, together.rows, strict=True):
+        assert [box["x0"] for box in a.boxes] == pytest.approx([box["x0"] for box in b.boxes], abs=0.2)
+        assert a.probabilities == pytest.approx(b.probabilities, abs=1e-4)
+    small = tiny_fit(root, tmp_path / "cache", tmp_path / "cnn32", **{"data.image_size": 96})
+    with pytest.raises(BonefracError, match="localises at 64 px: a localiser member must take the ensemble's 96"):
+        make_ensemble([localiser.path, small], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_detection_metrics_on_known_cases():
-    from bonefrac.localise import average_precision, detection_metrics, froc_curve, sensitivity_at
+    from bonefrac.detection import average_precision, detection_metrics, froc_curve, sensitivity_at
 
     truth = [[(10, 10, 30, 30)], []]  # one fractured image with one box, one normal image
     miss_first = [[((60, 60, 80, 80), 0.9), ((12, 12, 30, 30), 0.8)], []]

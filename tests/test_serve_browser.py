@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import shutil
@@ -22,9 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from bonefrac.data.synth import render, sample_phantom
+from bonefrac.detection import BOX_FIELDS
+from bonefrac.run import Run
+from bonefrac.serve import create_app
 from tests.test_localise import bars  # noqa: F401 -- 64 px bars with their gap boxes
 from tests.test_serve import run  # noqa: F401 -- the module's tiny calibrated and evaluated run
 
@@ -289,13 +294,21 @@ def localiser_run(bars, tmp_path_factory) -> Path:  # noqa: F811
     }), out / "run", progress=False)
 
 
-def test_a_localisers_boxes_are_drawn_over_the_xray_and_can_be_hidden(localiser_run, bars):  # noqa: F811
-    """The API's boxes (file pixels) become SVG rectangles in a layer whose viewBox is the file's size, with the
-    score beside each; the checkbox hides and shows them; a classifier's page has no box controls (above)."""
+def test_a_localisers_boxes_are_drawn_over_the_xray_and_can_be_hidden(localiser_run, bars, tmp_path):  # noqa: F811
+    """The API's boxes (file pixels) at the run's fracture and doubt box levels become SVG rectangles styled by level
+    in a layer whose viewBox is the file's size, with level and score beside each; the checkbox hides and shows them;
+    the CSV download has predict's boxes cell; a classifier's page has no box controls (above)."""
     from playwright.sync_api import expect
 
     root, _ = bars
-    gapped = sorted((root / "test" / "fractured").glob("*.png"))[0]
+    assert Run.load(localiser_run).calibration.box_levels, "calibrate chose the box levels on val (bars have boxes.csv)"
+    with TestClient(create_app(localiser_run)) as client:  # the gapped test bar with the most boxes drawn
+        answers = {path: client.post("/v1/predict", files={"file": ("g.png", path.read_bytes(), "image/png")}).json()
+                   for path in sorted((root / "test" / "fractured").glob("*.png"))}
+    gapped, answer = max(answers.items(), key=lambda item: sum(b["level"] != "below" for b in item[1]["boxes"]))
+    levelled = [box for box in answer["boxes"] if box["level"] in ("fracture", "doubt")]
+    assert levelled, "no gapped test bar has a box at the doubt level"
+    assert all(box["level"] in ("fracture", "doubt", "below") for box in answer["boxes"])
     url = next(serving_iter := serving(localiser_run))
     try:
         with browser_page(url) as (page, _):
@@ -306,16 +319,28 @@ def test_a_localisers_boxes_are_drawn_over_the_xray_and_can_be_hidden(localiser_
             layer = result.locator("svg.boxes")
             assert layer.get_attribute("viewBox") == "0 0 64 64"
             boxes = layer.locator("rect.box")
-            assert 1 <= boxes.count() <= 3
-            scores = [float(t) for t in layer.locator("text").all_text_contents()]  # SVG text has no innerText
-            assert scores == sorted(scores, reverse=True) and all(0 < s <= 1 for s in scores)
+            assert boxes.count() == len(levelled)
+            assert [r.get_attribute("class") for r in boxes.all()] == [f"box {b['level']}" for b in levelled]
+            labels = layer.locator("text").all_text_contents()  # SVG text has no innerText
+            assert labels == [f"{b['level']} {b['score']:.2f}" for b in levelled]
+            colours = {b["level"]: c for b, c in zip(levelled, boxes.evaluate_all(
+                "rs => rs.map(r => getComputedStyle(r).stroke)"), strict=True)}
+            assert colours.get("fracture", "rgb(255, 48, 48)") == "rgb(255, 48, 48)"
+            assert colours.get("doubt", "rgb(255, 170, 0)") == "rgb(255, 170, 0)"
             x, width = boxes.first.evaluate("r => [r.x.baseVal.value, r.width.baseVal.value]")
-            assert 0 <= x < 64 and width > 0
-            assert result.locator(".boxes-caption").inner_text().startswith("Boxes: the localiser's")
+            first = levelled[0]
+            assert x == pytest.approx(first["x0"]) and width == pytest.approx(first["x1"] - first["x0"])
+            assert result.locator(".boxes-caption").inner_text().startswith("Boxes: red: fracture, orange: doubt")
+            assert "boxes: fracture at heat probability" in page.locator("#card").inner_text()
             toggle = result.locator(".show-boxes")
             toggle.uncheck()
             assert layer.is_hidden()
             toggle.check()
             assert layer.is_visible()
+            with page.expect_download(timeout=30_000) as download:  # predict's boxes cell: a JSON list per box
+                page.locator("#download-csv").click()
+            record = next(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+            cell = json.loads(record["boxes"])
+            assert cell == [[b[k] for k in BOX_FIELDS] for b in answer["boxes"]]
     finally:
         serving_iter.close()

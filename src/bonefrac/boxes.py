@@ -27,12 +27,13 @@ Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in the image's pixel
 def read_boxes(path: str | Path, split: str | None = None) -> dict[str, list[Box]]:
     """A data folder's lesion boxes (its boxes.csv, dataset.BOXES_FILE: split, label, file, x0, y0, x1, y1; one row
     per box, so an image may have several) as {"split/label/file": [Box, ...]}, in the pixels of the file the key
-    names."""
+    names. A folder without split folders (label/file, as a hospital's own labelled images) leaves split empty or
+    out: its keys are "label/file"."""
     boxes: dict[str, list[Box]] = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
-            if split is None or row["split"] == split:
-                key = f"{row['split']}/{row['label']}/{row['file']}"
+            if split is None or row.get("split", "") == split:
+                key = "/".join(part for part in (row.get("split", ""), row["label"], row["file"]) if part)
                 boxes.setdefault(key, []).append(tuple(float(row[k]) for k in ("x0", "y0", "x1", "y1")))
     return boxes
 

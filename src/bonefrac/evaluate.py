@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from bonefrac import DISCLAIMER
 from bonefrac.atomic import atomic_open, write_atomic
+from bonefrac.boxes import Box, from_square
 from bonefrac.calibration import (
     apply_temperature,
     choose_thresholds,
@@ -67,6 +68,7 @@ from bonefrac.data.dataset import (
     scan_data,
 )
 from bonefrac.data.io import truncated_loaded
+from bonefrac.data.transforms import Placement
 from bonefrac.errors import BonefracError, DatasetError
 from bonefrac.metrics import (
     Interval,
@@ -75,6 +77,7 @@ from bonefrac.metrics import (
     classification_report_text,
     format_interval,
 )
+from bonefrac.models.localiser import localises
 from bonefrac.run import Run
 from bonefrac.safe_text import neutralise_csv
 from bonefrac.shipped import is_shipped
@@ -116,6 +119,8 @@ class SplitPredictions:
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} of unreadable files
     truncated: list[str] = field(default_factory=list)  # truncated files loaded anyway (allow_truncated)
     rows: list[ManifestRow] = field(default_factory=list, repr=False)
+    # A localiser's boxes per file, best first, in the letterboxed square (localise.decode); None unless asked for
+    boxes: list[list[tuple[Box, float]]] | None = field(default=None, repr=False)
 
     def probabilities(self, temperature: float = 1.0) -> np.ndarray:
         """softmax(logits / temperature)."""
@@ -149,6 +154,7 @@ def predict_split(
     cache_dir: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     allow_truncated: bool | None = None,
+    boxes: bool = False,
 ) -> SplitPredictions:
     """Logits of the run's network on every readable file of <data>/<split>/ (every file of a folder without split
     folders when split is ALL_SPLIT), preprocessed as in training.
@@ -156,7 +162,8 @@ def predict_split(
     data_root: default the run's own data folders (not scanned when `manifest` is given). model: the run's network
     already in memory (default: loaded from the run). tta: average the logits over the views of bonefrac.tta
     (mirror x zoom 1.0/1.1). Unreadable files are listed in `skipped`, never raised. allow_truncated: load truncated
-    files, listed in `truncated` (Run.allow_truncated: None follows the run's config).
+    files, listed in `truncated` (Run.allow_truncated: None follows the run's config). boxes: a localising network's
+    boxes too, from the same pass (not with tta).
     """
     run = Run.of(run)
     manifest = manifest or scan_data(data_paths(run, data_root))
@@ -189,11 +196,19 @@ def predict_split(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = (model or run.network()).to(device).eval()
-    outputs = []
+    if boxes and (tta or not localises(model)):
+        raise BonefracError("boxes come from a localising network's own pass (no TTA)")
+    outputs, found = [], []
     with torch.inference_mode():
         for images, _ in loader:
             images = images.to(device)
-            logits = tta_logits(model, images) if tta else model(images)
+            if boxes:
+                from bonefrac.detection import decode
+
+                logits, maps = model.localise(images)
+                found += decode(maps)
+            else:
+                logits = tta_logits(model, images) if tta else model(images)
             outputs.append(logits.float().cpu().numpy())
     data_groups = manifest_groups(manifest, rows)
     return SplitPredictions(
@@ -207,6 +222,7 @@ def predict_split(
         skipped=skipped,
         truncated=[row.path for row in rows if row.md5 in loaded_truncated],
         rows=rows,
+        boxes=found if boxes else None,
     )
 
 
@@ -309,8 +325,10 @@ def calibrate_run(
     chosen = _threshold_key(operating_point, min_sensitivity)
     manifest = manifest or scan_data(data_paths(run, data_root))
     root = manifest.root
+    model = model or run.network()
     val = predict_split(run, split="val", manifest=manifest, model=model, batch_size=batch_size, workers=workers,
-                        cache_dir=cache_dir, progress=progress, allow_truncated=allow_truncated)
+                        cache_dir=cache_dir, progress=progress, allow_truncated=allow_truncated,
+                        boxes=localises(model))
     if len(set(val.y_true.tolist())) < 2:
         raise DatasetError(f"{root}/val: calibration needs val images of at least two classes")
     temperature = fit_temperature(val.logits, val.y_true)
@@ -347,6 +365,11 @@ def calibrate_run(
         }
     else:  # multi-class predictions are the argmax of the calibrated probabilities
         result |= {"thresholds": {}, "operating_point": "argmax", "threshold": None}
+    if val.boxes is not None:  # a localiser's "fracture" and "doubt" box thresholds, on the same val pass
+        from bonefrac.detection import box_calibration
+
+        result["boxes"] = box_calibration(manifest, val.rows, val.boxes, run.preprocessing.image_size,
+                                          run.positive_label)
     run.save_calibration(result)
     return result
 
@@ -553,9 +576,10 @@ def evaluate_run(
         raise BonefracError("study-level results need a binary run (a positive class to aggregate)")
     found = study_ids(manifest, rows, study_column) if run.binary else None
     study_of = dict(zip((row.path for row in rows), found.ids, strict=True)) if found else {}
+    model = model or run.network()
     predictions = predict_split(run, split=split, manifest=manifest, model=model, batch_size=batch_size,
                                 workers=workers, tta=tta, cache_dir=cache_dir, progress=progress,
-                                allow_truncated=allow_truncated)
+                                allow_truncated=allow_truncated, boxes=localises(model) and not tta)
     leakage = check_leakage(run, manifest, split, workers=max(1, workers), allow_truncated=allow_truncated)
     notes = leakage_notes(run, manifest, split)
     leak_lines = leakage.lines + _manifest_group_leakage(manifest, split)
@@ -584,7 +608,8 @@ def evaluate_run(
     y_pred = run.decide(proba)
     out_dir = Path(out_dir) if out_dir is not None else default_eval_dir(run, manifest, split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_predictions(out_dir / "predictions.csv", predictions, proba, y_pred, groups)
+    _write_predictions(out_dir / "predictions.csv", predictions, proba, y_pred, groups,
+                       run.preprocessing.image_size, calibration.box_levels)
     study = _study_section(run, predictions, proba, found, study_of, study_aggregate, out_dir, leaky=leaky,
                            n_resamples=n_resamples, seed=seed) if found else None
     metrics = {
@@ -618,6 +643,8 @@ def evaluate_run(
                              for name, point in points.items()},
         "strata": strata_tables,
         "study": study,
+        # a localiser's boxes against the split's boxes.csv (detection.box_evaluation); None when it has none
+        "boxes": _box_section(run, manifest, predictions, groups, n_resamples=n_resamples, seed=seed),
         "warnings": warnings,
         "disclaimer": DISCLAIMER,
     }
@@ -719,14 +746,37 @@ def _plot_evaluation(out_dir: Path, metrics: dict, predictions: SplitPredictions
                                 title=f"Scores, {title}", path=out_dir / "score_histograms.png")
 
 
+def _box_section(run: Run, manifest: Manifest, predictions: SplitPredictions, groups: Sequence[str], *,
+                 n_resamples: int, seed: int) -> dict | None:
+    if predictions.boxes is None:
+        return None
+    from bonefrac.detection import box_evaluation
+
+    return box_evaluation(manifest, predictions.rows, predictions.boxes, groups, run.preprocessing.image_size,
+                          run.positive_label, run.calibration.box_levels, n_resamples=n_resamples, seed=seed)
+
+
 def _write_predictions(path: Path, predictions: SplitPredictions, proba: np.ndarray, y_pred: np.ndarray,
-                       groups: Sequence[str]) -> None:
+                       groups: Sequence[str], size: int, box_levels: dict | None) -> None:
+    """predictions.csv: file, label, group, p_<class>..., prediction, and for a localiser its boxes in the file's
+    pixels (one cell, as `bonefrac predict` writes it)."""
+    from bonefrac.detection import box_cell, box_records
+
     labels = predictions.labels
+    boxes = predictions.boxes is not None
     with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(neutralise_csv(["file", "label", "group", *(f"p_{label}" for label in labels), "prediction"]))
-        for file, y, group, p, pred in zip(predictions.files, predictions.y_true, groups, proba, y_pred, strict=True):
-            writer.writerow(neutralise_csv([file, labels[y], group, *(f"{v:.6f}" for v in p), labels[pred]]))
+        writer.writerow(neutralise_csv(["file", "label", "group", *(f"p_{label}" for label in labels), "prediction",
+                                        *(["boxes"] if boxes else [])]))
+        for i, (file, y, group, p, pred) in enumerate(zip(predictions.files, predictions.y_true, groups, proba, y_pred,
+                                                          strict=True)):
+            cell = []
+            if boxes:
+                row = predictions.rows[i]
+                place = Placement.of(row.height, row.width, size)
+                cell = [box_cell(box_records([(from_square(box, place), score) for box, score in predictions.boxes[i]],
+                                             box_levels))]
+            writer.writerow(neutralise_csv([file, labels[y], group, *(f"{v:.6f}" for v in p), labels[pred], *cell]))
 
 
 def _report_text(metrics: dict, intervals: dict[str, Interval], labels: list[str]) -> str:
@@ -780,6 +830,10 @@ def _report_text(metrics: dict, intervals: dict[str, Interval], labels: list[str
                 f"{format_interval(entry.get('specificity'))}"
             )
     lines.extend(_study_text(metrics.get("study")))
+    if metrics.get("boxes"):
+        from bonefrac.detection import box_text
+
+        lines += ["", *box_text(metrics["boxes"])]
     for warning in metrics["warnings"]:
         lines.append(f"WARNING {warning}")
     return "\n".join(lines)
@@ -820,6 +874,10 @@ def format_calibration(result: dict) -> str:
         )
     if result["thresholds"]:
         lines.append(f"three levels: {levels_text(result['levels'])}")
+    if "boxes" in result:
+        from bonefrac.detection import box_levels_text
+
+        lines.append(f"boxes: {box_levels_text(result['boxes'])}")
     if result["skipped_files"]:
         lines.append(f"{len(result['skipped_files'])} unreadable val files skipped")
     if result["truncated_files"]:

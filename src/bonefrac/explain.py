@@ -40,10 +40,11 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from bonefrac.boxes import Box
-from bonefrac.calibration import apply_temperature
+from bonefrac.calibration import DOUBT, FRACTURE, apply_temperature
 from bonefrac.choices import CAM_METHODS
 from bonefrac.data.io import read_image
 from bonefrac.data.transforms import Placement
+from bonefrac.detection import image_boxes, shown
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import bootstrap_indices
 from bonefrac.models import feature_layer
@@ -66,7 +67,8 @@ class Explanation:
     probabilities: dict[str, float]  # calibrated, as `bonefrac predict` gives them
     prediction: str  # the decision at the run's threshold
     method: str
-    boxes: list[tuple[Box, float]] | None = None  # a localiser's boxes in the image's pixels, best first; else None
+    # A localiser's boxes to show in the image's pixels, best first, with their level (detection.shown); else None
+    boxes: list[tuple[Box, float, str | None]] | None = None
 
     @property
     def flat(self) -> bool:
@@ -112,9 +114,9 @@ class Explainer:
         maps = None
         with self._lock:
             with torch.no_grad():
-                if p.localises:  # one pass: the logits come from the maps the boxes are read from
-                    maps = self.model.maps(batch)
-                    logits = self.model.logits(maps.heat).float().numpy()
+                if p.localises:  # one pass: the logits come with the maps the boxes are read from
+                    logits, maps = self.model.localise(batch)
+                    logits = logits.float().numpy()
                 else:
                     logits = self.model(batch).float().numpy()
             probabilities = apply_temperature(logits, p.temperature)[0]
@@ -124,9 +126,8 @@ class Explainer:
                 square = cam(input_tensor=batch, targets=[ClassifierOutputTarget(p.labels.index(chosen))])[0]
         boxes = None
         if maps is not None:  # the localiser's own answer to "where", beside the map
-            from bonefrac.localise import image_boxes
-
-            boxes = image_boxes(maps, [Placement.of(*pixels.shape, batch.shape[-1])])[0]
+            found = image_boxes(maps, [Placement.of(*pixels.shape, batch.shape[-1])])[0]
+            boxes = shown(found, p.run.calibration.box_levels)
         return Explanation(
             heatmap=unletterbox(square, pixels.shape),
             target=chosen,
@@ -172,21 +173,23 @@ def overlay_rgb(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> 
 
 
 HEATMAP_FLOOR = 0.3  # below this share of the peak, the layer is fully transparent
-BOXES_DRAWN = 3  # a localiser's best boxes drawn on an overlay
+BOX_COLOURS = {FRACTURE: (255, 48, 48), DOUBT: (255, 170, 0), None: (255, 255, 255)}  # as the page draws them
 
 
-def draw_boxes(rgb: np.ndarray, boxes: Sequence[tuple[Box, float]]) -> np.ndarray:
-    """A localiser's boxes drawn on an RGB picture, each with its score above it (white outline on black, so that
-    it reads on bone and on air)."""
+def draw_boxes(rgb: np.ndarray, boxes: Sequence[tuple[Box, float, str | None]]) -> np.ndarray:
+    """A localiser's boxes drawn on an RGB picture in their level's colour (red fracture, orange doubt, white when
+    the run has no levels) over a black outline, so that they read on bone and on air; the level and score above."""
     from PIL import ImageDraw
 
     image = Image.fromarray(rgb)
     pen = ImageDraw.Draw(image)
     width = max(1, min(image.size) // 200)
-    for (x0, y0, x1, y1), score in boxes:
+    for (x0, y0, x1, y1), score, level in boxes:
+        colour = BOX_COLOURS[level]
         pen.rectangle((x0, y0, x1, y1), outline=(0, 0, 0), width=width + 2)
-        pen.rectangle((x0, y0, x1, y1), outline=(255, 255, 255), width=width)
-        pen.text((x0, max(0, y0 - 12)), f"{score:.2f}", fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
+        pen.rectangle((x0, y0, x1, y1), outline=colour, width=width)
+        pen.text((x0, max(0, y0 - 12)), f"{level or 'box'} {score:.2f}", fill=colour, stroke_width=1,
+                 stroke_fill=(0, 0, 0))
     return np.asarray(image)
 
 
@@ -374,7 +377,7 @@ def explain_paths(
             overlay = out_dir / f"{stem}.{explanation.method}.png"
             picture = overlay_rgb(pixels, explanation.heatmap, alpha)
             if explanation.boxes:
-                picture = draw_boxes(picture, explanation.boxes[:BOXES_DRAWN])
+                picture = draw_boxes(picture, explanation.boxes)
             overlay.write_bytes(png_bytes(picture))
             x, y = explanation.peak
             rows.append(ExplainRow(

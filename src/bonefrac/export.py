@@ -33,7 +33,7 @@ from bonefrac.atomic import write_atomic
 from bonefrac.calibration import apply_temperature
 from bonefrac.data.io import IMAGE_SUFFIXES, read_image
 from bonefrac.errors import BonefracError, ImageReadError
-from bonefrac.models.localiser import STRIDE, LocaliserNet
+from bonefrac.models.localiser import STRIDE, localises
 from bonefrac.run import ONNX_FILE, ONNX_META_FILE, Run
 
 OPSET = 17
@@ -49,15 +49,15 @@ MAP_OUTPUTS = ("heat", "size", "offset")  # a localiser's graph outputs after "l
 
 
 class _LogitsAndMaps(torch.nn.Module):
-    """A LocaliserNet as its ONNX graph computes it: the logits, then the maps, from one pass."""
+    """A localising network as its ONNX graph computes it: the logits, then the maps, from one pass."""
 
-    def __init__(self, model: LocaliserNet):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        maps = self.model.maps(x)
-        return self.model.logits(maps.heat), maps.heat, maps.size, maps.offset
+        logits, maps = self.model.localise(x)
+        return logits, maps.heat, maps.size, maps.offset
 
 
 def _parity_inputs(run: Run, *, seed: int = 0) -> tuple[torch.Tensor, int]:
@@ -95,7 +95,7 @@ def export_onnx(run: Run | str | Path, *, opset: int = OPSET, tolerance: float =
     model = run.network()
     size, channels = run.preprocessing.image_size, run.preprocessing.channels
     # A localiser's graph gives its maps after the logits, so that the ONNX backend predicts boxes too
-    graph_model, outputs = (_LogitsAndMaps(model), ["logits", *MAP_OUTPUTS]) if isinstance(model, LocaliserNet) \
+    graph_model, outputs = (_LogitsAndMaps(model), ["logits", *MAP_OUTPUTS]) if localises(model) \
         else (model, ["logits"])
     onnx_path, graph = run.path / ONNX_FILE, io.BytesIO()
     with warnings.catch_warnings():

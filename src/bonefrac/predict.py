@@ -53,9 +53,10 @@ from bonefrac.choices import BACKENDS, PREDICTION_FORMATS, STUDY_AGGREGATE
 from bonefrac.data.dataset import FileProblem, walk_files
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format, truncated_loaded
 from bonefrac.data.transforms import Placement
+from bonefrac.detection import box_cell, box_records, image_boxes
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import format_interval
-from bonefrac.models.localiser import LocaliserNet, Maps
+from bonefrac.models.localiser import Maps, localises
 from bonefrac.ood import OODVerdict, check_radiograph
 from bonefrac.run import ONNX_FILE, Run
 from bonefrac.safe_text import neutralise_csv, terminal_safe
@@ -146,7 +147,8 @@ class PredictionRow:
     level: str | None = None  # fracture, doubt or no fracture (Calibration.level); None without the rule
     truncated: bool | None = None  # a truncated file loaded anyway (allow_truncated); None when unreadable
     # A localiser's boxes (best first) in the file's pixels, as read_image turns it upright: {"x0", "y0", "x1", "y1",
-    # "score"}, the score the heat probability of the box's centre cell; None for a run that does not localise
+    # "score", "level"} (BOX_FIELDS), the score the heat probability of the box's centre cell, the level "fracture",
+    # "doubt" or "below" (the run's box thresholds, chosen on val), None when it has none; None for a classifier
     boxes: list[dict] | None = None
 
     @property
@@ -263,7 +265,7 @@ class Predictor:
         # A copy: a Run passed in (the server's, a caller's) keeps its own decision rule.
         self.run = replace(run, calibration=run.calibration.at(operating_point=operating_point, threshold=threshold))
         self.model = self.run.network()
-        self.localises = isinstance(self.model, LocaliserNet)  # boxes come with every prediction
+        self.localises = localises(self.model)  # boxes come with every prediction
         self.batch_size = max(1, batch_size)
         self.tta = tta
         self.allow_truncated = self.run.allow_truncated(allow_truncated)
@@ -385,18 +387,16 @@ class Predictor:
     def _localise(self, batch: torch.Tensor, images: Sequence[PreparedImage]) -> tuple[np.ndarray, list[list[dict]]]:
         """A localiser's logits, and its boxes per image in each file's pixels (localise.image_boxes), from one pass
         of the chosen backend (an exported localiser's graph gives its maps after the logits)."""
-        from bonefrac.localise import image_boxes
-
         if self._session is not None:
             outputs = self._session.run(None, {self._input_name: batch.numpy().astype(np.float32)})
             logits, maps = outputs[0], Maps(*(torch.from_numpy(m) for m in outputs[1:4]))
         else:
             with torch.inference_mode():
-                maps = self.model.maps(batch)
-                logits = self.model.logits(maps.heat).float().numpy()
+                logits, maps = self.model.localise(batch)
+                logits = logits.float().numpy()
         places = [Placement.of(image.info.height, image.info.width, self.image_size) for image in images]
-        boxes = [[{"x0": round(box[0], 1), "y0": round(box[1], 1), "x1": round(box[2], 1), "y1": round(box[3], 1),
-                   "score": round(score, 4)} for box, score in found] for found in image_boxes(maps, places)]
+        levels = self.run.calibration.box_levels
+        boxes = [box_records(found, levels) for found in image_boxes(maps, places)]
         return logits, boxes
 
     def predict_paths(
@@ -463,7 +463,7 @@ CSV_FIELDS = ("file", "status", "prediction", "level", "threshold", "operating_p
 
 def csv_columns(labels: Sequence[str], boxes: bool = False) -> list[str]:
     """The header of a predictions CSV: CSV_FIELDS with p_<class> after "status" (also the page's CSV download),
-    and for a localiser "boxes" last (a JSON list of [x0, y0, x1, y1, score] in the file's pixels)."""
+    and for a localiser "boxes" last (a JSON list of [x0, y0, x1, y1, score, level], BOX_FIELDS, per box)."""
     return [*CSV_FIELDS[:2], *(f"p_{label}" for label in labels), *CSV_FIELDS[2:], *(["boxes"] if boxes else [])]
 
 
@@ -498,9 +498,8 @@ def _write_rows(result: PredictionResult, handle: TextIO, fmt: str) -> None:
         writer = csv.DictWriter(handle, fieldnames=csv_columns(result.labels, result.boxes), lineterminator="\n")
         writer.writeheader()
         for record in records:
-            if "boxes" in record:  # one cell: [[x0, y0, x1, y1, score], ...]
-                record["boxes"] = json.dumps([[b[k] for k in ("x0", "y0", "x1", "y1", "score")]
-                                              for b in record["boxes"]])
+            if "boxes" in record:  # one cell: [[x0, y0, x1, y1, score, level], ...]
+                record["boxes"] = box_cell(record["boxes"])
             writer.writerow(neutralise_csv({key: "" if value is None else value for key, value in record.items()}))
 
 

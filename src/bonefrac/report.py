@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.atomic import write_atomic
@@ -80,6 +80,14 @@ def _image(path: Path, alt: str, caption: str | None = None) -> str:
         return f"<p>{esc(path.name)} not found in the run directory.</p>"
     figcaption = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
     return f"<figure><img src='{png_data_uri(path.read_bytes())}' alt='{esc(alt)}'>{figcaption}</figure>"
+
+
+def _zoomable(anchor: str, section: str, jpeg: bytes, alt: str, caption: str) -> str:
+    """A gallery figure embedded once at full size, shown small, opened over the page on a click (STYLE's
+    .zoomable) and closed back to its section."""
+    return (f"<figure class='zoomable' id='{anchor}'><a class='open' href='#{anchor}' title='open at full size'>"
+            f"<img src='{jpeg_data_uri(jpeg)}' alt='{esc(alt)}'></a><a class='close' href='#{section}'>close ×</a>"
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], caption: str | None = None) -> str:
@@ -349,6 +357,10 @@ def _calibration_section(run: Run, calibration: dict | None) -> str:
                             + (", then applied once to test" if on_test else "")))
     else:
         parts.append("<p>More than two classes: the prediction is the class of highest calibrated probability.</p>")
+    if "boxes" in calibration:  # a localiser's two box levels, chosen on the same val pass
+        from bonefrac.detection import box_levels_text
+
+        parts.append(f"<p>Box levels: {esc(box_levels_text(calibration['boxes']))}.</p>")
     return "".join(parts)
 
 
@@ -473,18 +485,96 @@ def _gradcam_section(run: Run, evals: dict[str, dict], root: Path) -> str:
         Image.fromarray(overlay_rgb(pixels, heat)).save(buffer, format="JPEG", quality=90)
         caption = f"{row['file']}: {row['label']}, p({positive}) {float(row[f'p_{positive}']):.2f}"
         anchor = f"gradcam-{sum(map(len, cells.values())) + 1}"
-        cells.setdefault(kind, []).append(
-            f"<figure class='zoomable' id='{anchor}'><a class='open' href='#{anchor}' title='open at full size'>"
-            f"<img src='{jpeg_data_uri(buffer.getvalue())}' "
-            f"alt='{esc(f'Grad-CAM overlay, {kind}: {caption}')}'></a>"
-            f"<a class='close' href='#gradcam'>close ×</a><figcaption>{esc(caption)}</figcaption></figure>"
-        )
+        cells.setdefault(kind, []).append(_zoomable(anchor, "gradcam", buffer.getvalue(),
+                                                    f"Grad-CAM overlay, {kind}: {caption}", caption))
     if not cells:
         return "".join(parts) + f"<p>No readable {esc(split)} image under {esc(str(root))} to explain.</p>"
     for kind in ("true positive", "false negative", "false positive"):
         found = cells.get(kind)
         parts.append(f"<h3>{esc(kind)}s ({esc(split)})</h3>"
                      + (f"<div class='grid'>{''.join(found)}</div>" if found else f"<p>no {esc(kind)}s</p>"))
+    return "".join(parts)
+
+
+BOX_CASES = 3  # per kind in the boxes gallery: the first ones in file order, not the best
+TRUTH_COLOUR = (0, 220, 0)
+
+
+def _box_cases(rows: list[dict], truth_of: dict[str, list]) -> dict[str, list[dict]]:
+    """The boxes gallery's picks among predictions.csv rows (with their boxes read back): fractured images a drawn
+    box found (its centre in a radiologist's box), fractured images no drawn box found, and images without a
+    fracture with a drawn box; BOX_CASES of each, in file order."""
+    from bonefrac.boxes import centre_in
+    from bonefrac.detection import BELOW
+
+    cases: dict[str, list[dict]] = {"found": [], "missed": [], "box on an image without a fracture": []}
+    for row in rows:
+        drawn = [b for b in row["boxes"] if b["level"] not in (None, BELOW)]
+        truth = truth_of.get(row["file"])
+        if truth:
+            hit = any(centre_in((b["x0"], b["y0"], b["x1"], b["y1"]), truth) for b in drawn)
+            kind = "found" if hit else "missed"
+        elif truth is not None and drawn:
+            kind = "box on an image without a fracture"
+        else:
+            continue
+        if len(cases[kind]) < BOX_CASES:
+            cases[kind].append(row | {"truth": truth, "drawn": drawn})
+    return cases
+
+
+def _boxes_section(run: Run, evals: dict[str, dict], folders: Sequence[Path], root: Path) -> str:
+    """A localiser's boxes on the evaluated split: the detection metrics, and cases with the radiologists' boxes
+    (green) and the model's fracture (red) and doubt (orange) boxes, from predictions.csv."""
+    from bonefrac.boxes import read_boxes
+    from bonefrac.data.dataset import BOXES_FILE
+    from bonefrac.detection import box_text, read_box_cell
+    from bonefrac.explain import draw_boxes
+
+    split = next((s for s in ("test", "val", *evals) if (evals.get(s) or {}).get("boxes")), None)
+    parts = ["<h2 id='boxes'>Boxes</h2>"]
+    if split is None:
+        return "".join(parts) + ("<p>No evaluated split with boxes: the data folder needs a boxes.csv (split, "
+                                 "label, file, x0, y0, x1, y1), then <code>bonefrac evaluate RUN</code>.</p>")
+    record = evals[split]["boxes"]
+    parts.append(f"<p>The localiser's boxes on the <strong>{esc(split)}</strong> split against the boxes of "
+                 f"{BOXES_FILE} (95 % intervals resample groups). A box shows where the model's evidence is, not a "
+                 "finding.</p><pre>" + esc("\n".join(box_text(record))) + "</pre>")
+    truth_of: dict[str, list] = {}
+    for folder in folders:
+        if (folder / BOXES_FILE).is_file():
+            for key, boxes in read_boxes(folder / BOXES_FILE).items():
+                truth_of[(folder / key).relative_to(root).as_posix()] = boxes
+    positive = run.positive_label
+    with open(run.eval_dir(split) / "predictions.csv", newline="") as handle:
+        rows = [restore_csv(r) for r in csv.DictReader(handle)]
+    for row in rows:
+        row["boxes"] = read_box_cell(row.get("boxes", ""))
+        if row["label"] != positive:
+            truth_of.setdefault(row["file"], [])
+    for kind, picked in _box_cases(rows, truth_of).items():
+        cells = []
+        for row in picked:
+            try:
+                pixels, info = read_image(root / row["file"], max_side=GALLERY_FULL_SIDE)
+            except ImageReadError:
+                continue
+            scale = pixels.shape[1] / info.width  # the boxes are in the file's pixels; the picture may be smaller
+            rgb = np.repeat(np.rint(pixels * 255).astype(np.uint8)[..., None], 3, axis=2)
+            image = Image.fromarray(rgb)
+            pen = ImageDraw.Draw(image)
+            for box in row["truth"] or []:
+                pen.rectangle(tuple(v * scale for v in box), outline=TRUTH_COLOUR, width=max(2, image.width // 250))
+            picture = draw_boxes(np.asarray(image), [(tuple(b[k] * scale for k in ("x0", "y0", "x1", "y1")),
+                                                      b["score"], b["level"]) for b in row["drawn"]])
+            buffer = io.BytesIO()
+            Image.fromarray(picture).save(buffer, format="JPEG", quality=90)
+            caption = (f"{row['file']}: {row['label']}, p({positive}) {float(row[f'p_{positive}']):.2f}; "
+                       f"{len(row['truth'] or [])} true, {len(row['drawn'])} drawn boxes")
+            cells.append(_zoomable(f"box-case-{kind.split()[0]}-{len(cells) + 1}", "boxes", buffer.getvalue(),
+                                   f"boxes, {kind}: {caption}", caption))
+        parts.append(f"<h3>{esc(kind)} ({esc(split)}; green: radiologist, red: fracture, orange: doubt)</h3>"
+                     + (f"<div class='grid'>{''.join(cells)}</div>" if cells else "<p>none</p>"))
     return "".join(parts)
 
 
@@ -508,9 +598,10 @@ def write_report(run: Run | str | Path, data_root: str | Path | Sequence[str | P
     synthetic = bool(any((folder / SYNTHETIC_NOTICE).exists() for folder in folders)
                      or (summary or {}).get("synthetic_data"))
     name = run.path.resolve().name
+    localising = any(e.get("boxes") for e in evals.values()) or "boxes" in (calibration or {})
     nav = [("audit", "Data audit"), ("samples", "Sample images"), ("training", "Training"),
            ("evaluation", "Evaluation"), ("calibration", "Calibration"), ("gradcam", "Grad-CAM"),
-           ("model-card", "Model card")]
+           *([("boxes", "Boxes")] if localising else []), ("model-card", "Model card")]
     parts = [
         f"<header><h1>bonefrac report: {esc(name)}</h1>",
         f"<p class='disclaimer' role='note'>{esc(DISCLAIMER)} Research use only.</p>",
@@ -531,6 +622,7 @@ def write_report(run: Run | str | Path, data_root: str | Path | Sequence[str | P
         _evaluation_section(evals, run),
         _calibration_section(run, calibration),
         _gradcam_section(run, evals, root),
+        _boxes_section(run, evals, folders, root) if localising else "",
         _model_card(run, summary, audit, evals, calibration, folders, synthetic),
         f"</main><footer><p>Written by bonefrac {esc(__version__)} from <code>{esc(str(run.path))}</code>. "
         f"{esc(DISCLAIMER)}</p></footer>",

@@ -245,6 +245,12 @@ class Calibration:
         return replace(self, threshold=float(points[name]["threshold"]), operating_point=name)
 
     @property
+    def box_levels(self) -> dict[str, dict] | None:
+        """A localiser's "fracture" and "doubt" box thresholds as chosen on val (localise.box_calibration); None
+        when calibration chose none (a classifier, an uncalibrated run, val without boxes)."""
+        return (self.record.get("boxes") or {}).get("levels")
+
+    @property
     def on_val(self) -> dict | None:
         """{"threshold", "sensitivity", "specificity"} of the operating point in use as chosen on val; None for a
         threshold given, an uncalibrated run or N classes."""

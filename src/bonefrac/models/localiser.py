@@ -5,11 +5,13 @@
                     softmax gives p(fractured) = sigmoid(top heat logit) and every classifier command takes it
     net.maps(x)     Maps: heat logits (B, 1, h, w), log box sizes and centre offsets (B, 2, h, w) each, at
                     STRIDE pixels of the input per cell
+    net.localise(x) (logits, Maps) from one pass: what predict, explain and the ONNX graph use
+    localises(net)  does a network give boxes (a LocaliserNet, or an ensemble with one among its members)?
 
 Why this design (issue 19): fractures are small (FracAtlas's boxes cover 0.7 % of an image) and most images have
 none. A dense map at stride 8 keeps small targets (a 30 px box is about four cells), takes every non-fractured
 image as a map of negatives without any sampling of anchors, has no non-maximum suppression inside the graph (the
-peaks are picked in numpy, `bonefrac.localise.decode`, the same for PyTorch and ONNX), and its image-level score
+peaks are picked in numpy, `bonefrac.detection.decode`, the same for PyTorch and ONNX), and its image-level score
 is the top peak, a classifier that calibrate, evaluate and compare treat like any other. The neck is a small
 feature pyramid over the backbone's stride-8, -16 and -32 stages (timm's `forward_intermediates`), so a cell sees
 both the fine edges of a cortex and the context of the whole bone.
@@ -92,5 +94,17 @@ class LocaliserNet(nn.Module):
         positive = self.positive.to(top.dtype)  # 0 or 1: arithmetic, not indexing, so that ONNX export traces it
         return torch.stack((top * (1 - positive), top * positive), dim=1)
 
+    def localise(self, x: Tensor) -> tuple[Tensor, Maps]:
+        maps = self.maps(x)
+        return self.logits(maps.heat), maps
+
     def forward(self, x: Tensor) -> Tensor:
         return self.logits(self.maps(x).heat)
+
+
+def localises(model: nn.Module) -> bool:
+    """Does `model` give boxes as well as logits (`model.localise(x)`)? A LocaliserNet does; an EnsembleNet does when
+    one of its members is a localiser (models/ensemble.py)."""
+    from bonefrac.models.ensemble import EnsembleNet  # it imports this module
+
+    return isinstance(model, LocaliserNet) or (isinstance(model, EnsembleNet) and bool(model.localisers))

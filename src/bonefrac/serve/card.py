@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bonefrac import DISCLAIMER, __version__
 from bonefrac.calibration import levels_text
+from bonefrac.detection import BOX_FIELDS, box_levels_text
 from bonefrac.metrics import METRIC_NAMES
 from bonefrac.predict import Predictor, csv_columns
 from bonefrac.run import Calibration
@@ -90,6 +91,9 @@ def model_card(predictor: Predictor) -> dict:
             "leaky": bool(summary.get("leaky")),
         },
         "csv_columns": csv_columns(predictor.labels, predictor.localises),
+        "box_fields": list(BOX_FIELDS) if predictor.localises else None,
+        "box_levels": run.calibration.box_levels if predictor.localises else None,
+        "box_levels_meaning": box_levels_text(run.calibration.record.get("boxes")) if predictor.localises else None,
         "intended_use": INTENDED_USE,
         "bonefrac_version": summary.get("bonefrac_version", __version__),
         "disclaimer": DISCLAIMER,

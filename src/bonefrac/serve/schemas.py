@@ -56,6 +56,9 @@ class Box(BaseModel):
     x1: float
     y1: float
     score: float = Field(description="heat probability of the box's centre cell")
+    level: Literal["fracture", "doubt", "below"] | None = Field(
+        None, description="at or above the run's val-chosen fracture or doubt box threshold, or below both; null when "
+                          "the run has no box thresholds (the page then draws the best three)")
 
 
 class Prediction(BaseModel):
@@ -162,6 +165,13 @@ class Member(BaseModel):
     temperature: float
 
 
+class BoxLevel(BaseModel):
+    threshold: float = Field(description="a box at or above this score has the level")
+    fp_per_image: float = Field(description="false-positive boxes per image at this threshold, on validation")
+    sensitivity: float = Field(description="share of the radiologists' boxes found at this threshold, on validation")
+    max_fp_per_image: float = Field(description="the budget the threshold was chosen for")
+
+
 class ModelCard(BaseModel):
     """GET /v1/model: what the run is, how well it did, on what data, what its thresholds mean."""
 
@@ -184,6 +194,11 @@ class ModelCard(BaseModel):
     data: DataSummary
     csv_columns: list[str] = Field(description="the columns of `bonefrac predict --out FILE.csv`, in order; the "
                                                "page's CSV download writes them")
+    box_fields: list[str] | None = Field(description="a localiser's box keys, in the order of the CSV's boxes cell; "
+                                                     "null for a classifier")
+    box_levels: dict[str, BoxLevel] | None = Field(description="a localiser's fracture and doubt box thresholds, "
+                                                               "chosen on validation; null when it has none")
+    box_levels_meaning: str | None
     intended_use: str
     bonefrac_version: str
     disclaimer: str

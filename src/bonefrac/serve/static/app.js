@@ -364,9 +364,16 @@ function showHeatmap(entry, node, id) {
       "clear where it did not. Where the model looked, not proof of a fracture.";
 }
 
-// A localiser's best boxes (the API gives them in the file's pixels, best first), drawn over the X-ray; the same
-// number `bonefrac explain` draws. A classifier's answer has no boxes, and the controls go.
-const BOXES_DRAWN = 3;
+// A localiser's boxes (the API gives them in the file's pixels, best first, each with its level): those at the run's
+// "fracture" or "doubt" box threshold (chosen on validation), styled by level; for a run without box thresholds (every
+// level null) its best three, as `bonefrac explain` draws them. A classifier's answer has no boxes, and the controls go.
+const BEST_SHOWN = 3;
+
+function boxesShown(boxes) {
+  const levelled = boxes.some((box) => box.level !== null);
+  return levelled ? boxes.filter((box) => box.level === "fracture" || box.level === "doubt")
+    : boxes.slice(0, BEST_SHOWN);
+}
 
 function showBoxes(entry, node) {
   const answer = entry.answer;
@@ -381,12 +388,13 @@ function showBoxes(entry, node) {
   }
   const SVG = layer.namespaceURI; // new rectangles and labels in the layer's own (SVG) namespace
   layer.setAttribute("viewBox", `0 0 ${answer.image.width} ${answer.image.height}`);
-  const drawn = answer.boxes.slice(0, BOXES_DRAWN);
+  const drawn = boxesShown(answer.boxes);
   const fontSize = Math.max(12, answer.image.height / 40);
+  const named = (box) => `${box.level ?? "box"} ${box.score.toFixed(2)}`;
   for (const box of drawn) {
     for (const kind of ["halo", "box"]) {
       const rect = document.createElementNS(SVG, "rect");
-      rect.setAttribute("class", kind);
+      rect.setAttribute("class", kind === "box" && box.level ? `box ${box.level}` : kind);
       rect.setAttribute("x", box.x0);
       rect.setAttribute("y", box.y0);
       rect.setAttribute("width", box.x1 - box.x0);
@@ -397,23 +405,28 @@ function showBoxes(entry, node) {
     label.setAttribute("x", box.x0);
     label.setAttribute("y", Math.max(fontSize, box.y0 - 4));
     label.setAttribute("font-size", fontSize);
-    label.textContent = box.score.toFixed(2);
+    if (box.level) label.setAttribute("class", box.level);
+    label.textContent = named(box);
     layer.append(label);
   }
   layer.setAttribute("role", "img");
   layer.setAttribute("aria-label", drawn.length
-    ? `${drawn.length} boxes from the localiser, scores ${drawn.map((b) => b.score.toFixed(2)).join(", ")}`
-    : "the localiser found no box");
+    ? `${drawn.length} boxes from the localiser: ${drawn.map(named).join(", ")}`
+    : "the localiser drew no box");
   const toggle = $(".show-boxes", node);
   const apply = () => { layer.style.display = toggle.checked ? "" : "none"; }; // an SVG element has no .hidden
   toggle.addEventListener("change", apply);
   control.hidden = false;
   apply();
   caption.hidden = false;
+  const levelled = answer.boxes.some((box) => box.level !== null);
+  const what = levelled
+    ? "red: fracture, orange: doubt (score thresholds chosen on validation, see the model card)"
+    : `the localiser's ${BEST_SHOWN} best (this run has no box thresholds)`;
   caption.textContent = drawn.length
-    ? `Boxes: the localiser's ${drawn.length} best, each with its score (the heat probability at its centre). ` +
+    ? `Boxes: ${what}, each with its score (the heat probability at its centre). ` +
       "Where its evidence is, not a finding."
-    : "Boxes: the localiser found none.";
+    : `Boxes: none ${levelled ? "reaches the doubt threshold" : "found"}.`;
 }
 
 // --- the summary table and its CSV ---------------------------------------------------------------------------------
@@ -479,6 +492,9 @@ function predictionsCsv() {
     const values = columns.map((column) => {
       if (column.startsWith("p_") && answer && column.slice(2) in answer.probabilities) {
         return answer.probabilities[column.slice(2)];
+      }
+      if (column === "boxes" && answer && answer.boxes) { // one cell, as predict writes it: a JSON list per box
+        return JSON.stringify(answer.boxes.map((box) => modelCard.box_fields.map((field) => box[field])));
       }
       return record[column];
     });
@@ -551,6 +567,7 @@ async function showCard() {
     fact(card.threshold_meaning);
   }
   if (card.levels_meaning) fact(`three-level answer: ${card.levels_meaning}`);
+  if (card.box_levels_meaning) fact(`boxes: ${card.box_levels_meaning}`);
   fact(card.calibrated ? `calibrated: temperature ${card.temperature.toFixed(3)}, fitted on validation`
     : "not calibrated: raw softmax probabilities");
   const counts = Object.entries(card.data.counts)
