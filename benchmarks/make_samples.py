@@ -3,8 +3,9 @@
     python benchmarks/make_samples.py [--data ../shared/data/fracatlas-grouped] [--n 12]
 
 Writes src/bonefrac/samples/<label>/<file> (the files byte for byte), samples/manifest.csv (label, file, group,
-region, view, hardware and the radiologists' fracture boxes of each file, in its pixel coordinates) and
-ATTRIBUTION.md (FracAtlas is CC BY 4.0). The choice is a seeded random draw, n per class, one image per study
+region, view, hardware), samples/boxes.csv (the radiologists' fracture boxes, in each file's pixels: label, file,
+x0, y0, x1, y1, what `bonefrac evaluate` measures a localising model's boxes against) and ATTRIBUTION.md
+(FracAtlas is CC BY 4.0). The choice is a seeded random draw, n per class, one image per study
 (group), regions taken in turn so that each appears; no model's output plays any part in it, so the samples are
 neither the easy nor the hard cases. Test images only: no run trained or chose anything on them.
 """
@@ -19,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bonefrac import DISCLAIMER
+from bonefrac.data.dataset import BOXES_FILE
 from bonefrac.shipped import ATTRIBUTION_FILE, SAMPLES_MANIFEST
 
 ATTRIBUTION = """# Sample radiographs: attribution
@@ -32,8 +34,8 @@ The {n} images below `fractured/` and `not_fractured/` are from **FracAtlas**:
 License: **Creative Commons Attribution 4.0 International (CC BY 4.0)**, https://creativecommons.org/licenses/by/4.0/.
 Changes: images larger than 1,024 px were resized to a longest side of 1,024 (grayscale JPEG, quality 92), and
 their boxes scaled with them; smaller images are the original files. The label is the FracAtlas folder
-(radiologists' reading). `manifest.csv` lists each file's body region, view, hardware flag, study group and the
-radiologists' fracture boxes.
+(radiologists' reading). `manifest.csv` lists each file's body region, view, hardware flag and study group;
+`boxes.csv` the radiologists' fracture boxes.
 
 They were drawn at random (seed {seed}, one image per study, regions in turn) from the test split of
 fracatlas-grouped, which no shipped model was trained or tuned on. They are here so that a newcomer can try
@@ -72,11 +74,11 @@ def main() -> None:
     args = parser.parse_args()
     with open(args.data / "manifest.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["split"] == "test"]
-    boxes: dict[str, list[str]] = defaultdict(list)
+    boxes: dict[str, list[dict]] = defaultdict(list)
     with open(args.data / "boxes.csv", newline="") as handle:
         for box in csv.DictReader(handle):
             if box["split"] == "test":
-                boxes[box["file"]].append(" ".join(str(round(float(box[k]), 1)) for k in ("x0", "y0", "x1", "y1")))
+                boxes[box["file"]].append({k: box[k] for k in ("x0", "y0", "x1", "y1")})
     rng = random.Random(args.seed)
     chosen = []
     for label in ("fractured", "not_fractured"):
@@ -85,13 +87,20 @@ def main() -> None:
     for label in ("fractured", "not_fractured"):
         shutil.rmtree(out / label, ignore_errors=True)
         (out / label).mkdir(parents=True)
-    columns = ["label", "file", "group", "region", "view", "hardware", "boxes"]
+    columns = ["label", "file", "group", "region", "view", "hardware"]
+    chosen = sorted(chosen, key=lambda r: (r["label"], r["file"]))
     with open(out / SAMPLES_MANIFEST, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
-        for row in sorted(chosen, key=lambda r: (r["label"], r["file"])):
+        for row in chosen:
             shutil.copyfile(args.data / "test" / row["label"] / row["file"], out / row["label"] / row["file"])
-            writer.writerow({**{k: row[k] for k in columns[:-1]}, "boxes": "; ".join(boxes.get(row["file"], []))})
+            writer.writerow({k: row[k] for k in columns})
+    with open(out / BOXES_FILE, "w", newline="") as handle:  # the folder has no split folders: label/file
+        writer = csv.DictWriter(handle, fieldnames=["label", "file", "x0", "y0", "x1", "y1"])
+        writer.writeheader()
+        for row in chosen:
+            for box in boxes.get(row["file"], []):
+                writer.writerow({"label": row["label"], "file": row["file"], **box})
     (out / ATTRIBUTION_FILE).write_text(ATTRIBUTION.format(n=len(chosen), seed=args.seed, disclaimer=DISCLAIMER))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{len(chosen)} samples in {out} ({size / 1e6:.2f} MB)")

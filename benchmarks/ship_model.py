@@ -34,6 +34,7 @@ from bonefrac.run import (
     Run,
 )
 from bonefrac.shipped import SHIPPED_NAME
+from real_accuracy import EXPERIMENTS  # noqa: E402 -- benchmarks/, beside this script
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "bonefrac" / "shipped"
 MAX_BYTES = 60 * 1024 * 1024  # an ensemble of a few Lites fits
@@ -83,9 +84,11 @@ def _ensemble_lines(run: Run, summary: dict, results: dict) -> list[str]:
              f"{run.preprocessing.image_size} px; each member gets it at its own size."]
     for member, record in zip(run.members, summary["members"], strict=True):
         trained = next((r for key, r in results.items() if key.endswith(f"/{member.name}")), None)
+        # how it was trained: its results.json entry, else the benchmark's recipe of that name
+        described = trained["description"] if trained else EXPERIMENTS.get(member.name, (None, "see its run"))[1]
         lines.append(f"- Member `{member.name}`: {member.model} at {member.preprocessing.image_size} px from the "
                      f"ImageNet weights of the `{_weights_package(member.model)}` package; "
-                     f"{trained['description'] if trained else 'see its run'}; val AUROC at its best epoch "
+                     f"{described}; val AUROC at its best epoch "
                      f"{record['val_auroc']:.3f}, temperature {member.temperature:.3f}.")
     lines.append(f"- The ensemble's val AUROC: {summary['best_val_auroc']:.3f}.")
     return lines

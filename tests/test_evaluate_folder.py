@@ -121,7 +121,7 @@ def test_cli_shipped_model_writes_nothing_into_the_package(plain, tmp_path, monk
     assert main(["evaluate", "--data", str(plain), "--cache-dir", str(tmp_path / "cache")]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     out = Path("out") / "eval" / shipped.name / "hospital" / "all"
-    assert "using the shipped model fracatlas-lite0" in printed and f"written: {out}/" in printed
+    assert "using the shipped model fracatlas-lite0-localiser" in printed and f"written: {out}/" in printed
     metrics = json.loads((tmp_path / out / "metrics.json").read_text())
     assert metrics["run"] == str(shipped) and metrics["n_files"] == 2 * N
     assert "no train split in this folder" in metrics["leakage_notes"][0]

@@ -21,7 +21,8 @@ def test_the_shipped_run_is_complete_and_small():
     run = shipped_run()
     for name in (*RUN_FILES, "summary.json", "MODEL_CARD.md", "eval/test/metrics.json", "eval/val/metrics.json"):
         assert (run / name).is_file(), name
-    assert sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) <= 25 * 1024 * 1024
+    # issue 14: a shipped model, an ensemble included, of at most 60 MB
+    assert sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) <= 60 * 1024 * 1024
     calibration = json.loads((run / "calibration.json").read_text())
     assert calibration["fitted_on"] == "val" and 0 < calibration["threshold"] < 1
     test = json.loads((run / "eval" / "test" / "metrics.json").read_text())
@@ -50,4 +51,4 @@ def test_run_and_paths(tmp_path):
     assert run_and_paths([str(tmp_path / "a.png")]) == (shipped_run(), [str(tmp_path / "a.png")])
     with pytest.raises(BonefracError, match="give the images after it"):
         run_and_paths([str(run)])
-    assert Path(shipped_run()).name == "fracatlas-lite0"
+    assert Path(shipped_run()).name == "fracatlas-lite0-localiser"

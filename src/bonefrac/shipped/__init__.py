@@ -23,7 +23,7 @@ from pathlib import Path
 from bonefrac.errors import BonefracError
 from bonefrac.run import CALIBRATION_FILE, PREPROCESSING_FILE, REQUIRED_FILES, Run
 
-SHIPPED_NAME = "fracatlas-lite0"
+SHIPPED_NAME = "fracatlas-lite0-localiser"
 # A shipped model is a finished run that is calibrated and states its preprocessing (no derivation at load time).
 RUN_FILES = (*REQUIRED_FILES, PREPROCESSING_FILE, CALIBRATION_FILE)
 
