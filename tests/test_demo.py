@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,7 @@ def test_demo_writes_every_output_and_a_summary_with_cis(tmp_path: Path) -> None
     printed = console.file.getvalue()
     assert "SYNTHETIC DATA" in printed and "research tool" in printed
     assert "of 12 called fractured" in printed and "p(fractured)" in printed
+    assert re.search(r"boxes: a fracture or doubt box on a radiologist.s box in \d+ of 12 boxed", printed)
     assert "specificity at youden" in printed  # a balanced operating point beside the screening one
     for run in result.runs:
         assert str(run.report) in printed

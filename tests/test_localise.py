@@ -14,9 +14,11 @@ import torch
 from fastapi.testclient import TestClient
 from torchvision import tv_tensors
 
-from bonefrac.boxes import centre_in, from_square
+from bonefrac.boxes import centre_in, from_square, read_boxes
 from bonefrac.config import build_config
+from bonefrac.data.dataset import BOXES_FILE
 from bonefrac.data.io import read_image
+from bonefrac.data.synth import generate_dataset
 from bonefrac.data.transforms import Placement, TrainPreset
 from bonefrac.detection import BELOW, BOX_FIELDS, MIN_SCORE, box_level, decode, read_box_cell
 from bonefrac.ensemble import make_ensemble
@@ -271,3 +273,27 @@ def test_detection_metrics_on_known_cases():
     metrics = detection_metrics(perfect * 5, truth * 5, [str(i) for i in range(10)], n_resamples=50)
     assert metrics["ap@0.5"]["point"] == 1.0 and metrics["sensitivity@0.5fp"]["point"] == 1.0
     assert metrics["n_images"] == 10 and metrics["n_boxes"] == 5 and metrics["n_groups"] == 10
+
+
+def test_a_localiser_trained_on_phantoms_finds_their_fractures(tmp_path):
+    """SYNTHETIC phantoms know where their fractures are (boxes.csv from the generator): a localiser trained on 120
+    of them at 128 px puts its top box's centre in the fracture box of at least half of the 20 fractured test
+    phantoms (chance: about 0.04 of them, a box's share of the image); a blank image gets no box at the doubt level.
+    Measured 15, 16 and 14 of 20 for generator seeds 0, 1 and 2."""
+    root = generate_dataset(tmp_path / "phantoms", n=200, size=128, seed=0, split=(0.6, 0.2, 0.2), workers=1)
+    config = build_config(overrides={
+        "data.root": str(root), "data.image_size": 128, "data.workers": 0, "data.cache_dir": str(tmp_path / "cache"),
+        "data.augment": "none", "data.batch_size": 16, "model.name": "localiser-lite0", "train.epochs": 6,
+        "train.lr": 1e-3,
+    })
+    run = Run.load(fit(config, tmp_path / "run", progress=False))
+    truth = read_boxes(root / BOXES_FILE, "test")
+    rows = Predictor(run, backend="torch").predict_paths([root / "test" / "fractured"]).rows
+    assert len(rows) == 20 and all(Path(row.file).relative_to(root).as_posix() in truth for row in rows)
+    hits = sum(bool(row.boxes) and centre_in(tuple(row.boxes[0][k] for k in BOX_FIELDS[:4]),
+                                             truth[Path(row.file).relative_to(root).as_posix()]) for row in rows)
+    assert hits >= 10, f"{hits} of 20 top boxes in the fracture box"
+    blank = np.full((128, 128), 0.1, np.float32)
+    with torch.no_grad():
+        found = decode(run.network().localise(run.preprocessing(blank)[None])[1])[0]
+    assert all(box_level(score, run.calibration.box_levels) == BELOW for _, score in found)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -193,6 +195,22 @@ fit(from_yaml(open(sys.argv[1]).read()), sys.argv[2], progress=False, callbacks=
 """
 
 
+def run_killed(config: Path, out: Path, *, epoch: int) -> tuple[int, str]:
+    """KILLED_RUN in its own process group: (its return code, its stderr). Its output goes to a file, not a pipe: a
+    DataLoader worker orphaned by the SIGKILL may hold a pipe open long after (once seen for minutes on a loaded
+    machine), and waiting for the pipe's end would wait for it; the group is killed afterwards, orphans included."""
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(config), str(out), str(epoch)],
+                                   stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = process.wait(timeout=300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    return returncode, log.read_text()
+
+
 @pytest.mark.parametrize("workers", [0, 2], ids=lambda n: f"workers={n}")
 def test_a_killed_run_resumed_ends_like_an_uninterrupted_one(learnable_set, cache_dir, tmp_path, workers,
                                                               monkeypatch):
@@ -216,13 +234,8 @@ def test_a_killed_run_resumed_ends_like_an_uninterrupted_one(learnable_set, cach
 
     (tmp_path / "config.yaml").write_text(Path(straight / "config.yaml").read_text())
     interrupted = tmp_path / "interrupted"
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, str(tmp_path / "config.yaml"), str(interrupted), "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    returncode, stderr = run_killed(tmp_path / "config.yaml", interrupted, epoch=1)
+    assert returncode == -signal.SIGKILL, stderr
     assert len(read_history(interrupted / "metrics.csv")) == 1
     assert not (interrupted / "summary.json").exists()
 
@@ -263,9 +276,8 @@ def test_a_run_killed_in_its_first_epoch_starts_again_on_resume(learnable_set, c
     straight = fit(config, tmp_path / "straight", progress=False)
     (tmp_path / "config.yaml").write_text(Path(straight / "config.yaml").read_text())
     interrupted = tmp_path / "interrupted"
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tmp_path / "config.yaml"), str(interrupted), "0"],
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    returncode, stderr = run_killed(tmp_path / "config.yaml", interrupted, epoch=0)
+    assert returncode == -signal.SIGKILL, stderr
     assert (interrupted / "config.yaml").exists() and not (interrupted / "checkpoints" / "last.ckpt").exists()
     fit(config, interrupted, resume=True, progress=False)
     timing = ("epoch_seconds", "images_per_second")

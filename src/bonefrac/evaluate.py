@@ -119,7 +119,7 @@ class SplitPredictions:
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} of unreadable files
     truncated: list[str] = field(default_factory=list)  # truncated files loaded anyway (allow_truncated)
     rows: list[ManifestRow] = field(default_factory=list, repr=False)
-    # A localiser's boxes per file, best first, in the letterboxed square (localise.decode); None unless asked for
+    # A localiser's boxes per file, best first, in the letterboxed square (detection.decode); None unless asked for
     boxes: list[list[tuple[Box, float]]] | None = field(default=None, repr=False)
 
     def probabilities(self, temperature: float = 1.0) -> np.ndarray:

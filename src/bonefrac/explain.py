@@ -179,17 +179,19 @@ BOX_COLOURS = {FRACTURE: (255, 48, 48), DOUBT: (255, 170, 0), None: (255, 255, 2
 def draw_boxes(rgb: np.ndarray, boxes: Sequence[tuple[Box, float, str | None]]) -> np.ndarray:
     """A localiser's boxes drawn on an RGB picture in their level's colour (red fracture, orange doubt, white when
     the run has no levels) over a black outline, so that they read on bone and on air; the level and score above."""
-    from PIL import ImageDraw
+    from PIL import ImageDraw, ImageFont
 
     image = Image.fromarray(rgb)
     pen = ImageDraw.Draw(image)
     width = max(1, min(image.size) // 200)
+    size = max(11, max(image.size) // 45)  # a label readable when the picture is shown whole
+    font = ImageFont.load_default(size=size)
     for (x0, y0, x1, y1), score, level in boxes:
         colour = BOX_COLOURS[level]
         pen.rectangle((x0, y0, x1, y1), outline=(0, 0, 0), width=width + 2)
         pen.rectangle((x0, y0, x1, y1), outline=colour, width=width)
-        pen.text((x0, max(0, y0 - 12)), f"{level or 'box'} {score:.2f}", fill=colour, stroke_width=1,
-                 stroke_fill=(0, 0, 0))
+        pen.text((x0, max(0, y0 - size - 2)), f"{level or 'box'} {score:.2f}", fill=colour, font=font,
+                 stroke_width=max(1, size // 12), stroke_fill=(0, 0, 0))
     return np.asarray(image)
 
 

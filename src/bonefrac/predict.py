@@ -37,6 +37,7 @@ import glob
 import json
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,12 +49,12 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from bonefrac.calibration import apply_temperature, levels_text
+from bonefrac.calibration import DOUBT, FRACTURE, apply_temperature, levels_text
 from bonefrac.choices import BACKENDS, PREDICTION_FORMATS, STUDY_AGGREGATE
 from bonefrac.data.dataset import FileProblem, walk_files
 from bonefrac.data.io import IMAGE_SUFFIXES, ImageInfo, ImageSource, read_image, sniff_format, truncated_loaded
 from bonefrac.data.transforms import Placement
-from bonefrac.detection import box_cell, box_records, image_boxes
+from bonefrac.detection import BELOW, box_cell, box_records, image_boxes
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import format_interval
 from bonefrac.models.localiser import Maps, localises
@@ -385,7 +386,7 @@ class Predictor:
         ]
 
     def _localise(self, batch: torch.Tensor, images: Sequence[PreparedImage]) -> tuple[np.ndarray, list[list[dict]]]:
-        """A localiser's logits, and its boxes per image in each file's pixels (localise.image_boxes), from one pass
+        """A localiser's logits, and its boxes per image in each file's pixels (detection.image_boxes), from one pass
         of the chosen backend (an exported localiser's graph gives its maps after the logits)."""
         if self._session is not None:
             outputs = self._session.run(None, {self._input_name: batch.numpy().astype(np.float32)})
@@ -523,6 +524,8 @@ def prediction_table(result: PredictionResult, operating_point: str, positive_la
     with_levels = any(row.level for row in result.rows)
     if with_levels:
         table.add_column("level", no_wrap=True)
+    if result.boxes:
+        table.add_column("boxes", overflow="fold")
     for name, row in zip(names, result.rows, strict=True):
         probabilities = [f"{row.probabilities[label]:.4f}" if row.probabilities else "" for label in shown]
         if row.status != "ok":
@@ -531,8 +534,21 @@ def prediction_table(result: PredictionResult, operating_point: str, positive_la
             decision = f"not assessed: {row.ood_reason}"
         else:
             decision = row.prediction
-        table.add_row(name, *probabilities, terminal_safe(decision), *[row.level or ""] * with_levels)
+        table.add_row(name, *probabilities, terminal_safe(decision), *[row.level or ""] * with_levels,
+                      *([boxes_summary(row.boxes)] if result.boxes else []))
     return table
+
+
+def boxes_summary(boxes: Sequence[dict] | None) -> str:
+    """A row's boxes for the terminal: how many at each level, the best score ("1 fracture, 2 doubt (best 0.43)");
+    "-" when none reaches a level, the count and best score for a run without levels."""
+    if not boxes:
+        return "-" if boxes is not None else ""
+    counts = Counter(box["level"] for box in boxes if box["level"] != BELOW)
+    if None in counts:  # no levels: a count
+        return f"{len(boxes)} (best {boxes[0]['score']:.2f})"
+    parts = [f"{counts[level]} {level}" for level in (FRACTURE, DOUBT) if counts[level]]
+    return f"{', '.join(parts)} (best {boxes[0]['score']:.2f})" if parts else "-"
 
 
 def predict_studies(
