@@ -1,7 +1,8 @@
 """Does the input pipeline keep the model busy? A training epoch's images/s against pure compute's.
 
     python benchmarks/train_throughput.py [--data FOLDER] [--n 256] [--image-size 224] [--batch-size 32]
-                                          [--workers 0 2] [--model efficientnet_lite0]
+                                          [--workers 0 2] [--model efficientnet_lite0] [--precision 32|bf16-mixed]
+                                          [--compile]
 
 pipeline: one epoch over n training images as `bonefrac train` feeds them: the image cache (decoded once,
 beforehand, not timed), TrainPreset("seed") augmentation, a DataLoader with `--workers` processes, and
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32",
                         help="bf16-mixed: autocast to bfloat16 on the CPU (train.precision of the same name)")
     parser.add_argument("--data-name", help="a folder under ../shared/data instead of --data (e.g. fracatlas-grouped)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (inductor; the first step, which compiles, is timed apart)")
     args = parser.parse_args(argv)
     if args.data_name:
         args.data = REAL_DATA.parent / args.data_name
@@ -98,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         steps = len(dataset) // args.batch_size
         size = args.image_size
         warmup = [(torch.randn(args.batch_size, 3, size, size), torch.randint(0, 2, (args.batch_size,)))]
-        train_steps(model, optimizer, warmup, bf16=bf16)  # first-call allocations, kernel choice: outside the timings
+        if args.compile:
+            model = torch.compile(model)
+        _, first = train_steps(model, optimizer, warmup, bf16=bf16)  # first-call allocations, kernel choice (and
+        # with --compile the compilation): outside the timings
 
         random_batches = [
             (torch.randn(args.batch_size, 3, size, size), torch.randint(0, 2, (args.batch_size,))) for _ in range(steps)
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         del random_batches
 
         print(f"# {args.model}, {size} px, batch {args.batch_size}, {len(dataset)} images ({source}), "
-              f"precision {args.precision}, torch threads {torch.get_num_threads()}")  # fmt: skip
+              f"precision {args.precision}, torch threads {torch.get_num_threads()}"
+              + (f", torch.compile (first step {first:.1f} s)" if args.compile else ""))  # fmt: skip
         print(
             "| workers | pipeline images/s | compute images/s | ratio | epoch s | peak RSS MB (main) | worker RSS MB |"
         )
