@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -113,3 +114,14 @@ def test_a_click_opens_a_gallery_image_at_full_size_and_another_closes_it(run):
             assert view.evaluate("location.hash") == "#gradcam" and image.bounding_box()["width"] <= 120
         finally:
             browser.close()
+
+
+def test_a_run_that_names_no_data_folders_still_gets_its_report(run, bars, tmp_path):  # noqa: F811
+    """summary.json of runs trained before it recorded its folders (and of ensembles of them) says "datasets": null;
+    the model card then names the folders given."""
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    summary = json.loads((old / "summary.json").read_text())
+    (old / "summary.json").write_text(json.dumps(summary | {"datasets": None}))
+    page = write_report(old, bars).read_text()
+    assert f"<code>{bars.resolve()}</code>" in page

@@ -378,7 +378,7 @@ def _model_card(run: Run, summary: dict | None, audit: dict | None, evals: dict[
     groups = test.get("groups_from") if test else "unknown"
     # summary.json's account of each folder trained on (name, path, counts, manifest.csv md5), else the folders
     seen = [f"<code>{esc(d['path'])}</code> ({esc(d['name'])}; manifest.csv md5 {esc(str(d['manifest_md5']))})"
-            for d in summary.get("datasets", [])] or [f"<code>{esc(str(folder))}</code>" for folder in folders]
+            for d in summary.get("datasets") or []] or [f"<code>{esc(str(folder))}</code>" for folder in folders]
     parts.append(
         f"<ul><li>source folder{'s' if len(seen) > 1 else ''}: {', '.join(seen)}</li>"
         f"<li>counts: {esc(count_text or 'unknown')}</li>"
@@ -569,8 +569,9 @@ def _boxes_section(run: Run, evals: dict[str, dict], folders: Sequence[Path], ro
                                                       b["score"], b["level"]) for b in row["drawn"]])
             buffer = io.BytesIO()
             Image.fromarray(picture).save(buffer, format="JPEG", quality=90)
+            true, drawn = len(row["truth"] or []), len(row["drawn"])
             caption = (f"{row['file']}: {row['label']}, p({positive}) {float(row[f'p_{positive}']):.2f}; "
-                       f"{len(row['truth'] or [])} true, {len(row['drawn'])} drawn boxes")
+                       f"boxes: {true} true, {drawn} drawn")
             cells.append(_zoomable(f"box-case-{kind.split()[0]}-{len(cells) + 1}", "boxes", buffer.getvalue(),
                                    f"boxes, {kind}: {caption}", caption))
         parts.append(f"<h3>{esc(kind)} ({esc(split)}; green: radiologist, red: fracture, orange: doubt)</h3>"
