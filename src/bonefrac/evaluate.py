@@ -69,6 +69,15 @@ from bonefrac.data.dataset import (
 )
 from bonefrac.data.io import truncated_loaded
 from bonefrac.data.transforms import Placement
+from bonefrac.detection import (
+    box_calibration,
+    box_cell,
+    box_evaluation,
+    box_levels_text,
+    box_records,
+    box_text,
+    decode,
+)
 from bonefrac.errors import BonefracError, DatasetError
 from bonefrac.metrics import (
     Interval,
@@ -203,8 +212,6 @@ def predict_split(
         for images, _ in loader:
             images = images.to(device)
             if boxes:
-                from bonefrac.detection import decode
-
                 logits, maps = model.localise(images)
                 found += decode(maps)
             else:
@@ -366,8 +373,6 @@ def calibrate_run(
     else:  # multi-class predictions are the argmax of the calibrated probabilities
         result |= {"thresholds": {}, "operating_point": "argmax", "threshold": None}
     if val.boxes is not None:  # a localiser's "fracture" and "doubt" box thresholds, on the same val pass
-        from bonefrac.detection import box_calibration
-
         result["boxes"] = box_calibration(manifest, val.rows, val.boxes, run.preprocessing.image_size,
                                           run.positive_label)
     run.save_calibration(result)
@@ -750,8 +755,6 @@ def _box_section(run: Run, manifest: Manifest, predictions: SplitPredictions, gr
                  n_resamples: int, seed: int) -> dict | None:
     if predictions.boxes is None:
         return None
-    from bonefrac.detection import box_evaluation
-
     return box_evaluation(manifest, predictions.rows, predictions.boxes, groups, run.preprocessing.image_size,
                           run.positive_label, run.calibration.box_levels, n_resamples=n_resamples, seed=seed)
 
@@ -760,8 +763,6 @@ def _write_predictions(path: Path, predictions: SplitPredictions, proba: np.ndar
                        groups: Sequence[str], size: int, box_levels: dict | None) -> None:
     """predictions.csv: file, label, group, p_<class>..., prediction, and for a localiser its boxes in the file's
     pixels (one cell, as `bonefrac predict` writes it)."""
-    from bonefrac.detection import box_cell, box_records
-
     labels = predictions.labels
     boxes = predictions.boxes is not None
     with atomic_open(path, "w", newline="") as handle:
@@ -831,8 +832,6 @@ def _report_text(metrics: dict, intervals: dict[str, Interval], labels: list[str
             )
     lines.extend(_study_text(metrics.get("study")))
     if metrics.get("boxes"):
-        from bonefrac.detection import box_text
-
         lines += ["", *box_text(metrics["boxes"])]
     for warning in metrics["warnings"]:
         lines.append(f"WARNING {warning}")
@@ -875,8 +874,6 @@ def format_calibration(result: dict) -> str:
     if result["thresholds"]:
         lines.append(f"three levels: {levels_text(result['levels'])}")
     if "boxes" in result:
-        from bonefrac.detection import box_levels_text
-
         lines.append(f"boxes: {box_levels_text(result['boxes'])}")
     if result["skipped_files"]:
         lines.append(f"{len(result['skipped_files'])} unreadable val files skipped")

@@ -26,6 +26,7 @@ from bonefrac.atomic import write_atomic
 from bonefrac.data.audit import leak_line
 from bonefrac.data.dataset import SYNTHETIC_NOTICE, common_root, find_layout
 from bonefrac.data.io import read_image, truncated_loaded
+from bonefrac.detection import BELOW, box_levels_text, box_text, read_box_cell
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import METRIC_NAMES, format_interval, format_number
 from bonefrac.run import CONFIG_FILE, CURVES_FILE, REPORT_FILE, Run
@@ -358,8 +359,6 @@ def _calibration_section(run: Run, calibration: dict | None) -> str:
     else:
         parts.append("<p>More than two classes: the prediction is the class of highest calibrated probability.</p>")
     if "boxes" in calibration:  # a localiser's two box levels, chosen on the same val pass
-        from bonefrac.detection import box_levels_text
-
         parts.append(f"<p>Box levels: {esc(box_levels_text(calibration['boxes']))}.</p>")
     return "".join(parts)
 
@@ -505,8 +504,6 @@ def _box_cases(rows: list[dict], truth_of: dict[str, list]) -> dict[str, list[di
     box found (its centre in a radiologist's box), fractured images no drawn box found, and images without a
     fracture with a drawn box; BOX_CASES of each, in file order."""
     from bonefrac.boxes import centre_in
-    from bonefrac.detection import BELOW
-
     cases: dict[str, list[dict]] = {"found": [], "missed": [], "box on an image without a fracture": []}
     for row in rows:
         drawn = [b for b in row["boxes"] if b["level"] not in (None, BELOW)]
@@ -528,7 +525,6 @@ def _boxes_section(run: Run, evals: dict[str, dict], folders: Sequence[Path], ro
     (green) and the model's fracture (red) and doubt (orange) boxes, from predictions.csv."""
     from bonefrac.boxes import read_boxes
     from bonefrac.data.dataset import BOXES_FILE
-    from bonefrac.detection import box_text, read_box_cell
     from bonefrac.explain import draw_boxes
 
     split = next((s for s in ("test", "val", *evals) if (evals.get(s) or {}).get("boxes")), None)
