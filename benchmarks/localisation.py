@@ -32,13 +32,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from bonefrac import DISCLAIMER
-from bonefrac.boxes import centre_in, read_boxes
+from bonefrac.boxes import read_boxes
 from bonefrac.calibration import FRACTURE
 from bonefrac.data.io import read_image
 from bonefrac.data.transforms import Placement
-from bonefrac.detection import BELOW, box_level, choose_box_levels, detection_metrics, froc_point, image_boxes
+from bonefrac.detection import BELOW, box_level, choose_box_levels, image_boxes, judge_boxes
 from bonefrac.errors import ImageReadError
-from bonefrac.metrics import bootstrap_indices
 from bonefrac.models.localiser import localises
 from bonefrac.run import Run
 
@@ -64,16 +63,6 @@ def predict_split(run: Run, network: torch.nn.Module, root: Path, split: str) ->
         if (i + 1) % 100 == 0:
             print(f"{split}: {i + 1}/{len(rows)} images")
     return out
-
-
-def top_box_hit_rate(items: list[dict], seed: int = 0) -> dict:
-    """Of the fractured images, how often the top box's centre lies in one of the true boxes (study bootstrap)."""
-    fractured = [i for i in items if i["truth"]]
-    hits = np.array([bool(i["predicted"]) and centre_in(i["predicted"][0][0], i["truth"]) for i in fractured])
-    draws = [hits[index].mean() for index in bootstrap_indices(len(hits), groups=np.array([i["group"] for i in
-                                                                                           fractured]), seed=seed)]
-    low, high = np.percentile(draws, [2.5, 97.5])
-    return {"point": float(hits.mean()), "low": float(low), "high": float(high), "n": len(hits)}
 
 
 def draw(items: list[dict], levels: dict[str, dict], path: Path, root: Path) -> None:
@@ -125,18 +114,12 @@ def main() -> None:
     items = {split: predict_split(run, network, args.data, split) for split in ("val", "test")}
     # The levels the run's calibration chose on val (what predict and the page use); chosen here the same way when
     # the run has none
-    on_val = choose_box_levels([i["predicted"] for i in items["val"]], [i["truth"] for i in items["val"]])
-    levels = run.calibration.box_levels or on_val
+    levels = run.calibration.box_levels or choose_box_levels([i["predicted"] for i in items["val"]],
+                                                             [i["truth"] for i in items["val"]])
     result = {"run": str(args.run), "data": str(args.data), "box_levels": levels,
-              "box_levels_from": "calibration.json" if run.calibration.box_levels else "val, here", "splits": {}}
-    for split, its in items.items():
-        groups = [i["group"] for i in its]
-        result["splits"][split] = {
-            **detection_metrics([i["predicted"] for i in its], [i["truth"] for i in its], groups),
-            "top_box_hit_rate": top_box_hit_rate(its),
-            "at_box_levels": {name: froc_point([i["predicted"] for i in its], [i["truth"] for i in its],
-                                               level["threshold"]) for name, level in levels.items()},
-        }
+              "box_levels_from": "calibration.json" if run.calibration.box_levels else "val, here", "splits": {
+                  split: judge_boxes([i["predicted"] for i in its], [i["truth"] for i in its],
+                                     [i["group"] for i in its], levels) for split, its in items.items()}}
     result |= {"seconds": round(time.perf_counter() - started), "measured": datetime.now(UTC).strftime(
         "%Y-%m-%d %H:%M UTC"), "machine": f"{platform.machine()}, CPU", "disclaimer": DISCLAIMER}
     args.out.write_text(json.dumps(result, indent=2))

@@ -239,10 +239,9 @@ def _shipped_on_samples(out: Path, console: Console, *, progress: bool) -> None:
     """The shipped model on the packaged real radiographs: the prediction table, predictions.csv, how many of each
     class it called fractured, for a localising model how many boxed fractures a drawn box found, and a Grad-CAM
     overlay (with the boxes) of the first fractured sample."""
-    from bonefrac.boxes import centre_in, read_boxes
-    from bonefrac.calibration import DOUBT, FRACTURE
+    from bonefrac.boxes import read_boxes
     from bonefrac.data.dataset import BOXES_FILE
-    from bonefrac.detection import BOX_FIELDS
+    from bonefrac.detection import drawn_hit
     from bonefrac.explain import Explainer, explain_paths
     from bonefrac.predict import Predictor, prediction_table, write_predictions
     from bonefrac.shipped import ATTRIBUTION_FILE, samples_dir, shipped_run
@@ -262,11 +261,8 @@ def _shipped_on_samples(out: Path, console: Console, *, progress: bool) -> None:
         console.print(f"  {label}: {called} of {len(rows)} called {positive}", highlight=False)
     if result.boxes and (folder / BOXES_FILE).is_file():  # a localising model: its drawn boxes against the truth
         truth = read_boxes(folder / BOXES_FILE)
-        found = 0
-        for row in (row for row in result.rows if row.status == "ok"):
-            true = truth.get(Path(row.file).relative_to(folder).as_posix(), [])
-            drawn = [tuple(box[k] for k in BOX_FIELDS[:4]) for box in row.boxes if box["level"] in (FRACTURE, DOUBT)]
-            found += any(centre_in(box, true) for box in drawn)
+        found = sum(drawn_hit(row.boxes, truth.get(Path(row.file).relative_to(folder).as_posix(), []))
+                    for row in result.rows if row.status == "ok")
         console.print(f"  boxes: a fracture or doubt box on a radiologist's box in {found} of {len(truth)} boxed "
                       f"{positive} samples", highlight=False)
     first = sorted(folder.glob(f"{positive}/*.jpg"))[:1]

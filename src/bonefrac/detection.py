@@ -10,7 +10,9 @@
     box_level(score, levels)                 "fracture", "doubt" or "below" for one box
     shown(boxes, levels)                     the boxes a picture draws (explain's overlay; the page's rule is the same)
     box_records(found, levels) / box_cell    boxes as predict's rows give them (BOX_FIELDS), and as one CSV cell
-    box_evaluation(...)                      a split's boxes against its boxes.csv: what evaluate writes to metrics.json
+    judge_boxes(predicted, truth, groups, levels)  detection_metrics, the top box's hit rate, the levels' points
+    box_evaluation(...)                      judge_boxes against a split's boxes.csv (evaluate's metrics.json)
+    drawn_hit(records, truth)                does a fracture or doubt box land on a true box (the demo, the report)
 
 The network is models/localiser.py; how it is trained, localise.py. This module needs neither Lightning nor the
 training data: predict, explain, calibrate and serve read boxes with it.
@@ -321,31 +323,46 @@ def top_box_hits(predicted: Sequence[Sequence[tuple[Box, float]]], truth: Sequen
                     dtype=bool)
 
 
-def box_evaluation(manifest: Manifest, rows: Sequence[ManifestRow], predicted: Sequence[Sequence[tuple[Box, float]]],
-                   groups: Sequence[str], size: int, positive_label: str, levels: dict | None, *,
-                   n_resamples: int = 1000, seed: int = 0) -> dict | None:
-    """metrics.json's "boxes" for a localiser evaluated on a split with boxes.csv boxes (None without any):
-    detection_metrics, the top box's hit rate over fractured images with a box, and sensitivity and false positives
-    per image at the run's box levels. Boxes and truth in the letterboxed square (hits and IoU are the same there
-    as in the files' pixels). A fractured image without a box is left out, as in box_calibration."""
+def judge_boxes(predicted: Sequence[Sequence[tuple[Box, float]]], truth: Sequence[Sequence[Box]], groups: Sequence[str],
+                levels: dict | None, *, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Predicted boxes against true ones ([] for an image without a fracture), per image: detection_metrics, the
+    top box's hit rate over the images with a true box (study-bootstrap CI), and sensitivity and false positives per
+    image at each box level (None without levels)."""
     from bonefrac.metrics import bootstrap_indices
 
-    truth = square_boxes(manifest, rows, size, positive_label)
-    kept = [i for i, boxes in enumerate(truth) if boxes is not None]
-    found, true, kept_groups = [predicted[i] for i in kept], [truth[i] for i in kept], [groups[i] for i in kept]
-    if not sum(map(len, true)):
-        return None
-    result = detection_metrics(found, true, kept_groups, n_resamples=n_resamples, seed=seed)
-    hits = top_box_hits(found, true)
-    fractured_groups = np.array([g for g, t in zip(kept_groups, true, strict=True) if t])
+    result = detection_metrics(predicted, truth, groups, n_resamples=n_resamples, seed=seed)
+    hits = top_box_hits(predicted, truth)
+    fractured_groups = np.array([g for g, t in zip(groups, truth, strict=True) if t])
     draws = [hits[index].mean() for index in bootstrap_indices(len(hits), groups=fractured_groups,
                                                                n_resamples=n_resamples, seed=seed)]
     low, high = np.percentile(draws, [2.5, 97.5])
     result["top_box_hit_rate"] = {"point": float(hits.mean()), "low": float(low), "high": float(high),
                                   "n": int(hits.size)}
-    result["at_levels"] = ({name: froc_point(found, true, level["threshold"]) for name, level in levels.items()}
+    result["at_levels"] = ({name: froc_point(predicted, truth, level["threshold"]) for name, level in levels.items()}
                            if levels else None)
+    return result
+
+
+def box_evaluation(manifest: Manifest, rows: Sequence[ManifestRow], predicted: Sequence[Sequence[tuple[Box, float]]],
+                   groups: Sequence[str], size: int, positive_label: str, levels: dict | None, *,
+                   n_resamples: int = 1000, seed: int = 0) -> dict | None:
+    """metrics.json's "boxes" for a localiser evaluated on a split with boxes.csv boxes (None without any):
+    judge_boxes against the rows' boxes.csv boxes, both in the letterboxed square (hits and IoU are the same there
+    as in the files' pixels). A fractured image without a box is left out, as in box_calibration."""
+    truth = square_boxes(manifest, rows, size, positive_label)
+    kept = [i for i, boxes in enumerate(truth) if boxes is not None]
+    true = [truth[i] for i in kept]
+    if not sum(map(len, true)):
+        return None
+    result = judge_boxes([predicted[i] for i in kept], true, [groups[i] for i in kept], levels,
+                         n_resamples=n_resamples, seed=seed)
     return result | {"left_out": len(rows) - len(kept), "hit": "a predicted box's centre inside a true box"}
+
+
+def drawn_hit(records: Sequence[dict], truth: Sequence[Box]) -> bool:
+    """Does a drawn box (box_records with the fracture or doubt level) have its centre in one of the true boxes?"""
+    return any(centre_in(tuple(r[k] for k in BOX_FIELDS[:4]), truth)
+               for r in records if r["level"] in (FRACTURE, DOUBT))
 
 
 def box_text(record: dict) -> list[str]:

@@ -26,7 +26,7 @@ from bonefrac.atomic import write_atomic
 from bonefrac.data.audit import leak_line
 from bonefrac.data.dataset import SYNTHETIC_NOTICE, common_root, find_layout
 from bonefrac.data.io import read_image, truncated_loaded
-from bonefrac.detection import BELOW, box_levels_text, box_text, read_box_cell
+from bonefrac.detection import BELOW, box_levels_text, box_text, drawn_hit, read_box_cell
 from bonefrac.errors import BonefracError, ImageReadError
 from bonefrac.metrics import METRIC_NAMES, format_interval, format_number
 from bonefrac.run import CONFIG_FILE, CURVES_FILE, REPORT_FILE, Run
@@ -503,14 +503,12 @@ def _box_cases(rows: list[dict], truth_of: dict[str, list]) -> dict[str, list[di
     """The boxes gallery's picks among predictions.csv rows (with their boxes read back): fractured images a drawn
     box found (its centre in a radiologist's box), fractured images no drawn box found, and images without a
     fracture with a drawn box; BOX_CASES of each, in file order."""
-    from bonefrac.boxes import centre_in
     cases: dict[str, list[dict]] = {"found": [], "missed": [], "box on an image without a fracture": []}
     for row in rows:
         drawn = [b for b in row["boxes"] if b["level"] not in (None, BELOW)]
         truth = truth_of.get(row["file"])
         if truth:
-            hit = any(centre_in((b["x0"], b["y0"], b["x1"], b["y1"]), truth) for b in drawn)
-            kind = "found" if hit else "missed"
+            kind = "found" if drawn_hit(drawn, truth) else "missed"
         elif truth is not None and drawn:
             kind = "box on an image without a fracture"
         else:
